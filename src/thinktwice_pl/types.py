@@ -1,0 +1,102 @@
+"""Records that flow between the data module, the rollout callback, the engines and the module.
+
+Plain dataclasses, no behaviour beyond small derived views. Tensor shapes are in comments:
+``N`` = number of rollouts in a phase (problems * group size), ``P`` = padded prompt length,
+``C`` = padded completion length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Phase = Literal["solve", "refine"]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One math problem with its gold final answer."""
+
+    id: str
+    prompt_text: str
+    answer: str
+    source: str = ""
+
+
+@dataclass
+class Completion:
+    """What a rollout engine returns for one sample."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    logprobs: list[float] | None = None  # sampler log-prob of each token in `token_ids`, when known
+
+
+@dataclass
+class Rollout:
+    """One sampled answer (solve) or refinement (refine), scored.
+
+    For the refine phase, `base_text` / `base_correct` describe the earlier solve answer that was
+    placed in the prompt.
+    """
+
+    problem_id: str
+    phase: Phase
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    completion_text: str
+    finish_reason: FinishReason
+    sampler_logprobs: list[float] | None = None
+    reward: float = 0.0
+    reward_error: bool = False  # the grader timed out or raised; reward was set to 0 and counted
+    base_text: str | None = None
+    base_correct: bool | None = None
+
+    @property
+    def correct(self) -> bool:
+        return self.reward > 0.5
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@dataclass
+class RolloutBatch:
+    """The scored rollouts of one phase, group-major: rollouts[g * group_size + j] is sample j of group g."""
+
+    rollouts: list[Rollout]
+    group_size: int
+    generate_s: float = 0.0
+    score_s: float = 0.0
+    reward_errors: int = 0
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or len(self.rollouts) % self.group_size:
+            raise ValueError(
+                f"RolloutBatch has {len(self.rollouts)} rollouts, not a multiple of group_size={self.group_size}"
+            )
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.rollouts) // self.group_size
+
+
+@dataclass
+class PhaseBatch:
+    """One Lightning training batch: a batch of problems tagged with the phase to run on them.
+
+    `index` counts phase batches from the start of training (solve and refine each count one);
+    `pair` counts problem batches. The rollout callback fills `rollouts` before the training step.
+    """
+
+    phase: Phase
+    problems: list[Problem]
+    index: int
+    pair: int
+    epoch: int
+    bases: list[Rollout] | None = None  # refine phase: the chosen solve answer for each problem
+    rollouts: RolloutBatch | None = None
+    extras: dict[str, object] = field(default_factory=dict)
