@@ -1,0 +1,148 @@
+"""grpo.py: hand-computed expectations (the arithmetic is in the comment beside each assert)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from thinktwice_pl.grpo import group_advantages, kl_k3, policy_loss, token_logprobs
+
+
+def test_group_advantages_none_is_reward_minus_group_mean() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # two groups of 4
+    adv = group_advantages(rewards, 4, "none")
+    # group 0 mean 0.5 -> +-0.5; group 1 all right -> 0
+    assert adv.tolist() == [0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_group_advantages_group_scaling_divides_by_group_std() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    adv = group_advantages(rewards, 4, "group")
+    std = math.sqrt(((0.75**2) + 3 * (0.25**2)) / 3)  # unbiased std of [1,0,0,0] = 0.5
+    assert adv.tolist() == pytest.approx([0.75 / (std + 1e-4), -0.25 / (std + 1e-4)] + [-0.25 / (std + 1e-4)] * 2)
+
+
+def test_group_advantages_batch_scaling_uses_one_std() -> None:
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])  # groups of 2: [1,0] and [1,1]
+    adv = group_advantages(rewards, 2, "batch")
+    std = torch.tensor([1.0, 0.0, 1.0, 1.0]).std().item()  # 0.5
+    assert adv.tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.0, 0.0])
+
+
+def test_group_advantages_rejects_ragged_groups() -> None:
+    with pytest.raises(ValueError, match="multiple of group_size=4"):
+        group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(torch.zeros(4), 2, "bogus")  # type: ignore[arg-type]
+
+
+def _loss(lp: list[float], old: list[float], adv: float, **kw: object) -> tuple[float, dict[str, torch.Tensor]]:
+    logprobs = torch.tensor([lp])
+    loss, stats = policy_loss(logprobs, torch.tensor([old]), torch.tensor([adv]), torch.ones_like(logprobs), **kw)  # type: ignore[arg-type]
+    return float(loss), stats
+
+
+def test_policy_loss_ratio_one_is_minus_advantage() -> None:
+    loss, stats = _loss([-1.0, -2.0], [-1.0, -2.0], 0.5)
+    assert loss == pytest.approx(-0.5)  # ratio 1 everywhere: -A
+    assert float(stats["clip_low"]) == 0 and float(stats["clip_high"]) == 0
+
+
+def test_policy_loss_clips_high_for_positive_advantage() -> None:
+    loss, stats = _loss([0.0], [-1.0], 1.0)
+    # ratio e = 2.718 > 1.28: min(-e, -1.28) -> max of the two losses = -1.28
+    assert loss == pytest.approx(-1.28)
+    assert float(stats["clip_high"]) == 1
+
+
+def test_policy_loss_clips_low_for_negative_advantage() -> None:
+    loss, stats = _loss([-1.0], [0.0], -1.0)
+    # ratio e^-1 = 0.368 < 0.8: max(0.368, 0.8) = 0.8 (loss = -A * clip(r) = 0.8)
+    assert loss == pytest.approx(0.8)
+    assert float(stats["clip_low"]) == 1
+
+
+def test_policy_loss_dual_clip_caps_negative_advantage_loss() -> None:
+    loss, stats = _loss([2.0], [0.0], -1.0)
+    # ratio e^2 = 7.39; PPO loss max(7.39, 1.28) = 7.39; dual clip caps at -A * 3 = 3
+    assert loss == pytest.approx(3.0)
+    assert float(stats["clip_dual"]) == 1
+    loss_no_dual, _ = _loss([2.0], [0.0], -1.0, clip_ratio_c=None)
+    assert loss_no_dual == pytest.approx(math.exp(2.0))
+
+
+def test_policy_loss_log_ratio_is_clamped() -> None:
+    loss, _ = _loss([100.0], [0.0], -1.0, clip_ratio_c=None)
+    assert loss == pytest.approx(math.exp(20.0), rel=1e-5)  # log-ratio clamped at 20, not exp(100) = inf
+
+
+def test_loss_types_aggregate_differently() -> None:
+    logprobs = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])  # lengths 3 and 1
+    adv = torch.tensor([1.0, -1.0])
+    common = {"epsilon_low": 0.2, "epsilon_high": 0.28, "clip_ratio_c": 3.0}
+    dapo, _ = policy_loss(logprobs, logprobs, adv, mask, loss_type="dapo", **common)
+    grpo, _ = policy_loss(logprobs, logprobs, adv, mask, loss_type="grpo", **common)
+    dr, _ = policy_loss(logprobs, logprobs, adv, mask, loss_type="dr_grpo", max_completion_length=10, **common)
+    assert float(dapo) == pytest.approx((-3 + 1) / 4)  # token sum / 4 tokens
+    assert float(grpo) == pytest.approx((-1 + 1) / 2)  # per-sequence means -1 and +1, then mean
+    assert float(dr) == pytest.approx((-3 + 1) / (10 * 2))  # token sum / (L_max * sequences)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        policy_loss(logprobs, logprobs, adv, mask, loss_type="dr_grpo")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_micro_batch_losses_add_up_to_the_full_batch(loss_type: str) -> None:
+    torch.manual_seed(0)
+    logprobs = torch.randn(6, 5, requires_grad=True)
+    old = logprobs.detach() + 0.3 * torch.randn(6, 5)
+    adv = torch.randn(6)
+    mask = (torch.rand(6, 5) > 0.3).float()
+    mask[:, 0] = 1
+    kw = {"loss_type": loss_type, "max_completion_length": 5}
+    full, _ = policy_loss(logprobs, old, adv, mask, **kw)  # type: ignore[arg-type]
+    (full_grad,) = torch.autograd.grad(full, logprobs)
+    totals = {"num_tokens": float(mask.sum()), "num_sequences": 6.0}
+    parts = [policy_loss(logprobs[s], old[s], adv[s], mask[s], **kw, **totals)[0] for s in (slice(0, 2), slice(2, 6))]  # type: ignore[arg-type]
+    (part_grad,) = torch.autograd.grad(sum(parts), logprobs)
+    assert float(sum(parts).detach()) == pytest.approx(float(full.detach()), abs=1e-6)
+    torch.testing.assert_close(part_grad, full_grad, atol=1e-7, rtol=1e-6)
+
+
+def test_kl_k3_is_zero_at_equality_and_matches_formula() -> None:
+    lp = torch.tensor([[-1.0, -2.0]])
+    assert kl_k3(lp, lp).tolist() == [[0.0, 0.0]]
+    ref = torch.tensor([[-1.5, -1.0]])
+    # d = ref - lp = [-0.5, 1.0]; k3 = exp(d) - d - 1
+    assert kl_k3(lp, ref)[0].tolist() == pytest.approx([math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1.0 - 1])
+
+
+def test_kl_term_is_added_with_beta() -> None:
+    lp = torch.tensor([[-1.0]])
+    ref = torch.tensor([[-2.0]])
+    loss, stats = policy_loss(lp, lp, torch.tensor([0.0]), torch.ones(1, 1), ref_logprobs=ref, beta=0.1)
+    kl = math.exp(-1.0) + 1.0 - 1.0  # d = -1: e^-1 - (-1) - 1
+    assert float(loss) == pytest.approx(0.1 * kl)
+    assert float(stats["kl"]) == pytest.approx(kl)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        policy_loss(lp, lp, torch.tensor([0.0]), torch.ones(1, 1), beta=0.1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_token_logprobs_match_full_log_softmax(temperature: float) -> None:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(3, 7, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 7))
+    full = torch.log_softmax(head(hidden).float() / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    chunked, entropy = token_logprobs(hidden, head, targets, temperature=temperature, chunk_size=4, with_entropy=True)
+    torch.testing.assert_close(chunked, full)
+    probs = torch.softmax(head(hidden).float() / temperature, -1)
+    torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1))
+    (g_full,) = torch.autograd.grad(full.sum(), hidden)
+    (g_chunk,) = torch.autograd.grad(
+        token_logprobs(hidden, head, targets, temperature=temperature, chunk_size=4)[0].sum(), hidden
+    )
+    torch.testing.assert_close(g_chunk, g_full)
