@@ -13,3 +13,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2 + ChatML tokenizer on disk (built in about a second, once per session)."""
+    from thinktwice_pl.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_models_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built-in models (thinktwice:tiny) are built under a temporary THINKTWICE_HOME, not in the checkout."""
+    home = tmp_path_factory.getbasetemp() / "thinktwice-home"
+    monkeypatch.setenv("THINKTWICE_HOME", str(home))

@@ -1,0 +1,3 @@
+from thinktwice_pl.cli import main
+
+main()

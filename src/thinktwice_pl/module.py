@@ -1,0 +1,507 @@
+"""The ThinkTwice LightningModule: one GRPO update per phase batch, solve and refine alike.
+
+Lightning owns the loop. The data module serves each problem batch twice (solve, then refine);
+`RolloutCallback` samples and scores the phase's completions before the step. `training_step`
+then reads top to bottom: advantages, old log-probs (only when the phase takes several optimizer
+steps), the mini-batch loop of optimizer steps, logging. The two phases share this code, the
+optimizer state and the learning rate (METHOD.md section 1).
+
+Deliberate shortcuts, each exact for the math:
+- sequences with advantage exactly 0 give no gradient when ``beta == 0``: they are not forwarded,
+  but their tokens still count in the loss normaliser;
+- with one mini-batch and one iteration the ratio is 1, so the detached current log-probs serve
+  as "old" log-probs and no extra forward pass is made.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_loss, token_logprobs
+from thinktwice_pl.models import load_causal_lm, load_tokenizer, resolve_model_path
+from thinktwice_pl.types import PhaseBatch, Rollout
+
+log = logging.getLogger(__name__)
+WARN_EVERY_PHASES = 20
+
+
+class ThinkTwiceModule(pl.LightningModule):
+    """GRPO on alternating solve and refine phases (ThinkTwice), with manual optimization.
+
+    Args:
+        model_name_or_path: HF model directory or hub name, or a built-in ``thinktwice:tiny`` /
+            ``thinktwice:smollm2-135m-instruct`` (built on first use under ``checkpoints/``).
+        dtype: weights dtype: float32, bfloat16, float16 or auto (the checkpoint's).
+        attn_implementation: transformers attention backend (eager, sdpa, flash_attention_2); None = default.
+        gradient_checkpointing: recompute decoder activations in backward to save memory.
+        learning_rate: AdamW learning rate (the published runs: 1e-6).
+        betas: AdamW betas.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: clip the gradient norm of each optimizer step to this; None = no clipping.
+        lr_scheduler: constant, linear or cosine decay after `warmup_steps` (optimizer steps).
+        warmup_steps: linear warm-up length in optimizer steps.
+        problems_per_batch: B, problems per phase (linked from data.problems_per_batch).
+        mini_batch_problems: problems per optimizer step; B / mini_batch_problems optimizer steps per
+            phase. None = one optimizer step per phase.
+        micro_batch_size: sequences per forward/backward inside an optimizer step (gradient
+            accumulation); None = the whole mini-batch at once.
+        num_generations: G, samples per prompt in both phases (linked from rollout.num_generations).
+        num_iterations: passes over each phase's rollouts (PPO epochs; the paper uses 1).
+        epsilon: lower clip range, ratio >= 1 - epsilon.
+        epsilon_high: upper clip range, ratio <= 1 + epsilon_high ("clip-higher"); None = epsilon.
+        clip_ratio_c: dual-clip constant for negative advantages; None disables the dual clip.
+        loss_type: dapo (token mean over the optimizer step), grpo (sequence mean, then mean) or
+            dr_grpo (token sum / max_completion_length).
+        scale_rewards: advantage scaling: none (reference code), group (std of the group) or batch.
+        beta: weight of the k3 KL to the initial policy; 0 = no reference model (the paper).
+        mask_truncated_completions: leave completions that hit the length limit out of the loss.
+        temperature: sampling temperature; log-probs are computed on logits / temperature (linked
+            from rollout.temperature).
+        max_completion_length: completion token limit (linked from rollout.max_completion_length);
+            the dr_grpo normaliser.
+        logprob_chunk_size: positions per chunk when computing token log-probs (memory knob).
+        log_completions: sample completions written to the loggers per phase (0 = none).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "thinktwice:tiny",
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        learning_rate: float = 1e-6,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.01,
+        max_grad_norm: float | None = 1.0,
+        lr_scheduler: Literal["constant", "linear", "cosine"] = "constant",
+        warmup_steps: int = 0,
+        problems_per_batch: int = 32,
+        mini_batch_problems: int | None = 8,
+        micro_batch_size: int | None = None,
+        num_generations: int = 8,
+        num_iterations: int = 1,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = 0.28,
+        clip_ratio_c: float | None = 3.0,
+        loss_type: LossType = "dapo",
+        scale_rewards: ScaleRewards = "none",
+        beta: float = 0.0,
+        mask_truncated_completions: bool = False,
+        temperature: float = 1.0,
+        max_completion_length: int = 3000,
+        logprob_chunk_size: int = 1024,
+        log_completions: int = 2,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        mini = mini_batch_problems or problems_per_batch
+        if problems_per_batch % mini:
+            raise ValueError(
+                f"data.problems_per_batch={problems_per_batch} is not divisible by "
+                f"model.mini_batch_problems={mini_batch_problems}: each optimizer step takes whole problems"
+            )
+        if num_generations < 2:
+            raise ValueError(f"rollout.num_generations={num_generations}: GRPO needs at least 2 samples per group")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"model.micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+        if num_iterations < 1:
+            raise ValueError(f"model.num_iterations must be >= 1, got {num_iterations}")
+        if temperature <= 0:
+            raise ValueError(f"rollout.temperature={temperature}: training needs sampling (temperature > 0)")
+        self.automatic_optimization = False
+        self.policy: Any = None
+        self.ref_policy: Any = None
+        self.tokenizer: Any = None
+        self._warned_at: dict[str, int] = {}
+
+    # ----------------------------------------------------------------------------------- set-up
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        path = resolve_model_path(hp.model_name_or_path)
+        self.tokenizer = load_tokenizer(path)
+        self.policy = load_causal_lm(
+            path,
+            dtype=hp.dtype,
+            attn_implementation=hp.attn_implementation,
+            gradient_checkpointing=hp.gradient_checkpointing,
+        )
+        for name in ("final_logit_softcapping", "logit_scale"):
+            if getattr(self.policy.config, name, None) not in (None, 1.0):
+                raise NotImplementedError(f"{path}: models with config.{name} are not supported by the chunked head")
+        if hp.beta > 0:  # frozen copy of the initial policy; kept out of checkpoints (rebuilt from the path)
+            self.ref_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise ValueError(
+                f"trainer.precision={precision}: fp16 loss scaling is not supported with GRPO's manual optimization; "
+                "use bf16-true, bf16-mixed or 32-true"
+            )
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, betas=hp.betas, weight_decay=hp.weight_decay)
+        if hp.lr_scheduler == "constant" and hp.warmup_steps == 0:
+            return optimizer
+        total = self.trainer.max_steps
+        if hp.lr_scheduler != "constant" and (total is None or total < 1):
+            raise ValueError(f"model.lr_scheduler={hp.lr_scheduler} needs trainer.max_steps (optimizer steps)")
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if hp.lr_scheduler == "constant":
+                return 1.0
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return 1.0 - progress if hp.lr_scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("ref_policy.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ref_policy is not None:  # the reference is the initial policy: take it from the model path
+            for key, value in self.ref_policy.state_dict().items():
+                checkpoint["state_dict"][f"ref_policy.{key}"] = value
+
+    # ----------------------------------------------------------------------------------- training
+
+    def training_step(self, batch: PhaseBatch, batch_idx: int) -> None:
+        if batch.rollouts is None:
+            raise RuntimeError(
+                f"{batch.phase} batch {batch.index} arrived without rollouts: the RolloutCallback is missing "
+                "(use the thinktwice CLI, or add thinktwice_pl.callbacks.RolloutCallback to trainer.callbacks)"
+            )
+        hp = self.hparams
+        rollouts = batch.rollouts.rollouts
+        group_size = batch.rollouts.group_size
+        t0 = _now()
+        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)  # [N]
+        advantages = group_advantages(rewards, group_size, hp.scale_rewards)  # [N]
+        in_loss = torch.tensor(  # [N] sequences whose tokens enter the loss and its normaliser
+            [not (hp.mask_truncated_completions and r.truncated) for r in rollouts], dtype=torch.bool
+        )
+        num_groups = len(rollouts) // group_size
+        mini_groups = min(num_groups, hp.mini_batch_problems or num_groups)
+        minis = [
+            list(range(g * group_size, min(num_groups, g + mini_groups) * group_size))
+            for g in range(0, num_groups, mini_groups)
+        ]  # rollout indices of each optimizer step
+        # rollouts that need a forward pass: nonzero advantage (or any, with a KL term), inside the loss
+        trained = [i for i in range(len(rollouts)) if in_loss[i] and (hp.beta > 0 or advantages[i] != 0)]
+        needs_old = len(minis) > 1 or hp.num_iterations > 1
+        old_logprobs = self._old_logprobs(rollouts, trained) if needs_old else {}
+
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        totals: dict[str, float] = {
+            "loss": 0.0,
+            "clip_low": 0.0,
+            "clip_high": 0.0,
+            "clip_dual": 0.0,
+            "kl": 0.0,
+            "tokens": 0.0,
+            "entropy": 0.0,
+            "grad_norm": 0.0,
+            "steps": 0.0,
+        }
+        for _ in range(hp.num_iterations):
+            for mini in minis:
+                stats = self._optimizer_step(opt, rollouts, mini, advantages, in_loss, set(trained), old_logprobs)
+                if sched is not None:
+                    sched.step()
+                for key, value in stats.items():
+                    totals[key] += value
+                totals["steps"] += 1
+        train_s = _now() - t0
+        self._log_phase(batch, advantages, totals, train_s)
+
+    def _optimizer_step(
+        self,
+        opt: Any,
+        rollouts: list[Rollout],
+        mini: list[int],
+        advantages: torch.Tensor,
+        in_loss: torch.Tensor,
+        trained: set[int],
+        old_logprobs: dict[int, torch.Tensor],
+    ) -> dict[str, float]:
+        """One optimizer step over the rollouts `mini` (indices), in micro-batches; returns summed stats."""
+        hp = self.hparams
+        # normalisers of the whole optimizer step, fixed before any micro-batch (dapo: token count)
+        num_tokens = float(sum(len(rollouts[i].completion_ids) for i in mini if in_loss[i]))
+        num_sequences = float(sum(1 for i in mini if in_loss[i]))
+        # zero_grad keeps zero tensors (not None) so AdamW steps every parameter, as the reference does
+        opt.zero_grad(set_to_none=False)
+        stats = {
+            "loss": 0.0,
+            "clip_low": 0.0,
+            "clip_high": 0.0,
+            "clip_dual": 0.0,
+            "kl": 0.0,
+            "tokens": 0.0,
+            "entropy": 0.0,
+        }
+        for micro in self._micro_batches([i for i in mini if i in trained], rollouts):
+            logprobs, entropy, mask = self._forward_logprobs(rollouts, micro, with_grad=True)  # [n, T] each
+            old = (
+                torch.stack([_pad_to(old_logprobs[i], mask.shape[1]) for i in micro]).to(logprobs.device)
+                if old_logprobs
+                else logprobs.detach()
+            )
+            ref = self._ref_logprobs(rollouts, micro) if hp.beta > 0 else None
+            loss, loss_stats = policy_loss(
+                logprobs, old, advantages[micro].to(logprobs.device), mask,
+                epsilon_low=hp.epsilon, epsilon_high=hp.epsilon_high if hp.epsilon_high is not None else hp.epsilon,
+                clip_ratio_c=hp.clip_ratio_c, loss_type=hp.loss_type, max_completion_length=hp.max_completion_length,
+                ref_logprobs=ref, beta=hp.beta, num_tokens=num_tokens, num_sequences=num_sequences,
+            )  # fmt: skip
+            self.manual_backward(loss)
+            stats["loss"] += float(loss.detach())
+            stats["entropy"] += float((entropy * mask).sum())
+            for key in ("clip_low", "clip_high", "clip_dual", "kl", "tokens"):
+                stats[key] += float(loss_stats[key])
+        grad_norm = self._clip_gradients()
+        for p in self.policy.parameters():  # a step whose sequences all had advantage 0 still moves AdamW's state
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        stats["grad_norm"] = grad_norm
+        return stats
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
+        return float(norm)
+
+    def _micro_batches(self, indices: list[int], rollouts: list[Rollout]) -> Iterator[list[int]]:
+        """Split `indices` into micro-batches of similar total length, so little padding is computed."""
+        size = self.hparams.micro_batch_size or max(1, len(indices))
+        ordered = sorted(indices, key=lambda i: len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids))
+        for start in range(0, len(ordered), size):
+            yield ordered[start : start + size]
+
+    @torch.no_grad()
+    def _old_logprobs(self, rollouts: list[Rollout], indices: list[int]) -> dict[int, torch.Tensor]:
+        """Log-probs of the policy before this phase's first update (the PPO "old" policy)."""
+        out: dict[int, torch.Tensor] = {}
+        for micro in self._micro_batches(indices, rollouts):
+            logprobs, _, _ = self._forward_logprobs(rollouts, micro, with_grad=False)
+            for row, i in enumerate(micro):
+                out[i] = logprobs[row, : len(rollouts[i].completion_ids)].cpu()
+        return out
+
+    @torch.no_grad()
+    def _ref_logprobs(self, rollouts: list[Rollout], micro: list[int]) -> torch.Tensor:
+        with self._reference_model() as ref:
+            logprobs, _, _ = self._forward_logprobs(rollouts, micro, with_grad=False, model=ref)
+        return logprobs
+
+    @contextmanager
+    def _reference_model(self) -> Iterator[Any]:
+        if self.ref_policy is not None:
+            yield self.ref_policy
+        elif hasattr(self.policy, "disable_adapter"):  # peft: the reference is the base with adapters off
+            with self.policy.disable_adapter():
+                yield self.policy
+        else:
+            raise RuntimeError("beta > 0 but no reference model was built")
+
+    def _forward_logprobs(
+        self, rollouts: list[Rollout], micro: list[int], *, with_grad: bool, model: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token log-probs of each completion in `micro`: ``(logprobs [n, C], entropy [n, C], mask [n, C])``.
+
+        Prompts are left-padded and completions right-padded, so completion token t of every row sits
+        at position P + t; only the completion positions go through the LM head.
+        """
+        model = model if model is not None else self.policy
+        pad_id = self.tokenizer.pad_token_id or 0
+        prompt_width = max(len(rollouts[i].prompt_ids) for i in micro)
+        width = max(len(rollouts[i].completion_ids) for i in micro)
+        n = len(micro)
+        input_ids = torch.full((n, prompt_width + width), pad_id, dtype=torch.long)  # [n, P + C]
+        attention = torch.zeros((n, prompt_width + width), dtype=torch.long)  # [n, P + C]
+        for row, i in enumerate(micro):
+            p, c = rollouts[i].prompt_ids, rollouts[i].completion_ids
+            input_ids[row, prompt_width - len(p) : prompt_width] = torch.tensor(p)
+            input_ids[row, prompt_width : prompt_width + len(c)] = torch.tensor(c)
+            attention[row, prompt_width - len(p) : prompt_width + len(c)] = 1
+        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # [n, P + C], left padding does not shift positions
+        device = self.device
+        input_ids, attention, position_ids = input_ids.to(device), attention.to(device), position_ids.to(device)
+        decoder, head = _decoder_and_head(model)
+        with nullcontext() if with_grad else torch.no_grad():
+            hidden = decoder(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).last_hidden_state
+            hidden = hidden[:, prompt_width - 1 : prompt_width + width - 1]  # [n, C, H], position t predicts t + 1
+            targets = input_ids[:, prompt_width:]  # [n, C]
+            logprobs, entropy = token_logprobs(
+                hidden, head, targets, temperature=self.hparams.temperature,
+                chunk_size=self.hparams.logprob_chunk_size, with_entropy=with_grad,
+            )  # fmt: skip
+        mask = attention[:, prompt_width:].to(logprobs.dtype)  # [n, C]
+        return logprobs, (entropy if entropy is not None else torch.zeros_like(logprobs)), mask
+
+    # ----------------------------------------------------------------------------------- logging
+
+    def _log_phase(self, batch: PhaseBatch, advantages: torch.Tensor, totals: dict[str, float], train_s: float) -> None:
+        assert batch.rollouts is not None
+        rb = batch.rollouts
+        rollouts = rb.rollouts
+        phase = batch.phase
+        g = rb.group_size
+        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)  # [N]
+        grouped = rewards.view(-1, g)  # [groups, G]
+        zero_std = (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean().item()
+        lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float32)
+        truncated = sum(r.truncated for r in rollouts) / len(rollouts)
+        tokens = max(totals["tokens"], 1.0)
+        steps = max(totals["steps"], 1.0)
+        metrics = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "frac_zero_std_groups": zero_std,
+            "completion_len_mean": lengths.mean().item(),
+            "truncated_frac": truncated,
+            "loss": totals["loss"] / steps,
+            "clip_frac_low": totals["clip_low"] / tokens,
+            "clip_frac_high": totals["clip_high"] / tokens,
+            "clip_frac_dual": totals["clip_dual"] / tokens,
+            "kl": totals["kl"] / tokens,
+            "entropy": totals["entropy"] / tokens,
+            "grad_norm": totals["grad_norm"] / steps,
+            "reward_errors": float(rb.reward_errors),
+            "trained_frac": float((advantages != 0).float().mean()),
+        }
+        if phase == "refine":
+            metrics.update(refine_signals(rollouts))
+        if totals["tokens"] == 0:  # nothing was forwarded (all advantages 0): token statistics are undefined
+            for key in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "kl", "entropy"):
+                metrics[key] = float("nan")
+        phase_metrics = {f"train/{phase}/{key}": value for key, value in metrics.items() if not math.isnan(value)}
+        all_tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+        wall = rb.generate_s + rb.score_s + train_s
+        phase_metrics.update({
+            "perf/generate_s": rb.generate_s, "perf/score_s": rb.score_s, "perf/train_s": train_s,
+            "perf/tokens_per_s": all_tokens / wall if wall > 0 else 0.0,
+        })  # fmt: skip
+        # callback_metrics (monitors, early stopping) and the progress bar go through self.log; the loggers
+        # get one row per phase from on_train_batch_end, because Lightning would repeat the other phase's
+        # last values in every row
+        for key, value in phase_metrics.items():
+            self.log(key, value, on_step=True, on_epoch=False, batch_size=len(rollouts), logger=False)
+        self.log(f"{phase}_reward", metrics["reward_mean"], prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=len(rollouts), logger=False)  # fmt: skip
+        batch.extras["metrics"] = phase_metrics
+        self._warn_if_learning_nothing(batch, truncated, zero_std)
+        self._log_samples(batch)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Write the phase's metrics as one logger row, at step = phase index (each phase is one step, as in
+        the reference code); runs after the callbacks, so the rollout callback's weight-sync time is in it."""
+        metrics = dict(batch.extras.get("metrics", {}))
+        if "sync_s" in batch.extras:
+            metrics["perf/sync_s"] = float(batch.extras["sync_s"])
+        metrics["epoch"] = float(batch.epoch)
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=batch.index)
+
+    def _warn_if_learning_nothing(self, batch: PhaseBatch, truncated: float, zero_std: float) -> None:
+        """The two usual causes of a run that silently learns nothing; warned at most every 20 phases."""
+        checks = {
+            "truncated": (truncated > 0.5, f"{truncated:.0%} of {batch.phase} completions hit "
+                          "rollout.max_completion_length: raise it, or the model is not finishing its answers"),
+            "zero_std": (zero_std > 0.9, f"{zero_std:.0%} of {batch.phase} groups have the same reward for all "
+                         "samples (zero advantage, no gradient): problems too easy/hard, or the grader never "
+                         "matches (check the sample completions and rollout.reward)"),
+        }  # fmt: skip
+        for key, (bad, message) in checks.items():
+            last = self._warned_at.get(key)
+            if bad and (last is None or batch.index - last >= WARN_EVERY_PHASES):
+                self._warned_at[key] = batch.index
+                rank_zero_warn(f"phase batch {batch.index}: {message}")
+
+    def _log_samples(self, batch: PhaseBatch) -> None:
+        """Write a few sample completions: to TensorBoard as text, and always to <log_dir>/samples.jsonl."""
+        k = self.hparams.log_completions
+        if k <= 0 or self.trainer is None or not self.trainer.is_global_zero or batch.rollouts is None:
+            return
+        group_size = batch.rollouts.group_size
+        picks = batch.rollouts.rollouts[: k * group_size : group_size]  # first sample of the first k groups
+        problems = {p.id: p for p in batch.problems}
+        records = [
+            {"step": self.trainer.global_step, "phase": batch.phase, "problem": problems[r.problem_id].prompt_text,
+             "answer": problems[r.problem_id].answer, "base": r.base_text, "completion": r.completion_text,
+             "reward": r.reward, "finish_reason": r.finish_reason}
+            for r in picks
+        ]  # fmt: skip
+        log_dir = self.trainer.log_dir
+        if log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(log_dir) / "samples.jsonl", "a") as f:
+                for record in records:
+                    f.write(json.dumps(record) + "\n")
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):  # TensorBoard
+                text = "\n\n---\n\n".join(f"**reward {r['reward']}**\n\n```\n{r['completion']}\n```" for r in records)
+                experiment.add_text(f"samples/{batch.phase}", text, self.trainer.global_step)
+
+
+def refine_signals(rollouts: list[Rollout]) -> dict[str, float]:
+    """Refine-phase signals of METHOD.md section 8 (rectify vs fortify), from one phase's rollouts.
+
+    base_correct_frac: share of refinements whose base answer was right; fix_rate: share of
+    refinements of wrong bases that are right; keep_rate: same for right bases;
+    reward_share_from_wrong: share of the phase's total reward earned on wrong bases.
+    """
+    on_right = [r for r in rollouts if r.base_correct]
+    on_wrong = [r for r in rollouts if r.base_correct is False]
+    total_reward = sum(r.reward for r in rollouts)
+    return {
+        "base_correct_frac": len(on_right) / max(1, len(on_right) + len(on_wrong)),
+        "fix_rate": sum(r.correct for r in on_wrong) / len(on_wrong) if on_wrong else float("nan"),
+        "keep_rate": sum(r.correct for r in on_right) / len(on_right) if on_right else float("nan"),
+        "reward_share_from_wrong": sum(r.reward for r in on_wrong) / total_reward if total_reward else 0.0,
+    }
+
+
+def _decoder_and_head(model: Any) -> tuple[Any, Any]:
+    """The transformer body (returns hidden states) and the LM head of an HF causal LM (peft-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _pad_to(values: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(values, (0, width - values.shape[0]))
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()

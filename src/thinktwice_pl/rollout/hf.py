@@ -1,0 +1,121 @@
+"""Generate with transformers on the training model itself (no second copy of the weights)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from thinktwice_pl.types import Completion
+
+if TYPE_CHECKING:
+    from thinktwice_pl.rollout import SamplingConfig
+
+
+class HFRolloutEngine:
+    """Sample with ``model.generate`` on the policy being trained.
+
+    Weights never go stale (there is only one copy), so `sync_weights` is a no-op. Slow next to vLLM
+    on a GPU, but exact, dependency-free and the right choice for CPU runs and tests.
+
+    Args:
+        max_batch_sequences: at most this many sequences (prompts x samples) per ``generate`` call;
+            None generates a whole phase at once. Lower it when generation runs out of memory.
+    """
+
+    def __init__(self, max_batch_sequences: int | None = None) -> None:
+        if max_batch_sequences is not None and max_batch_sequences < 1:
+            raise ValueError(f"max_batch_sequences must be >= 1 or None, got {max_batch_sequences}")
+        self.max_batch_sequences = max_batch_sequences
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    def setup(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def sync_weights(self, model: Any) -> None:
+        self.model = model  # same object; nothing to copy
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        if self.model is None:
+            raise RuntimeError("HFRolloutEngine.generate called before setup(model, tokenizer)")
+        per_call = max(1, (self.max_batch_sequences or n * len(prompts)) // n)
+        results: list[list[Completion]] = []
+        device = next(self.model.parameters()).device
+        rng_devices = [device] if device.type == "cuda" else []
+        was_training = self.model.training
+        self.model.eval()  # no dropout, and gradient checkpointing would otherwise switch the KV cache off
+        try:
+            with torch.random.fork_rng(devices=rng_devices) if sampling.seed is not None else contextlib.nullcontext():
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed)
+                for start in range(0, len(prompts), per_call):
+                    results.extend(self._generate_chunk(prompts[start : start + per_call], n, sampling, device))
+        finally:
+            self.model.train(was_training)
+        return results
+
+    def _generate_chunk(
+        self, prompts: list[list[int]], n: int, sampling: SamplingConfig, device: torch.device
+    ) -> list[list[Completion]]:
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        eos_ids = _eos_ids(self.model, tok)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # [B, P], left-padded
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [B, P]
+        for i, ids in enumerate(prompts):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, width - len(ids) :] = 1
+        greedy = sampling.temperature == 0
+        out = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else (sampling.top_k or 0),
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=n,
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )  # [B * n, P + L], sample j of prompt i at row i * n + j
+        new_tokens = out[:, width:].tolist()
+        results: list[list[Completion]] = []
+        for i in range(len(prompts)):
+            group = []
+            for j in range(n):
+                ids = new_tokens[i * n + j]
+                stop = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+                if stop is None:  # ran to max_new_tokens (padding after EOS cannot happen without an EOS)
+                    completion, reason = ids, "length"
+                else:  # keep the EOS token: the policy must learn to stop
+                    completion, reason = ids[: stop + 1], "stop"
+                text = tok.decode(completion, skip_special_tokens=True)
+                group.append(Completion(token_ids=completion, text=text, finish_reason=reason))
+            results.append(group)
+        return results
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """All token ids that end a turn: the generation config's EOS ids plus the tokenizer's."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError("neither the model's generation_config nor the tokenizer defines an EOS token")
+    return sorted(ids)

@@ -1,0 +1,14 @@
+"""TRL-style reward functions for tests: they give the random tiny model a non-zero reward variance.
+
+Imported by dotted path (``rollout.reward: signal_rewards.even_length``) in the main process and in
+the grader worker processes; tests/ is on sys.path under pytest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def even_length(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    """1 when the completion has an even number of characters: meaningless, but varies within a group."""
+    return [float(len(c) % 2 == 0) for c in completions]

@@ -1,0 +1,153 @@
+"""Short real fits on the tiny model: phases alternate, metrics are logged, weights move, resume is exact."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from thinktwice_pl.callbacks import RolloutCallback
+from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
+from thinktwice_pl.module import ThinkTwiceModule
+
+PHASE_KEYS = [
+    "reward_mean", "reward_std", "frac_zero_std_groups", "completion_len_mean", "truncated_frac", "loss",
+    "grad_norm", "reward_errors",
+]  # fmt: skip
+REFINE_KEYS = ["base_correct_frac", "reward_share_from_wrong"]
+
+
+def _fit(
+    tiny_model_dir: Path,
+    root: Path,
+    *,
+    max_steps: int,
+    ckpt_path: str | None = None,
+    refine: bool = True,
+    callbacks: list[Any] | None = None,
+    **module_kw: Any,
+) -> tuple[ThinkTwiceModule, pd.DataFrame]:
+    """A fit of 2 problems x 4 samples per phase, 2 optimizer steps per phase; returns the module and metrics."""
+    pl.seed_everything(0)
+    kwargs = {"learning_rate": 1e-2, "weight_decay": 0.0, "mini_batch_problems": 1, **module_kw}
+    module = ThinkTwiceModule(
+        model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=4, max_completion_length=12,
+        **kwargs,
+    )
+    data = ThinkTwiceDataModule(
+        train=ProblemSource(path="procedural", num_problems=16), problems_per_batch=2, refine=refine, seed=0
+    )
+    rollout = RolloutCallback(num_generations=4, max_completion_length=12, reward="signal_rewards.even_length",
+                              reward_workers=0)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=CSVLogger(root, name="run"), callbacks=[rollout, *(callbacks or [])],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(callbacks),
+        default_root_dir=root,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+    return module, metrics
+
+
+def _phases(metrics: pd.DataFrame) -> list[str]:
+    phases = []
+    for _, row in metrics.sort_values("step").iterrows():
+        present = {c.split("/")[1] for c in row.dropna().index if c.startswith("train/")}
+        assert len(present) == 1, f"row at step {row['step']} mixes phases: {present}"
+        phases.append(present.pop())
+    return phases
+
+
+def test_fit_alternates_phases_logs_metrics_and_updates_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    module, metrics = _fit(tiny_model_dir, tmp_path, max_steps=8, micro_batch_size=3)
+    assert _phases(metrics) == ["solve", "refine", "solve", "refine"]
+    assert metrics["step"].tolist() == [0, 1, 2, 3]  # one row per phase, step = phase index
+    for phase in ("solve", "refine"):
+        rows = metrics[metrics[f"train/{phase}/reward_mean"].notna()]
+        for key in PHASE_KEYS:
+            assert rows[f"train/{phase}/{key}"].notna().all(), f"train/{phase}/{key} missing"
+        assert (rows[f"train/{phase}/reward_errors"] == 0).all()
+        assert (rows[f"train/{phase}/trained_frac"] > 0).any(), "no sequence had a non-zero advantage"
+    refine_rows = metrics[metrics["train/refine/reward_mean"].notna()]
+    for key in REFINE_KEYS:
+        assert refine_rows[f"train/refine/{key}"].between(0, 1).all()
+    for key in ("perf/generate_s", "perf/train_s", "perf/sync_s", "perf/tokens_per_s"):
+        assert metrics[key].notna().all()
+    assert module.trainer.global_step == 8  # 4 phases x 2 optimizer steps
+    changed = [n for n, p in module.policy.state_dict().items() if not torch.equal(p, initial[n])]
+    assert len(changed) == len(initial), "every parameter should move (weight decay 0, non-zero advantages)"
+    samples = (Path(module.trainer.logger.log_dir) / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 8  # log_completions=2 per phase
+
+
+def test_grpo_baseline_serves_solve_only(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _, metrics = _fit(tiny_model_dir, tmp_path, max_steps=4, refine=False)
+    assert _phases(metrics) == ["solve", "solve"]
+
+
+def test_same_seed_same_metrics(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _, first = _fit(tiny_model_dir, tmp_path / "a", max_steps=4)
+    _, second = _fit(tiny_model_dir, tmp_path / "b", max_steps=4)
+    columns = [c for c in first.columns if c.startswith("train/")]
+    pd.testing.assert_frame_equal(first[columns], second[columns])
+
+
+def test_resume_after_solve_step_continues_with_refine(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # continuous reference: solve, refine
+    _, continuous = _fit(tiny_model_dir, tmp_path / "continuous", max_steps=4)
+    # stop after the solve phase (2 optimizer steps), checkpointing there
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    _fit(tiny_model_dir, tmp_path / "first", max_steps=2, callbacks=[ckpt])
+    saved = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    assert saved.exists(), list((tmp_path / "ckpt").iterdir())
+    state = torch.load(saved, weights_only=False)["ThinkTwiceDataModule"]
+    assert state["cursor"] == 1 and state["cache"] is not None  # the solve rollouts travel in the checkpoint
+    module, resumed = _fit(tiny_model_dir, tmp_path / "resumed", max_steps=4, ckpt_path=str(saved))
+    assert _phases(resumed) == ["refine"]
+    assert resumed["step"].tolist() == [1]
+    columns = [c for c in resumed.columns if c.startswith("train/refine/")]
+    expected = continuous[continuous["step"] == 1][columns].reset_index(drop=True)
+    pd.testing.assert_frame_equal(resumed[columns].reset_index(drop=True), expected)
+    assert module.trainer.global_step == 4
+
+
+def test_beta_kl_against_frozen_reference(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # one optimizer step per phase: the first solve step runs with policy == reference
+    module, metrics = _fit(tiny_model_dir, tmp_path, max_steps=2, beta=0.1, mini_batch_problems=2)
+    assert module.ref_policy is not None
+    kl = metrics["train/solve/kl"].dropna().tolist() + metrics["train/refine/kl"].dropna().tolist()
+    assert kl[0] == pytest.approx(0.0, abs=1e-7)
+    assert kl[-1] > 0  # after updates the policy has moved away from the frozen copy
+    assert all(math.isfinite(v) for v in kl)
+    ref_keys = [k for k in module.state_dict() if k.startswith("ref_policy.")]
+    assert ref_keys  # registered as a module ...
+    ckpt = tmp_path / "manual.ckpt"
+    module.trainer.save_checkpoint(ckpt)
+    assert not [k for k in torch.load(ckpt, weights_only=False)["state_dict"] if k.startswith("ref_policy.")]
+
+
+def test_missing_rollout_callback_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, mini_batch_problems=1,
+                              num_generations=2)  # fmt: skip
+    data = ThinkTwiceDataModule(train=ProblemSource(num_problems=8), problems_per_batch=2)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(RuntimeError, match="RolloutCallback is missing"):
+        trainer.fit(module, datamodule=data)
+
+
+def test_geometry_errors_name_the_flags() -> None:
+    with pytest.raises(ValueError, match=r"data.problems_per_batch=6 is not divisible by model.mini_batch_problems=4"):
+        ThinkTwiceModule(problems_per_batch=6, mini_batch_problems=4)
+    with pytest.raises(ValueError, match="num_generations"):
+        ThinkTwiceModule(num_generations=1)
