@@ -38,7 +38,10 @@ def _fit(
     pl.seed_everything(0)
     kwargs = {"learning_rate": 1e-2, "weight_decay": 0.0, "mini_batch_problems": 1, **module_kw}
     module = ThinkTwiceModule(
-        model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=4, max_completion_length=12,
+        model_name_or_path=str(tiny_model_dir),
+        problems_per_batch=2,
+        num_generations=4,
+        max_completion_length=12,
         **kwargs,
     )
     data = ThinkTwiceDataModule(

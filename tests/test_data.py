@@ -1,0 +1,381 @@
+"""Tests of thinktwice_pl.data: loading and validation, procedural problems, base selection, phase batches, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from thinktwice_pl.data import (
+    ProblemSource,
+    ThinkTwiceDataModule,
+    load_problems,
+    procedural_problem,
+    select_bases,
+)
+from thinktwice_pl.types import PhaseBatch, Rollout, RolloutBatch
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def rollout(text: str, reward: float, problem_id: str = "p") -> Rollout:
+    return Rollout(problem_id, "solve", [1, 2], [3, 4], text, "stop", reward=reward)
+
+
+def fake_solve_rollouts(batch: PhaseBatch, group_size: int = 4) -> RolloutBatch:
+    """G answers per problem, some duplicated, rewards varying with the problem and the pair."""
+    rollouts = []
+    for p in batch.problems:
+        for j in range(group_size):
+            text = f"{p.id} answer {j % 3} at pair {batch.pair}"
+            rollouts.append(Rollout(p.id, "solve", [1], [2, 3], text, "stop", reward=float((j + batch.pair) % 2)))
+    return RolloutBatch(rollouts, group_size=group_size)
+
+
+def datamodule(num_problems: int = 8, **kwargs) -> ThinkTwiceDataModule:
+    kwargs.setdefault("problems_per_batch", 2)
+    dm = ThinkTwiceDataModule(ProblemSource(num_problems=num_problems), **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def run(dm: ThinkTwiceDataModule, steps: int) -> list[tuple]:
+    """Plays the rollout callback for `steps` phase batches, fetching one ahead like Lightning's prefetcher."""
+    seen: list[tuple] = []
+    iterator = iter(dm.train_dataloader())
+    upcoming = next(iterator, None)
+    while len(seen) < steps:
+        if upcoming is None:  # end of epoch: Lightning calls iter() again
+            iterator = iter(dm.train_dataloader())
+            upcoming = next(iterator)
+        batch, upcoming = upcoming, next(iterator, None)
+        bases = []
+        if batch.phase == "refine":
+            bases = [b.completion_text for b in dm.bases_for(batch)]
+        else:
+            batch.rollouts = fake_solve_rollouts(batch)
+        seen.append((batch.index, batch.phase, batch.pair, batch.epoch, [p.id for p in batch.problems], bases))
+        dm.phase_done(batch)
+    return seen
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def test_jsonl_with_field_mapping_converts_numbers_and_strips(tmp_path):
+    path = write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"question": "  What is 6*7?\n", "final": 42, "uid": "a", "extra": 1},
+            {"question": "Half of 5?", "final": 2.5, "uid": 7},
+            {"question": "One?", "final": " 1.0 ", "uid": "c"},
+        ],
+    )
+    source = ProblemSource(str(path), problem_field="question", answer_field="final", id_field="uid")
+    problems = load_problems(source)
+    assert [(p.id, p.prompt_text, p.answer, p.source) for p in problems] == [
+        ("a", "What is 6*7?", "42", "train"),
+        ("7", "Half of 5?", "2.5", "train"),
+        ("c", "One?", "1.0", "train"),  # text stays text
+    ]
+
+
+def test_parquet_and_json_array_default_ids_and_limit(tmp_path):
+    frame = pd.DataFrame({"problem": [f"q{i}" for i in range(5)], "answer": [str(i) for i in range(5)]})
+    frame.to_parquet(tmp_path / "math.parquet")
+    problems = load_problems(ProblemSource(str(tmp_path / "math.parquet"), limit=3))
+    assert [(p.id, p.answer, p.source) for p in problems] == [("math-1", "0", "math"), ("math-2", "1", "math"),
+                                                               ("math-3", "2", "math")]  # fmt: skip
+    (tmp_path / "set.json").write_text(json.dumps(frame.to_dict("records")))
+    assert [p.id for p in load_problems(ProblemSource(str(tmp_path / "set.json")))] == [f"set-{i}" for i in range(1, 6)]
+
+
+def test_gold_is_the_last_boxed_of_a_solution(tmp_path):
+    solution = r"First \boxed{1}, then $x = \boxed{\frac{1}{2}}$ since {braces} nest."
+    path = write_jsonl(
+        tmp_path / "sol.jsonl", [{"problem": "p", "solution": solution}, {"problem": "q", "solution": "7"}]
+    )
+    problems = load_problems(ProblemSource(str(path), answer_field="solution"))  # auto: boxed cells only
+    assert [p.answer for p in problems] == [r"\frac{1}{2}", "7"]
+    as_is = load_problems(ProblemSource(str(path), answer_field="solution", answer_is_solution=False))
+    assert as_is[0].answer == solution
+    with pytest.raises(
+        ValueError, match=r"row 2 of sol.jsonl has no \\boxed\{\} in its 'solution'.*answer_is_solution=false"
+    ):
+        load_problems(ProblemSource(str(path), answer_field="solution", answer_is_solution=True))
+
+
+def test_bad_rows_name_file_row_and_fix(tmp_path):
+    rows = [{"problem": "ok", "answer": "1"}, {"problem": "ok", "answer": "2"}, {"problem": "no answer here"}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(ValueError) as error:
+        load_problems(ProblemSource(str(path)))
+    assert str(error.value) == (
+        "row 3 of train.jsonl has no 'answer' field (set data.train.answer_field to the column that holds it, "
+        "or data.train.on_bad_row=skip to skip such rows)"
+    )
+    frame = pd.DataFrame({"problem": ["a", "b", "  "], "answer": [1.0, float("nan"), 3.0]})
+    frame.to_parquet(tmp_path / "nan.parquet")
+    with pytest.raises(ValueError, match=r"row 2 of nan.parquet has a missing \(null/NaN\) 'answer'"):
+        load_problems(ProblemSource(str(tmp_path / "nan.parquet")))
+    bad_json = tmp_path / "broken.jsonl"
+    bad_json.write_text('{"problem": "a", "answer": "1"}\n{"problem": \n')
+    with pytest.raises(ValueError, match=r"row 2 of broken\.jsonl is not valid JSON"):
+        load_problems(ProblemSource(str(bad_json)))
+
+
+def test_skipped_rows_are_counted_and_warned(tmp_path):
+    rows = [
+        {"problem": "a", "answer": "1"},
+        {"problem": "", "answer": "2"},
+        {"problem": "c"},
+        {"problem": "d", "answer": None},
+        {"problem": 5, "answer": "5"},
+        {"problem": "f", "answer": 6},
+    ]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.warns(UserWarning, match=r"skipped 4 of 6 rows of train.jsonl: .*first: row 2 of train.jsonl") as rec:
+        problems = load_problems(ProblemSource(str(path), on_bad_row="skip"))
+    assert len(rec) == 1
+    assert [(p.id, p.answer) for p in problems] == [("train-1", "1"), ("train-6", "6")]
+
+
+def test_missing_column_lists_available_columns(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"question": "a", "solution": "1"}])
+    message = "train.jsonl has no column 'problem' (available: 'question', 'solution'); set data.train.problem_field"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_problems(ProblemSource(str(path)))
+
+
+def test_bad_sources_and_duplicate_ids(tmp_path):
+    path = write_jsonl(tmp_path / "dup.jsonl", [{"problem": "a", "answer": "1", "id": "x"}] * 2)
+    with pytest.raises(ValueError, match=r"rows 1 and 2 of dup\.jsonl share the id 'x'"):
+        load_problems(ProblemSource(str(path), id_field="id"))
+    with pytest.raises(ValueError, match=r"missing.jsonl' does not exist; use a local .jsonl, .json or .parquet"):
+        load_problems(ProblemSource(str(tmp_path / "missing.jsonl")))
+    (tmp_path / "data.csv").write_text("problem,answer\na,1\n")
+    with pytest.raises(ValueError, match=r"unknown suffix '.csv'.*\.parquet file"):
+        load_problems(ProblemSource(str(tmp_path / "data.csv")))
+    with pytest.raises(ValueError, match="neither an existing file nor a hub name"):
+        load_problems(ProblemSource("no/such/dir/file"))
+    with pytest.raises(ValueError, match=r"hub dataset 'nobody-xyz/no-such-set'.*HF_DATASETS_OFFLINE.*local \.jsonl"):
+        load_problems(ProblemSource("nobody-xyz/no-such-set"))  # conftest sets the hub offline: fails fast
+    for bad in [dict(difficulty=5), dict(num_problems=0), dict(limit=0), dict(on_bad_row="ignore")]:
+        with pytest.raises(ValueError, match=f"ProblemSource.{next(iter(bad))}"):
+            ProblemSource(**bad)
+
+
+def test_a_local_dataset_directory_goes_through_load_dataset(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    (tmp_path / "mydata").mkdir()
+    pd.DataFrame({"problem": ["a", "b"], "answer": [1, 2]}).to_parquet(tmp_path / "mydata" / "train.parquet")
+    problems = load_problems(ProblemSource(str(tmp_path / "mydata")))  # the hub branch, on a local directory
+    assert [(p.id, p.answer, p.source) for p in problems] == [("mydata-1", "1", "mydata"), ("mydata-2", "2", "mydata")]
+
+
+# ------------------------------------------------------------------------------------------------ procedural
+
+
+def test_procedural_problems_are_deterministic_per_seed():
+    first = load_problems(ProblemSource(num_problems=50, seed=3))
+    assert first == load_problems(ProblemSource(num_problems=50, seed=3))
+    assert first[:10] == load_problems(ProblemSource(num_problems=10, seed=3))  # problem i depends on (seed, i) only
+    assert [p.prompt_text for p in first] != [p.prompt_text for p in load_problems(ProblemSource(num_problems=50))]
+    assert len({p.id for p in first}) == 50
+    for difficulty in (2, 3, 4):
+        for i in range(100):
+            answer = procedural_problem(0, difficulty, i).answer
+            assert answer.isdigit(), (difficulty, i, answer)  # a non-negative integer
+
+
+def test_single_digit_problems_are_arithmetically_right():
+    templates = set()
+    for p in load_problems(ProblemSource(num_problems=300, difficulty=1)):
+        a, b = (int(x) for x in re.findall(r"\d+", p.prompt_text))
+        assert a < 10 and b < 10
+        if p.prompt_text.endswith("have left?") or "How many more" in p.prompt_text:
+            templates.add("subtract")
+            assert int(p.answer) == a - b >= 0, p.prompt_text
+        else:
+            templates.add("together" if "together" in p.prompt_text else "more")
+            assert int(p.answer) == a + b, p.prompt_text
+    assert templates == {"subtract", "together", "more"}
+    assert len({p.prompt_text.split()[0] for p in load_problems(ProblemSource(num_problems=50))}) > 5  # varied names
+
+
+# ------------------------------------------------------------------------------------------------ base selection
+
+
+def test_uniform_selection_dedupes_texts():
+    group = [rollout("A", 1.0), rollout("A", 1.0), rollout("A", 1.0), rollout("B", 0.0)]
+    picks = [select_bases([group], "uniform", random.Random(seed))[0].completion_text for seed in range(2000)]
+    assert 0.45 < picks.count("B") / len(picks) < 0.55  # B is one of two distinct texts, not one of four answers
+    assert select_bases([[rollout("A", 0.0)]] * 3, "uniform", random.Random(0)) == [rollout("A", 0.0)] * 3
+
+
+def test_wrong_first_picks_a_wrong_answer_when_one_exists():
+    mixed = [rollout("right", 1.0), rollout("right 2", 1.0), rollout("wrong", 0.0)]
+    all_right = [rollout("r1", 1.0), rollout("r2", 1.0)]
+    for seed in range(50):
+        bases = select_bases([mixed, all_right], "wrong_first", random.Random(seed))
+        assert bases[0].completion_text == "wrong" and bases[1].correct
+
+
+def test_balanced_splits_mixed_groups_half_right_half_wrong():
+    mixed = [[rollout(f"r{g}", 1.0), rollout(f"w{g}", 0.0), rollout(f"w{g}b", 0.0)] for g in range(5)]
+    uniform_only = [rollout("x", 0.0), rollout("y", 0.0)]
+    counts = set()
+    for seed in range(40):
+        bases = select_bases([*mixed, uniform_only], "balanced", random.Random(seed))
+        right = sum(b.correct for b in bases[:5])
+        assert right in (2, 3)  # 5 mixed groups: floor or ceil of half get a right base
+        counts.add(right)
+        assert not bases[5].correct
+    assert counts == {2, 3}
+    with pytest.raises(ValueError, match="unknown base selection"):
+        select_bases([uniform_only], "best", random.Random(0))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------ phase batches
+
+
+def test_phases_alternate_and_refine_off_serves_solve_only():
+    seen = run(datamodule(), 6)
+    assert [(s[0], s[1], s[2]) for s in seen] == [(0, "solve", 0), (1, "refine", 0), (2, "solve", 1),
+                                                  (3, "refine", 1), (4, "solve", 2), (5, "refine", 2)]  # fmt: skip
+    assert seen[0][4] == seen[1][4] != seen[2][4]  # refine reviews the same problems
+    assert all(len(bases) == 2 and bases[0].startswith(ids[0]) for _, _, _, _, ids, bases in seen[1::2])
+    baseline = run(datamodule(refine=False), 6)
+    assert [s[1] for s in baseline] == ["solve"] * 6
+    assert [s[2] for s in baseline] == list(range(6))
+
+
+def test_epochs_cover_every_problem_and_reshuffle():
+    dm = datamodule(num_problems=9, problems_per_batch=2, seed=1)  # 4 pairs per epoch, 1 problem sits out
+    assert dm.phase_batches_per_epoch == 8
+    seen = run(dm, 24)
+    epochs = [[i for s in seen if s[3] == e and s[1] == "solve" for i in s[4]] for e in range(3)]
+    assert [s[3] for s in seen] == [0] * 8 + [1] * 8 + [2] * 8
+    assert all(len(set(order)) == 8 for order in epochs) and len({tuple(o) for o in epochs}) == 3
+    assert run(datamodule(num_problems=9, seed=1), 24) == seen  # orders are seeded by (seed, epoch)
+    in_order = run(datamodule(num_problems=9, shuffle=False), 16)
+    solve_ids = [i for s in in_order if s[1] == "solve" for i in s[4]]
+    assert solve_ids == [f"procedural-d1-s0-{i}" for i in range(8)] * 2
+
+
+def test_too_few_problems_and_misuse_give_clear_errors():
+    with pytest.raises(ValueError, match=r"gives 3 problems, fewer than data\.problems_per_batch=4"):
+        datamodule(num_problems=3, problems_per_batch=4)
+    dm = datamodule()
+    first = next(iter(dm.train_dataloader()))
+    with pytest.raises(RuntimeError, match="refine batch for pair 0 but no cached solve rollouts"):
+        dm.bases_for(dm.phase_batch(1))
+    with pytest.raises(RuntimeError, match="finished with no rollouts"):
+        dm.phase_done(first)
+    with pytest.raises(RuntimeError, match="phase_done got phase batch 1 but the next batch to complete is 0"):
+        dm.phase_done(dm.phase_batch(1))
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+@pytest.mark.parametrize("done", [3, 8, 11])  # after a solve (mid-pair), at an epoch boundary, mid-pair epoch 1
+def test_resume_continues_at_the_next_phase_batch(done):
+    reference = run(datamodule(seed=5), 20)
+    dm = datamodule(seed=5)
+    assert run(dm, done) == reference[:done]
+    next(iter(dm.train_dataloader()))  # a prefetched batch that never completed must not count
+    state = torch.load(_roundtrip(dm.state_dict()), weights_only=True)  # plain python survives weights_only
+    fresh = ThinkTwiceDataModule(ProblemSource(num_problems=8), problems_per_batch=2, seed=5)
+    fresh.load_state_dict(state)  # before setup, as when a module is restored early
+    fresh.setup("fit")
+    assert fresh.cursor == done
+    assert run(fresh, 20 - done) == reference[done:]  # includes the refine of the pair and its identical bases
+
+
+def test_resume_on_different_data_or_layout_is_refused():
+    dm = datamodule()
+    run(dm, 1)
+    assert [entry["pair"] for entry in dm.state_dict()["cache"]] == [0]  # the solve rollouts wait for their refine
+    run(dm, 1)
+    state = dm.state_dict()
+    assert state["cursor"] == 2 and state["cache"] == []  # refined: nothing left to carry
+    with pytest.raises(ValueError, match=r"checkpoint was trained on 8 problems .* now gives 10"):
+        datamodule(num_problems=10).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"data.problems_per_batch=4 \(checkpoint: 2\)"):
+        datamodule(problems_per_batch=4).load_state_dict(state)
+
+
+class _TinyModule(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch: PhaseBatch, batch_idx: int) -> torch.Tensor:
+        assert isinstance(batch, PhaseBatch)
+        return (self.weight - 1).pow(2).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _RolloutPlayer(Callback):
+    """Stands in for the rollout callback: fills solve rollouts, asks for bases, marks batches done."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        dm = trainer.datamodule
+        if batch.phase == "refine":
+            batch.bases = dm.bases_for(batch)
+        else:
+            batch.rollouts = fake_solve_rollouts(batch)
+        self.seen.append((batch.index, batch.phase, batch.epoch, [p.id for p in batch.problems],
+                          [b.completion_text for b in batch.bases or []]))  # fmt: skip
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.datamodule.phase_done(batch)
+
+
+def _fit(tmp_path: Path, max_steps: int, ckpt_path: Path | None = None) -> list[tuple]:
+    player = _RolloutPlayer()
+    checkpoints = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[checkpoints, player], default_root_dir=tmp_path, num_sanity_val_steps=0,
+    )  # fmt: skip
+    dm = ThinkTwiceDataModule(ProblemSource(num_problems=6), problems_per_batch=2, seed=2)
+    trainer.fit(_TinyModule(), datamodule=dm, ckpt_path=ckpt_path)
+    return player.seen
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_lightning_fit_resumes_exactly_from_mid_pair_and_epoch_boundary_checkpoints(tmp_path):
+    reference = _fit(tmp_path / "a", 14)  # 6 phase batches per epoch
+    assert [s[0] for s in reference] == list(range(14)) and reference[6][2] == 1
+    for done in (3, 6):
+        resumed = _fit(tmp_path / f"b{done}", 14, ckpt_path=tmp_path / "a" / "ckpt" / f"step={done}.ckpt")
+        assert resumed == reference[done:]
+
+
+def _roundtrip(state: dict) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
