@@ -50,10 +50,15 @@ def _fit(
     rollout = RolloutCallback(num_generations=4, max_completion_length=12, reward="signal_rewards.even_length",
                               reward_workers=0)  # fmt: skip
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=CSVLogger(root, name="run"), callbacks=[rollout, *(callbacks or [])],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(callbacks),
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=CSVLogger(root, name="run"),
+        callbacks=[rollout, *(callbacks or [])],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(callbacks),
         default_root_dir=root,
-    )  # fmt: skip
+    )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
     return module, metrics
