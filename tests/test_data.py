@@ -173,7 +173,7 @@ def test_bad_sources_and_duplicate_ids(tmp_path):
         load_problems(ProblemSource("no/such/dir/file"))
     with pytest.raises(ValueError, match=r"hub dataset 'nobody-xyz/no-such-set'.*HF_DATASETS_OFFLINE.*local \.jsonl"):
         load_problems(ProblemSource("nobody-xyz/no-such-set"))  # conftest sets the hub offline: fails fast
-    for bad in [dict(difficulty=5), dict(num_problems=0), dict(limit=0), dict(on_bad_row="ignore")]:
+    for bad in [dict(difficulty=5), dict(difficulty=-1), dict(num_problems=0), dict(limit=0), dict(on_bad_row="ignore")]:
         with pytest.raises(ValueError, match=f"ProblemSource.{next(iter(bad))}"):
             ProblemSource(**bad)
 
@@ -379,3 +379,9 @@ def _roundtrip(state: dict) -> io.BytesIO:
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_difficulty_zero_is_bare_one_digit_sums():
+    for p in load_problems(ProblemSource(num_problems=50, difficulty=0)):
+        a, b = (int(x) for x in re.fullmatch(r"What is (\d) \+ (\d)\?", p.prompt_text).groups())
+        assert int(p.answer) == a + b

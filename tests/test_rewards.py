@@ -269,3 +269,12 @@ def test_scorer_close_pickle_and_no_leaked_workers():
     assert scorer.score(["a"], ["a=1"], ["1"]).rewards == [1.0]  # restarts lazily
     scorer.close()
     assert children() <= before
+
+
+def test_unparseable_gold_is_an_error_not_a_silent_zero():
+    with pytest.raises(ValueError, match="cannot parse the gold answer"):
+        math_verify_reward([r"\boxed{5}"], [r"\frac{"])
+    with RewardScorer("math_verify", timeout_s=5.0, num_workers=0) as scorer:
+        result = scorer.score(["p", "p"], [r"\boxed{5}", r"\boxed{5}"], ["5", r"\frac{"])
+    assert result.rewards == [1.0, 0.0]
+    assert result.errors[0] is None and "cannot parse the gold answer" in result.errors[1]

@@ -72,7 +72,7 @@ class ProblemSource:
     num_problems: int = 1024
     """Procedural only: how many problems to generate."""
     difficulty: int = 1
-    """Procedural only: 1 single-digit add/sub, 2 two-digit add/sub, 3 adds mul/div, 4 two-step problems."""
+    """Procedural only: 0 bare one-digit sums, 1 one-digit add/sub stories, 2 two-digit, 3 adds mul/div, 4 two-step."""
     seed: int = 0
     """Procedural only: problem i depends only on (seed, difficulty, i)."""
 
@@ -85,8 +85,8 @@ class ProblemSource:
             raise ValueError(f"ProblemSource.limit={self.limit} must be at least 1 (or unset for all problems)")
         if self.num_problems < 1:
             raise ValueError(f"ProblemSource.num_problems={self.num_problems} must be at least 1")
-        if not 1 <= self.difficulty <= 4:
-            raise ValueError(f"ProblemSource.difficulty={self.difficulty} must be 1, 2, 3 or 4")
+        if not 0 <= self.difficulty <= 4:
+            raise ValueError(f"ProblemSource.difficulty={self.difficulty} must be 0, 1, 2, 3 or 4")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -286,13 +286,17 @@ def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
 
     Args:
         seed: generator seed.
-        difficulty: 1 single-digit add/sub, 2 two-digit add/sub, 3 add/sub/mul/div, 4 two-step problems.
+        difficulty: 0 bare one-digit sums ("What is 3 + 4?"), 1 single-digit add/sub stories, 2 two-digit
+            add/sub, 3 add/sub/mul/div, 4 two-step problems.
         index: position of the problem in the set.
 
     Returns:
         A problem whose answer is a non-negative integer string.
     """
     rng = random.Random(f"thinktwice-{seed}-{difficulty}-{index}")
+    if difficulty == 0:  # small models (the CPU quickstart) need a task they sometimes get right
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        return _problem(seed, difficulty, index, f"What is {a} + {b}?", a + b)
     (name, pronoun), (other, _) = rng.sample(_NAMES, 2)
     one, many = rng.choice(_OBJECTS)
     box, she = rng.choice(_CONTAINERS), pronoun.capitalize()
@@ -611,7 +615,8 @@ class ThinkTwiceDataModule(LightningDataModule):
         if changed:
             raise ValueError(
                 f"the checkpoint's batches were laid out differently: {', '.join(changed)}; "
-                "set them as in the checkpoint to resume"
+                "set them as in the checkpoint to resume it, or start a fresh run (with an OnExceptionCheckpoint "
+                "callback Lightning resumes from its file automatically: delete that file to start fresh)"
             )
         self._cursor = int(state["cursor"])
         self._cache = {

@@ -146,12 +146,7 @@ class ThinkTwiceModule(pl.LightningModule):
             self.ref_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
 
     def setup(self, stage: str) -> None:
-        precision = str(self.trainer.precision)
-        if precision.startswith("16"):
-            raise ValueError(
-                f"trainer.precision={precision}: fp16 loss scaling is not supported with GRPO's manual optimization; "
-                "use bf16-true, bf16-mixed or 32-true"
-            )
+        check_precision(str(self.trainer.precision))
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -489,6 +484,15 @@ def refine_signals(rollouts: list[Rollout]) -> dict[str, float]:
         "keep_rate": sum(r.correct for r in on_right) / len(on_right) if on_right else float("nan"),
         "reward_share_from_wrong": sum(r.reward for r in on_wrong) / total_reward if total_reward else 0.0,
     }
+
+
+def check_precision(precision: str) -> None:
+    """Refuse fp16 AMP: its loss scaler would have to be unscaled before our gradient clipping and norm logging."""
+    if precision in ("16-mixed", "16"):
+        raise ValueError(
+            f"trainer.precision={precision}: fp16 loss scaling is not supported with GRPO's manual optimization; "
+            "use bf16-mixed, bf16-true or 32-true"
+        )
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any]:

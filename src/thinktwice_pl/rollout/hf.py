@@ -85,11 +85,13 @@ class HFRolloutEngine:
             top_p=None if greedy else sampling.top_p,
             top_k=None if greedy else (sampling.top_k or 0),
             max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=n,
+            num_return_sequences=1 if greedy else n,
             eos_token_id=eos_ids,
             pad_token_id=pad_id,
             use_cache=True,
         )  # [B * n, P + L], sample j of prompt i at row i * n + j
+        if greedy and n > 1:  # greedy samples are identical: decode once, repeat
+            out = out.repeat_interleave(n, dim=0)
         new_tokens = out[:, width:].tolist()
         results: list[list[Completion]] = []
         for i in range(len(prompts)):

@@ -1,0 +1,68 @@
+"""ThinkTwiceModule pieces on the tiny model: log-probs under padding, refine signals."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from thinktwice_pl.module import ThinkTwiceModule, check_precision, refine_signals
+from thinktwice_pl.types import Rollout
+
+
+def _rollout(
+    prompt: list[int], completion: list[int], reward: float = 0.0, base_correct: bool | None = None
+) -> Rollout:
+    return Rollout(problem_id="p", phase="refine" if base_correct is not None else "solve", prompt_ids=prompt,
+                   completion_ids=completion, completion_text="", finish_reason="stop", reward=reward,
+                   base_correct=base_correct)  # fmt: skip
+
+
+def test_padded_micro_batch_logprobs_equal_unpadded_forward(tiny_model_dir: Path) -> None:
+    module = ThinkTwiceModule(
+        model_name_or_path=str(tiny_model_dir), problems_per_batch=1, mini_batch_problems=1, num_generations=2
+    )
+    module.configure_model()
+    torch.manual_seed(0)
+    rollouts = [  # different prompt and completion lengths: left and right padding both in play
+        _rollout(torch.randint(5, 500, (7,)).tolist(), torch.randint(5, 500, (5,)).tolist()),
+        _rollout(torch.randint(5, 500, (3,)).tolist(), torch.randint(5, 500, (9,)).tolist()),
+        _rollout(torch.randint(5, 500, (11,)).tolist(), torch.randint(5, 500, (1,)).tolist()),
+    ]
+    logprobs, entropy, mask = module._forward_logprobs(rollouts, [0, 1, 2], with_grad=False)
+    assert mask.sum(1).tolist() == [5, 9, 1]
+    for row, r in enumerate(rollouts):
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])
+        with torch.no_grad():
+            logits = module.policy(ids).logits[0, len(r.prompt_ids) - 1 : -1]  # [C, V] predicting the completion
+        expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(r.completion_ids)[:, None])[:, 0]
+        torch.testing.assert_close(logprobs[row, : len(r.completion_ids)], expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(entropy == 0)  # entropy is only computed on the training (with_grad) path
+
+
+def test_refine_signals_by_hand() -> None:
+    rollouts = [
+        _rollout([1], [2], reward=1.0, base_correct=False),  # fixed
+        _rollout([1], [2], reward=0.0, base_correct=False),  # still wrong
+        _rollout([1], [2], reward=0.0, base_correct=False),
+        _rollout([1], [2], reward=1.0, base_correct=True),  # kept
+        _rollout([1], [2], reward=1.0, base_correct=True),
+        _rollout([1], [2], reward=0.0, base_correct=True),  # damaged
+    ]
+    signals = refine_signals(rollouts)
+    assert signals["base_correct_frac"] == pytest.approx(3 / 6)
+    assert signals["fix_rate"] == pytest.approx(1 / 3)
+    assert signals["keep_rate"] == pytest.approx(2 / 3)
+    assert signals["reward_share_from_wrong"] == pytest.approx(1 / 3)  # 1 of the 3 reward points
+    only_right = refine_signals(rollouts[3:])
+    assert math.isnan(only_right["fix_rate"])  # undefined without wrong bases, and then not logged
+
+
+def test_fp16_amp_is_refused_other_precisions_pass() -> None:
+    # (Lightning turns 16-mixed into bf16-mixed on CPU, so the check is called directly.)
+    with pytest.raises(ValueError, match=r"trainer\.precision=16-mixed"):
+        check_precision("16-mixed")
+    for ok in ("32-true", "bf16-mixed", "bf16-true"):
+        check_precision(ok)

