@@ -273,8 +273,8 @@ def test_scorer_close_pickle_and_no_leaked_workers():
 
 def test_unparseable_gold_is_an_error_not_a_silent_zero():
     with pytest.raises(ValueError, match="cannot parse the gold answer"):
-        math_verify_reward([r"\boxed{5}"], [r"\frac{"])
+        math_verify_reward([r"\boxed{5}"], ["\\"])  # math-verify parses a lone backslash to nothing
     with RewardScorer("math_verify", timeout_s=5.0, num_workers=0) as scorer:
-        result = scorer.score(["p", "p"], [r"\boxed{5}", r"\boxed{5}"], ["5", r"\frac{"])
+        result = scorer.score(["p", "p"], [r"\boxed{5}", r"\boxed{5}"], ["5", "\\"])
     assert result.rewards == [1.0, 0.0]
     assert result.errors[0] is None and "cannot parse the gold answer" in result.errors[1]
