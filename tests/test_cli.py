@@ -50,7 +50,8 @@ def test_linked_arguments_reach_the_module(tmp_path: Path, monkeypatch: pytest.M
 
 def test_geometry_error_at_startup_names_the_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="data.problems_per_batch=5 is not divisible by model.mini_batch_problems=2"):
+    expected = r"data\.problems_per_batch=5 is not divisible by model\.mini_batch_problems=2"
+    with pytest.raises(ValueError, match=expected):
         ThinkTwiceCLI(ThinkTwiceModule, ThinkTwiceDataModule, run=False,
                       args=["--config", str(ROOT / "configs/tiny.yaml"), "--data.problems_per_batch", "5"])  # fmt: skip
 

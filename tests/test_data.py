@@ -173,7 +173,13 @@ def test_bad_sources_and_duplicate_ids(tmp_path):
         load_problems(ProblemSource("no/such/dir/file"))
     with pytest.raises(ValueError, match=r"hub dataset 'nobody-xyz/no-such-set'.*HF_DATASETS_OFFLINE.*local \.jsonl"):
         load_problems(ProblemSource("nobody-xyz/no-such-set"))  # conftest sets the hub offline: fails fast
-    for bad in [dict(difficulty=5), dict(difficulty=-1), dict(num_problems=0), dict(limit=0), dict(on_bad_row="ignore")]:
+    for bad in [
+        dict(difficulty=5),
+        dict(difficulty=-1),
+        dict(num_problems=0),
+        dict(limit=0),
+        dict(on_bad_row="ignore"),
+    ]:
         with pytest.raises(ValueError, match=f"ProblemSource.{next(iter(bad))}"):
             ProblemSource(**bad)
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from thinktwice_pl.callbacks import RolloutCallback
+from thinktwice_pl.callbacks import HFExport, RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.models import convert_smollm2, load_causal_lm, load_tokenizer
 from thinktwice_pl.module import ThinkTwiceModule
@@ -29,7 +29,7 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert_smollm2(tmp_path_factory.mktemp("smollm2"))
 
 
-def test_converted_model_reloads_as_a_plain_hf_directory(smollm2_dir: Path) -> None:
+def test_converted_model_reloads_as_a_plain_hf_directory(smollm2_dir: Path, tmp_path: Path) -> None:
     model = load_causal_lm(str(smollm2_dir))
     tok = load_tokenizer(str(smollm2_dir))
     assert model.config.tie_word_embeddings and model.num_parameters() == 134_515_008
@@ -38,6 +38,10 @@ def test_converted_model_reloads_as_a_plain_hf_directory(smollm2_dir: Path) -> N
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
+    assert getattr(model.config, "quantization_config", None) is None  # plain weights: save_pretrained must work
+    model.save_pretrained(tmp_path / "resaved")
+    with torch.no_grad():
+        torch.testing.assert_close(load_causal_lm(str(tmp_path / "resaved"))(ids).logits, logits)
 
 
 def test_one_thinktwice_pair_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
@@ -46,9 +50,20 @@ def test_one_thinktwice_pair_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> No
                               num_generations=2, max_completion_length=8, learning_rate=1e-5)  # fmt: skip
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=4, difficulty=0), problems_per_batch=2)
     rollout = RolloutCallback(num_generations=2, max_completion_length=8, reward_workers=1)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=pl.loggers.CSVLogger(tmp_path), callbacks=[rollout],
-                         enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
+    export = HFExport(str(tmp_path / "hf_model"))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=pl.loggers.CSVLogger(tmp_path),
+        callbacks=[rollout, export],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(module, datamodule=data)
     metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
     assert metrics["train/solve/reward_errors"].dropna().tolist() == [0.0]
     assert metrics["train/refine/completion_len_mean"].notna().sum() == 1
+    exported = load_causal_lm(str(tmp_path / "hf_model"))  # the trained weights as a plain HF directory
+    for name, param in exported.state_dict().items():
+        torch.testing.assert_close(param, module.policy.state_dict()[name])
+    assert load_tokenizer(str(tmp_path / "hf_model")).chat_template == module.tokenizer.chat_template

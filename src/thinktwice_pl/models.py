@@ -11,6 +11,7 @@ Built models are written under ``$THINKTWICE_HOME`` (default ``./checkpoints``) 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -136,8 +137,13 @@ def convert_smollm2(out_dir: str | Path) -> Path:
     log.info("converting %s/%s to an HF model directory (once)", gguf_dir, gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
-    # save_pretrained refuses GGUF-loaded models: copy the weights into a plain model of the same config.
-    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: copy the weights into a plain model of the same config,
+    # without the GGUF quantization marker (the weights are dequantised fp32 now; the marker would make every
+    # later save_pretrained of the trained model refuse too).
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
     probe = torch.tensor([[1, 2, 3, 4, 5]])

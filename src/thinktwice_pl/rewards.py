@@ -112,7 +112,9 @@ def math_verify_reward(completions: list[str], answers: list[str]) -> list[float
     for completion, answer in zip(completions, answers, strict=True):
         gold = list(_parse_gold(str(answer), timeout))
         if not gold:  # a data problem, not a wrong answer: surfaces as a counted grader error
-            raise ValueError(f"math-verify cannot parse the gold answer {answer!r}; fix it in the data or use another grader")
+            raise ValueError(
+                f"math-verify cannot parse the gold answer {answer!r}; fix it in the data or use another grader"
+            )
         pred = parse(completion, parsing_timeout=timeout)
         ok = bool(pred) and verify(gold, pred, timeout_seconds=timeout)
         out.append(1.0 if ok else 0.0)
