@@ -34,6 +34,8 @@ from thinktwice_pl.types import PhaseBatch, Rollout
 
 log = logging.getLogger(__name__)
 WARN_EVERY_PHASES = 20
+# sums over one optimizer step's micro-batches: policy_loss's stats plus the loss and the entropy
+STEP_STATS = ("loss", "clip_low", "clip_high", "clip_dual", "kl", "tokens", "entropy")
 
 
 class ThinkTwiceModule(pl.LightningModule):
@@ -209,17 +211,7 @@ class ThinkTwiceModule(pl.LightningModule):
 
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        totals: dict[str, float] = {
-            "loss": 0.0,
-            "clip_low": 0.0,
-            "clip_high": 0.0,
-            "clip_dual": 0.0,
-            "kl": 0.0,
-            "tokens": 0.0,
-            "entropy": 0.0,
-            "grad_norm": 0.0,
-            "steps": 0.0,
-        }
+        totals = dict.fromkeys((*STEP_STATS, "grad_norm", "steps"), 0.0)
         for _ in range(hp.num_iterations):
             for mini in minis:
                 stats = self._optimizer_step(opt, rollouts, mini, advantages, in_loss, set(trained), old_logprobs)
@@ -248,15 +240,7 @@ class ThinkTwiceModule(pl.LightningModule):
         num_sequences = float(sum(1 for i in mini if in_loss[i]))
         # zero_grad keeps zero tensors (not None) so AdamW steps every parameter, as the reference does
         opt.zero_grad(set_to_none=False)
-        stats = {
-            "loss": 0.0,
-            "clip_low": 0.0,
-            "clip_high": 0.0,
-            "clip_dual": 0.0,
-            "kl": 0.0,
-            "tokens": 0.0,
-            "entropy": 0.0,
-        }
+        stats = dict.fromkeys(STEP_STATS, 0.0)
         for micro in self._micro_batches([i for i in mini if i in trained], rollouts):
             logprobs, entropy, mask = self._forward_logprobs(rollouts, micro, with_grad=True)  # [n, T] each
             old = (
@@ -274,8 +258,8 @@ class ThinkTwiceModule(pl.LightningModule):
             self.manual_backward(loss)
             stats["loss"] += float(loss.detach())
             stats["entropy"] += float((entropy * mask).sum())
-            for key in ("clip_low", "clip_high", "clip_dual", "kl", "tokens"):
-                stats[key] += float(loss_stats[key])
+            for key, value in loss_stats.items():
+                stats[key] += float(value)
         grad_norm = self._clip_gradients()
         for p in self.policy.parameters():  # a step whose sequences all had advantage 0 still moves AdamW's state
             if p.requires_grad and p.grad is None:
