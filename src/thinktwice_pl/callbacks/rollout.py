@@ -187,10 +187,13 @@ def phase_seed(seed: int, index: int, rank: int = 0) -> int:
 def _show_phase(trainer: pl.Trainer, batch: PhaseBatch) -> None:
     """Put the current phase in the progress bar's description (TQDM or Rich)."""
     bar = trainer.progress_bar_callback
-    if bar is None or not bar.is_enabled:
-        return
     description = f"Epoch {trainer.current_epoch} [{batch.phase}]"
-    if isinstance(bar, TQDMProgressBar) and getattr(bar, "_train_progress_bar", None) is not None:
+    if isinstance(bar, TQDMProgressBar) and bar.is_enabled and getattr(bar, "_train_progress_bar", None) is not None:
         bar.train_progress_bar.set_description(description)
-    elif isinstance(bar, RichProgressBar) and bar.progress is not None and bar.train_progress_bar_id is not None:
+    elif (
+        isinstance(bar, RichProgressBar)
+        and bar.is_enabled
+        and bar.progress is not None
+        and bar.train_progress_bar_id is not None
+    ):
         bar.progress.update(bar.train_progress_bar_id, description=description)

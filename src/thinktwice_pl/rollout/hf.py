@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from thinktwice_pl.types import Completion
+from thinktwice_pl.types import Completion, FinishReason
 
 if TYPE_CHECKING:
     from thinktwice_pl.rollout import SamplingConfig
@@ -99,6 +99,7 @@ class HFRolloutEngine:
             for j in range(n):
                 ids = new_tokens[i * n + j]
                 stop = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+                reason: FinishReason
                 if stop is None:  # ran to max_new_tokens (padding after EOS cannot happen without an EOS)
                     completion, reason = ids, "length"
                 else:  # keep the EOS token: the policy must learn to stop
