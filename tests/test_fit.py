@@ -144,6 +144,19 @@ def test_beta_kl_against_frozen_reference(tiny_model_dir: Path, tmp_path: Path) 
     assert not [k for k in torch.load(ckpt, weights_only=False)["state_dict"] if k.startswith("ref_policy.")]
 
 
+def test_mask_truncated_completions_leaves_them_out_of_the_loss(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _, plain = _fit(tiny_model_dir, tmp_path / "plain", max_steps=2, mini_batch_problems=2)
+    _, masked = _fit(tiny_model_dir, tmp_path / "masked", max_steps=2, mini_batch_problems=2,
+                     mask_truncated_completions=True)  # fmt: skip
+    # the random tiny model never stops within 12 tokens: every completion is truncated
+    assert plain["train/solve/truncated_frac"].dropna().tolist() == [1.0]
+    assert masked["train/solve/truncated_frac"].dropna().tolist() == [1.0]
+    assert plain["train/solve/trained_frac"].dropna().item() > 0 and plain["train/solve/grad_norm"].dropna().item() > 0
+    assert masked["train/solve/grad_norm"].dropna().item() == 0.0  # nothing entered the loss
+    assert masked["train/solve/trained_frac"].dropna().item() == 0.0
+    assert "train/solve/clip_frac_low" not in masked.columns or masked["train/solve/clip_frac_low"].isna().all()
+
+
 def test_missing_rollout_callback_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, mini_batch_problems=1,
                               num_generations=2)  # fmt: skip

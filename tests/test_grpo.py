@@ -146,3 +146,17 @@ def test_chunked_token_logprobs_match_full_log_softmax(temperature: float) -> No
         token_logprobs(hidden, head, targets, temperature=temperature, chunk_size=4)[0].sum(), hidden
     )
     torch.testing.assert_close(g_chunk, g_full)
+
+
+def test_zero_advantage_rows_carry_no_gradient_so_skipping_them_is_exact() -> None:
+    torch.manual_seed(1)
+    logprobs = torch.randn(4, 3, requires_grad=True)
+    old = logprobs.detach() + 0.1 * torch.randn(4, 3)
+    adv = torch.tensor([0.5, 0.0, -0.5, 0.0])  # rows 1 and 3: all-equal groups
+    mask = torch.ones(4, 3)
+    full, _ = policy_loss(logprobs, old, adv, mask)
+    (grad,) = torch.autograd.grad(full, logprobs)
+    assert torch.all(grad[[1, 3]] == 0)
+    kept = [0, 2]  # what the module forwards; the normaliser still counts all 12 tokens
+    part, _ = policy_loss(logprobs[kept], old[kept], adv[kept], mask[kept], num_tokens=12.0)
+    assert float(part.detach()) == pytest.approx(float(full.detach()), abs=1e-7)

@@ -66,12 +66,3 @@ def test_a_tokenizer_without_chat_template_is_refused(tiny_model_dir: Path) -> N
     tok.chat_template = None
     with pytest.raises(ValueError, match="no chat_template"):
         render_chat(solve_messages("Q"), tok)
-
-
-def test_smollm2_template_renders_the_solve_prompt() -> None:
-    smol = Path("checkpoints/smollm2-135m-instruct")
-    if not (smol / "tokenizer_config.json").exists():
-        pytest.skip("SmolLM2 not converted here (the quickstart converts it on first use)")
-    tok = load_tokenizer(str(smol))
-    text = render_chat(solve_messages("What is 2 + 3?"), tok)
-    assert text.endswith(f"<|im_start|>user\nWhat is 2 + 3? {SOLVE_SUFFIX}<|im_end|>\n<|im_start|>assistant\n")

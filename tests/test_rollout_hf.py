@@ -84,3 +84,26 @@ def test_sampling_config_rejects_bad_values() -> None:
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=0)
+
+
+def test_model_generation_defaults_do_not_reshape_sampling(tiny_model_dir: Path) -> None:
+    """A model's generation_config (repetition penalty, n-gram blocking, minimum length) must not leak into
+    rollouts: the loss assumes samples from the plain softmax. Greedy output must equal a bare argmax loop."""
+    model = load_causal_lm(str(tiny_model_dir))
+    tok = load_tokenizer(str(tiny_model_dir))
+    model.generation_config.repetition_penalty = 10.0
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.min_new_tokens = 8
+    eng = HFRolloutEngine()
+    eng.setup(model, tok)
+    prompt = encode_chat(solve_messages("What is 2 + 3?"), tok)
+    got = eng.generate([prompt], 1, SamplingConfig(temperature=0.0, max_new_tokens=8))[0][0].token_ids
+    ids, expected = list(prompt), []
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            expected.append(nxt)
+            ids.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+    assert got == expected

@@ -17,6 +17,7 @@ from thinktwice_pl.callbacks import HFExport, RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.models import convert_smollm2, load_causal_lm, load_tokenizer
 from thinktwice_pl.module import ThinkTwiceModule
+from thinktwice_pl.prompts import DEFAULT_SOLVE_SUFFIX, render_chat, solve_messages
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,6 +43,13 @@ def test_converted_model_reloads_as_a_plain_hf_directory(smollm2_dir: Path, tmp_
     model.save_pretrained(tmp_path / "resaved")
     with torch.no_grad():
         torch.testing.assert_close(load_causal_lm(str(tmp_path / "resaved"))(ids).logits, logits)
+
+
+def test_smollm2_template_renders_the_solve_prompt(smollm2_dir: Path) -> None:
+    tok = load_tokenizer(str(smollm2_dir))
+    text = render_chat(solve_messages("What is 2 + 3?"), tok)
+    assert text.startswith("<|im_start|>system\n")  # SmolLM2's template adds its default system prompt
+    assert text.endswith(f"<|im_start|>user\nWhat is 2 + 3? {DEFAULT_SOLVE_SUFFIX}<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_one_thinktwice_pair_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:

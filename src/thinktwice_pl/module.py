@@ -220,8 +220,9 @@ class ThinkTwiceModule(pl.LightningModule):
                 for key, value in stats.items():
                     totals[key] += value
                 totals["steps"] += 1
+        totals["trained_sequences"] = float(len(trained))
         train_s = _now() - t0
-        self._log_phase(batch, advantages, totals, train_s)
+        self._log_phase(batch, totals, train_s)
 
     def _optimizer_step(
         self,
@@ -347,7 +348,7 @@ class ThinkTwiceModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------- logging
 
-    def _log_phase(self, batch: PhaseBatch, advantages: torch.Tensor, totals: dict[str, float], train_s: float) -> None:
+    def _log_phase(self, batch: PhaseBatch, totals: dict[str, float], train_s: float) -> None:
         assert batch.rollouts is not None
         rb = batch.rollouts
         rollouts = rb.rollouts
@@ -374,7 +375,7 @@ class ThinkTwiceModule(pl.LightningModule):
             "entropy": totals["entropy"] / tokens,
             "grad_norm": totals["grad_norm"] / steps,
             "reward_errors": float(rb.reward_errors),
-            "trained_frac": float((advantages != 0).float().mean()),
+            "trained_frac": totals["trained_sequences"] / len(rollouts),  # entered the backward pass
         }
         if phase == "refine":
             metrics.update(refine_signals(rollouts))

@@ -13,6 +13,29 @@ if TYPE_CHECKING:
     from thinktwice_pl.rollout import SamplingConfig
 
 
+# Explicit neutral values for every logits processor that reshapes the sampling distribution: generate() fills
+# unset arguments from the model's generation_config (e.g. repetition_penalty=1.1, min_new_tokens), which would
+# make the sampler draw from a different distribution than the one the loss assumes.
+NEUTRAL_PROCESSORS: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_new_tokens": 0,
+    "min_length": 0,
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "renormalize_logits": False,
+}
+
+
 class HFRolloutEngine:
     """Sample with ``model.generate`` on the policy being trained.
 
@@ -89,6 +112,7 @@ class HFRolloutEngine:
             eos_token_id=eos_ids,
             pad_token_id=pad_id,
             use_cache=True,
+            **NEUTRAL_PROCESSORS,
         )  # [B * n, P + L], sample j of prompt i at row i * n + j
         if greedy and n > 1:  # greedy samples are identical: decode once, repeat
             out = out.repeat_interleave(n, dim=0)
