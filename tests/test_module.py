@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -66,3 +67,21 @@ def test_fp16_amp_is_refused_other_precisions_pass() -> None:
         check_precision("16-mixed")
     for ok in ("32-true", "bf16-mixed", "bf16-true"):
         check_precision(ok)
+
+
+def test_dropout_is_disabled_by_default(tmp_path: Path) -> None:
+    from thinktwice_pl.models import build_tiny_model, load_causal_lm
+
+    path = build_tiny_model(tmp_path / "tiny")
+    config = json.loads((path / "config.json").read_text())
+    config["attention_dropout"] = 0.5
+    (path / "config.json").write_text(json.dumps(config))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    noisy = load_causal_lm(str(path), disable_dropout=False)
+    attn = [m for m in noisy.modules() if isinstance(getattr(m, "attention_dropout", None), float)]
+    assert attn and all(m.attention_dropout == 0.5 for m in attn)
+    assert not torch.equal(noisy(ids).logits, noisy(ids).logits)  # train mode + dropout: two passes differ
+    clean = load_causal_lm(str(path))
+    assert clean.training
+    assert all(m.attention_dropout == 0.0 for m in clean.modules() if hasattr(m, "attention_dropout"))
+    assert torch.equal(clean(ids).logits, clean(ids).logits)

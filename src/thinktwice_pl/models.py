@@ -173,8 +173,13 @@ def load_causal_lm(
     dtype: str = "float32",
     attn_implementation: str | None = None,
     gradient_checkpointing: bool = False,
+    disable_dropout: bool = True,
 ) -> Any:
-    """Load an HF causal LM for training: the given dtype, train mode, cache off, optional checkpointing."""
+    """Load an HF causal LM for training: the given dtype, train mode, cache off, optional checkpointing.
+
+    With `disable_dropout` every dropout is set to 0: the PPO ratio compares two forward passes of the same
+    weights, and dropout noise would make it differ from 1 (and the sampler differ from the trainer).
+    """
     from transformers import AutoModelForCausalLM
 
     if dtype != "auto" and dtype not in DTYPES:
@@ -186,5 +191,11 @@ def load_causal_lm(
     model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):  # HF attention modules
+                module.attention_dropout = 0.0
     model.train()  # from_pretrained returns eval mode
     return model

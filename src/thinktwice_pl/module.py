@@ -47,6 +47,7 @@ class ThinkTwiceModule(pl.LightningModule):
         dtype: weights dtype: float32, bfloat16, float16 or auto (the checkpoint's).
         attn_implementation: transformers attention backend (eager, sdpa, flash_attention_2); None = default.
         gradient_checkpointing: recompute decoder activations in backward to save memory.
+        disable_dropout: set every dropout of the policy to 0 (so the old/new ratio is exactly 1 before an update).
         learning_rate: AdamW learning rate (the published runs: 1e-6).
         betas: AdamW betas.
         weight_decay: AdamW weight decay.
@@ -82,6 +83,7 @@ class ThinkTwiceModule(pl.LightningModule):
         dtype: str = "float32",
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
         learning_rate: float = 1e-6,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.01,
@@ -140,6 +142,7 @@ class ThinkTwiceModule(pl.LightningModule):
             dtype=hp.dtype,
             attn_implementation=hp.attn_implementation,
             gradient_checkpointing=hp.gradient_checkpointing,
+            disable_dropout=hp.disable_dropout,
         )
         for name in ("final_logit_softcapping", "logit_scale"):
             if getattr(self.policy.config, name, None) not in (None, 1.0):
