@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressB
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,
     DEFAULT_SOLVE_SUFFIX,
-    encode_chat,
     refine_messages,
+    render_chat,
     solve_messages,
 )
 from thinktwice_pl.rewards import RewardScorer
@@ -129,7 +129,8 @@ class RolloutCallback(Callback):
                                 self.refine_instruction)
                 for p, base in zip(batch.problems, batch.bases, strict=True)
             ]  # fmt: skip
-        prompt_ids = [encode_chat(chat, tokenizer) for chat in chats]
+        prompt_texts = [render_chat(chat, tokenizer) for chat in chats]
+        prompt_ids = [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in prompt_texts]
         if self.max_prompt_length is not None:
             for problem, ids in zip(batch.problems, prompt_ids, strict=True):
                 if len(ids) > self.max_prompt_length:
@@ -151,10 +152,10 @@ class RolloutCallback(Callback):
 
         start = time.perf_counter()
         completions = [c for group in groups for c in group]  # group-major
-        prompt_texts = [tokenizer.decode(ids) for ids in prompt_ids for _ in range(self.num_generations)]
         answers = [p.answer for p in batch.problems for _ in range(self.num_generations)]
+        prompts = [text for text in prompt_texts for _ in range(self.num_generations)]
         assert self.scorer is not None, "on_fit_start did not run"
-        scores = self.scorer.score(prompt_texts, [c.text for c in completions], answers)
+        scores = self.scorer.score(prompts, [c.text for c in completions], answers)
         score_s = time.perf_counter() - start
 
         rollouts: list[Rollout] = []
