@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -195,7 +196,7 @@ class ThinkTwiceModule(pl.LightningModule):
         hp = self.hparams
         rollouts = batch.rollouts.rollouts
         group_size = batch.rollouts.group_size
-        t0 = _now()
+        t0 = time.perf_counter()
         rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)  # [N]
         advantages = group_advantages(rewards, group_size, hp.scale_rewards)  # [N]
         in_loss = torch.tensor(  # [N] sequences whose tokens enter the loss and its normaliser
@@ -224,7 +225,7 @@ class ThinkTwiceModule(pl.LightningModule):
                     totals[key] += value
                 totals["steps"] += 1
         totals["trained_sequences"] = float(len(trained))
-        train_s = _now() - t0
+        train_s = time.perf_counter() - t0
         self._log_phase(batch, totals, train_s)
 
     def _optimizer_step(
@@ -491,9 +492,3 @@ def _decoder_and_head(model: Any) -> tuple[Any, Any]:
 
 def _pad_to(values: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(values, (0, width - values.shape[0]))
-
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()

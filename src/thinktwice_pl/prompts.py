@@ -75,6 +75,11 @@ def render_chat(messages: list[Message], tokenizer: Any) -> str:
     return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs))
 
 
+def tokenize_rendered(text: str, tokenizer: Any) -> list[int]:
+    """Token ids of a rendered chat; the template already holds any BOS, so no special tokens are added."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def encode_chat(messages: list[Message], tokenizer: Any) -> list[int]:
-    """Render and tokenize a chat; the template already holds any BOS, so no special tokens are added."""
-    return list(tokenizer(render_chat(messages, tokenizer), add_special_tokens=False)["input_ids"])
+    """Render and tokenize a chat."""
+    return tokenize_rendered(render_chat(messages, tokenizer), tokenizer)

@@ -22,6 +22,7 @@ from thinktwice_pl.prompts import (
     refine_messages,
     render_chat,
     solve_messages,
+    tokenize_rendered,
 )
 from thinktwice_pl.rewards import RewardScorer
 from thinktwice_pl.rollout import HFRolloutEngine, RolloutEngine, SamplingConfig
@@ -130,7 +131,7 @@ class RolloutCallback(Callback):
                 for p, base in zip(batch.problems, batch.bases, strict=True)
             ]  # fmt: skip
         prompt_texts = [render_chat(chat, tokenizer) for chat in chats]
-        prompt_ids = [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in prompt_texts]
+        prompt_ids = [tokenize_rendered(text, tokenizer) for text in prompt_texts]
         if self.max_prompt_length is not None:
             for problem, ids in zip(batch.problems, prompt_ids, strict=True):
                 if len(ids) > self.max_prompt_length:
