@@ -150,6 +150,7 @@ def policy_loss(
     beta: float = 0.0,
     num_tokens: float | None = None,
     num_sequences: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped GRPO policy loss with dual clip and optional k3 KL.
 
@@ -173,6 +174,9 @@ def policy_loss(
         beta: weight of the k3 KL penalty.
         num_tokens: dapo normaliser; defaults to this batch's completion-token count.
         num_sequences: grpo / dr_grpo normaliser; defaults to this batch's size N.
+        is_weights: ``[N, T]`` per-token importance weights (no grad) multiplying the clipped policy-gradient
+            term, e.g. truncated ``min(pi_old / pi_sampler, cap)`` to correct for a sampler whose numerics
+            differ from the trainer's (Yao et al., 2025); the KL term is not weighted.
 
     Returns:
         ``(loss, stats)``; stats are detached sums over this batch's masked tokens
@@ -198,6 +202,8 @@ def policy_loss(
         cap = -adv * clip_ratio_c  # [N, 1], positive where adv < 0
         dual_clipped = (adv < 0) & (per_token > cap)  # [N, T]
         per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
 
     kl = None
     if beta > 0:

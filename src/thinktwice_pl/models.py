@@ -76,8 +76,8 @@ def _tiny_corpus() -> list[str]:
     return lines
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Qwen2 (head_dim 32, untied embeddings) and its ChatML tokenizer to `out_dir`."""
+def build_tiny_model(out_dir: str | Path, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
+    """Write a tiny Qwen2 (head_dim 32, untied embeddings unless asked) and its ChatML tokenizer to `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -107,7 +107,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=4096,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         bos_token_id=None,

@@ -36,7 +36,11 @@ from thinktwice_pl.types import PhaseBatch, Rollout
 log = logging.getLogger(__name__)
 WARN_EVERY_PHASES = 20
 # sums over one optimizer step's micro-batches: policy_loss's stats plus the loss and the entropy
-STEP_STATS = ("loss", "clip_low", "clip_high", "clip_dual", "kl", "tokens", "entropy")
+# (sampler_*: log-prob gap to the rollout engine, over tokens whose sequences the engine reported log-probs for)
+STEP_STATS = (
+    "loss", "clip_low", "clip_high", "clip_dual", "kl", "tokens", "entropy",
+    "sampler_diff", "sampler_diff_max", "sampler_tokens", "is_capped",
+)  # fmt: skip
 
 
 class ThinkTwiceModule(pl.LightningModule):
@@ -76,6 +80,9 @@ class ThinkTwiceModule(pl.LightningModule):
             the dr_grpo normaliser.
         logprob_chunk_size: positions per chunk when computing token log-probs (memory knob).
         log_completions: sample completions written to the loggers per phase (0 = none).
+        importance_sampling_cap: truncated importance-sampling correction for the sampler/trainer
+            mismatch (Yao et al., 2025): each token's policy-gradient loss is weighted by
+            min(pi_old / pi_sampler, cap). None = off. Needs an engine that reports log-probs (vLLM).
     """
 
     def __init__(
@@ -107,6 +114,7 @@ class ThinkTwiceModule(pl.LightningModule):
         max_completion_length: int = 3000,
         logprob_chunk_size: int = 1024,
         log_completions: int = 2,
+        importance_sampling_cap: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -122,6 +130,8 @@ class ThinkTwiceModule(pl.LightningModule):
             raise ValueError(f"model.micro_batch_size must be >= 1 or None, got {micro_batch_size}")
         if num_iterations < 1:
             raise ValueError(f"model.num_iterations must be >= 1, got {num_iterations}")
+        if importance_sampling_cap is not None and importance_sampling_cap <= 0:
+            raise ValueError(f"model.importance_sampling_cap must be > 0 or None, got {importance_sampling_cap}")
         if temperature <= 0:
             raise ValueError(f"rollout.temperature={temperature}: training needs sampling (temperature > 0)")
         self.automatic_optimization = False
@@ -222,7 +232,7 @@ class ThinkTwiceModule(pl.LightningModule):
                 if sched is not None:
                     sched.step()
                 for key, value in stats.items():
-                    totals[key] += value
+                    totals[key] = max(totals[key], value) if key.endswith("_max") else totals[key] + value
                 totals["steps"] += 1
         totals["trained_sequences"] = float(len(trained))
         train_s = time.perf_counter() - t0
@@ -254,11 +264,13 @@ class ThinkTwiceModule(pl.LightningModule):
                 else logprobs.detach()
             )
             ref = self._ref_logprobs(rollouts, micro) if hp.beta > 0 else None
+            is_weights = self._sampler_mismatch(rollouts, micro, old, mask, stats)
             loss, loss_stats = policy_loss(
                 logprobs, old, advantages[micro].to(logprobs.device), mask,
                 epsilon_low=hp.epsilon, epsilon_high=hp.epsilon_high if hp.epsilon_high is not None else hp.epsilon,
                 clip_ratio_c=hp.clip_ratio_c, loss_type=hp.loss_type, max_completion_length=hp.max_completion_length,
                 ref_logprobs=ref, beta=hp.beta, num_tokens=num_tokens, num_sequences=num_sequences,
+                is_weights=is_weights,
             )  # fmt: skip
             self.manual_backward(loss)
             stats["loss"] += float(loss.detach())
@@ -272,6 +284,32 @@ class ThinkTwiceModule(pl.LightningModule):
         opt.step()
         stats["grad_norm"] = grad_norm
         return stats
+
+    def _sampler_mismatch(
+        self, rollouts: list[Rollout], micro: list[int], old: torch.Tensor, mask: torch.Tensor, stats: dict[str, float]
+    ) -> torch.Tensor | None:
+        """Compare the engine's log-probs with the trainer's "old" ones (same weights, other numerics): add
+        the gap to `stats`; return the truncated importance weights ``[n, C]`` when the correction is on."""
+        cap = self.hparams.importance_sampling_cap
+        if any(rollouts[i].sampler_logprobs is None for i in micro):
+            if cap is not None:
+                raise ValueError(
+                    "model.importance_sampling_cap is set but the rollout engine reported no sampler log-probs "
+                    "(HFRolloutEngine samples from the policy itself): use the vLLM engine or unset the cap"
+                )
+            return None
+        sampler = torch.stack(
+            [_pad_to(torch.tensor(rollouts[i].sampler_logprobs, dtype=torch.float32), mask.shape[1]) for i in micro]
+        ).to(old.device)  # [n, C]
+        gap = (old.float() - sampler) * mask  # [n, C], log(pi_old / pi_sampler) per token
+        stats["sampler_diff"] += float(gap.abs().sum())
+        stats["sampler_diff_max"] = max(stats["sampler_diff_max"], float(gap.abs().max()))
+        stats["sampler_tokens"] += float(mask.sum())
+        if cap is None:
+            return None
+        ratio = torch.exp(gap.clamp(max=math.log(cap) + 1.0))  # [n, C]; anything past log(cap) is capped anyway
+        stats["is_capped"] += float(((ratio > cap).float() * mask).sum())
+        return ratio.clamp(max=cap)
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.policy.parameters() if p.grad is not None]
@@ -381,6 +419,11 @@ class ThinkTwiceModule(pl.LightningModule):
             "reward_errors": float(rb.reward_errors),
             "trained_frac": totals["trained_sequences"] / len(rollouts),  # entered the backward pass
         }
+        if totals["sampler_tokens"] > 0:
+            metrics["sampler_logprob_diff_mean"] = totals["sampler_diff"] / totals["sampler_tokens"]
+            metrics["sampler_logprob_diff_max"] = totals["sampler_diff_max"]
+            if self.hparams.importance_sampling_cap is not None:
+                metrics["is_capped_frac"] = totals["is_capped"] / totals["sampler_tokens"]
         if phase == "refine":
             metrics.update(refine_signals(rollouts))
         if totals["tokens"] == 0:  # nothing was forwarded (all advantages 0): token statistics are undefined

@@ -97,6 +97,7 @@ class RolloutCallback(Callback):
         if self.scorer is not None:
             self.scorer.close()
             self.scorer = None
+        self.engine.close()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

