@@ -30,10 +30,16 @@ def vllm_engine(model: Any, tokenizer: Any, **kw: Any) -> Iterator[Any]:
 
 
 @torch.no_grad()
-def hf_logprobs(model: Any, prompt: list[int], completion: list[int], temperature: float = 1.0) -> torch.Tensor:
-    """log pi(completion token | prefix) from one full HF forward pass, ``[len(completion)]`` float32."""
+def hf_logprobs(
+    model: Any, prompt: list[int], completion: list[int], temperature: float = 1.0, train_mode: bool = False
+) -> torch.Tensor:
+    """log pi(completion token | prefix) from one full HF forward pass, ``[len(completion)]`` float32.
+
+    `train_mode`: forward in train mode, as the trainer does (bitsandbytes' CPU 4-bit kernels differ by ~2e-3
+    between eval and train mode; dropout is 0 in these models, so nothing else changes).
+    """
     was_training = model.training
-    model.eval()
+    model.train(train_mode)
     try:
         logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].float()
     finally:
@@ -42,9 +48,11 @@ def hf_logprobs(model: Any, prompt: list[int], completion: list[int], temperatur
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
 
 
-def max_gap(model: Any, prompt: list[int], completion: Any, temperature: float = 1.0) -> float:
+def max_gap(
+    model: Any, prompt: list[int], completion: Any, temperature: float = 1.0, train_mode: bool = False
+) -> float:
     """Largest |sampler log-prob - HF log-prob| over a completion's tokens."""
-    reference = hf_logprobs(model, prompt, completion.token_ids, temperature)
+    reference = hf_logprobs(model, prompt, completion.token_ids, temperature, train_mode)
     return float((reference - torch.tensor(completion.logprobs)).abs().max())
 
 
