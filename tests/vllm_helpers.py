@@ -41,7 +41,8 @@ def hf_logprobs(
     was_training = model.training
     model.train(train_mode)
     try:
-        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].float()
+        device = next(model.parameters()).device
+        logits = model(input_ids=torch.tensor([prompt + completion], device=device)).logits[0].float().cpu()
     finally:
         model.train(was_training)
     logits = logits[len(prompt) - 1 : -1] / temperature
