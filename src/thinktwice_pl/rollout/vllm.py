@@ -340,9 +340,10 @@ class VLLMRolloutEngine:
                 else:
                     raise RuntimeError(f"vLLM finished a sample with reason {sample.finish_reason!r}")
                 if reason == "stop" and (not ids or ids[-1] not in self.eos_ids):
-                    ids.append(int(sample.stop_reason))  # keep the EOS token: the policy must learn to stop
+                    # only EOS ids stop a sample here, and vLLM keeps the stop token in token_ids (tested)
+                    raise RuntimeError(f"vLLM stopped a sample without an EOS token at its end: {ids[-5:]}")
                 logprobs = (
-                    [float(step[token].logprob) for step, token in zip(sample.logprobs, ids, strict=False)]
+                    [float(step[token].logprob) for step, token in zip(sample.logprobs, ids, strict=True)]
                     if sample.logprobs is not None
                     else None
                 )
