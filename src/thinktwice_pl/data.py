@@ -829,7 +829,7 @@ def eval_batches(
         counted = [True] * len(share)
         per_rank = -(-len(problems) // world)  # ceil
         while len(share) < per_rank:  # only when len(problems) % world != 0
-            share.append(problems[len(share) % len(problems)])
+            share.append(problems[0])
             counted.append(False)
         for start in range(0, len(share), per_batch):
             batches.append(EvalBatch(name, share[start : start + per_batch], len(batches),

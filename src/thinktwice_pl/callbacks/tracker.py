@@ -55,7 +55,9 @@ class RectifyFortifyTracker(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        row = {key: float(value) for key, value in trainer.callback_metrics.items() if key in TRACKED}
+        # only this validation's rates: callback_metrics also still holds the last training phase's values
+        row = {key: float(value) for key, value in trainer.callback_metrics.items()
+               if key in TRACKED and key.startswith("val/")}  # fmt: skip
         if row:
             self._add(phase_step(trainer), row)
             self.save(trainer)
