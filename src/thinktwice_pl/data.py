@@ -680,7 +680,7 @@ class ThinkTwiceDataModule(LightningDataModule):
             )
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         batches = eval_batches(self.eval_problems(split), self.eval_problems_per_batch, rank, world)
-        return DataLoader(batches, batch_size=None, collate_fn=_identity, num_workers=0, shuffle=False)
+        return DataLoader(batches, batch_size=None, collate_fn=_identity, num_workers=0, shuffle=False)  # type: ignore[arg-type]
 
     # --- the rollout cache
 

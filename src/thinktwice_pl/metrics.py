@@ -144,7 +144,8 @@ class Transitions(Metric):
 
     def update(self, base_correct: Sequence[bool], refined_correct: Sequence[bool]) -> None:
         counts = transition_counts(base_correct, refined_correct)
-        self.counts += torch.tensor([counts[key] for key in self._ORDER], dtype=torch.float64, device=self.counts.device)
+        values = [counts[key] for key in self._ORDER]
+        self.counts += torch.tensor(values, dtype=torch.float64, device=self.counts.device)
 
     def compute(self) -> dict[str, float]:
         counts = {key: int(value) for key, value in zip(self._ORDER, self.counts.tolist(), strict=True)}
