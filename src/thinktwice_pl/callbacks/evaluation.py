@@ -81,6 +81,7 @@ class Evaluation(Callback):
         self.transitions = transitions
         self.seed = seed
         self.scorer: RewardScorer | None = None
+        self._own_scorer = False
         self._engine_ready = False
         self._pass: dict[str, tuple[PassAtK, PassAtK]] = {}  # benchmark -> (solve, refine)
         self._transitions = Transitions()
@@ -111,9 +112,9 @@ class Evaluation(Callback):
         self._log(trainer, pl_module, "test")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.scorer is not None:
+        if self.scorer is not None and self._own_scorer:
             self.scorer.close()
-            self.scorer = None
+        self.scorer = None
         self._engine_ready = False
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -122,9 +123,10 @@ class Evaluation(Callback):
             rollout.engine.setup(pl_module.policy, pl_module.tokenizer)
             rollout.engine.sync_weights(pl_module.policy)  # weights of --ckpt_path, loaded after configure_model
             self._engine_ready = True
-        if self.scorer is None:
-            self.scorer = RewardScorer(rollout.reward, timeout_s=rollout.reward_timeout_s,
-                                       num_workers=rollout.reward_workers)  # fmt: skip
+        if self.scorer is None:  # during fit the rollout callback's grader (and its worker processes) serve
+            self.scorer = rollout.scorer or RewardScorer(rollout.reward, timeout_s=rollout.reward_timeout_s,
+                                                         num_workers=rollout.reward_workers)  # fmt: skip
+            self._own_scorer = rollout.scorer is None
         self._pass = {}
         self._transitions = Transitions().to(pl_module.device)
 
