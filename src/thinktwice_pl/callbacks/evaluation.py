@@ -9,8 +9,9 @@ For every problem of a validation/test benchmark:
 3. one greedy answer and its greedy refinement -> ``<split>/transition/{fix_wrong, damage_correct,
    keep_right, stay_wrong}`` (over all benchmarks).
 
-``<split>/avg/{solve,refine}/pass@<k>`` is the macro average over benchmarks. ``<split>`` is ``val``
-(``thinktwice validate`` and validation during fit) or ``test`` (``thinktwice test``).
+``<split>/avg/{solve,refine}/pass@<k>`` is the macro average over benchmarks, ``perf/<split>_s`` the
+wall time. ``<split>`` is ``val`` (``thinktwice validate`` and validation during fit) or ``test``
+(``thinktwice test``).
 
 Generation goes through the engine of the `RolloutCallback` (HF or vLLM alike), prompts and grading
 use its prompt texts and grader, so evaluation measures the same task the policy is trained on.
@@ -19,6 +20,7 @@ use its prompt texts and grader, so evaluation measures the same task the policy
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -83,6 +85,7 @@ class Evaluation(Callback):
         self.scorer: RewardScorer | None = None
         self._own_scorer = False
         self._engine_ready = False
+        self._started = 0.0
         self._pass: dict[str, tuple[PassAtK, PassAtK]] = {}  # benchmark -> (solve, refine)
         self._transitions = Transitions()
 
@@ -129,6 +132,7 @@ class Evaluation(Callback):
             self._own_scorer = rollout.scorer is None
         self._pass = {}
         self._transitions = Transitions().to(pl_module.device)
+        self._started = time.perf_counter()
 
     # ------------------------------------------------------------------------------ one batch
 
@@ -204,6 +208,7 @@ class Evaluation(Callback):
         if not self._pass:  # no benchmarks configured (fit without data.val)
             return
         metrics = eval_metrics(self._pass, self._transitions if self.transitions else None, split)
+        metrics[f"perf/{split}_s"] = time.perf_counter() - self._started  # wall time of the whole evaluation
         # During fit the loggers get one row at the phase step, like the training rows (Lightning would write it
         # at the optimizer step); validate/test go through Lightning's logging, results table and return value.
         fitting = trainer.state.fn == "fit"
