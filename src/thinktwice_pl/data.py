@@ -36,7 +36,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
-from thinktwice_pl.types import PhaseBatch, Problem, Rollout
+from thinktwice_pl.types import EvalBatch, PhaseBatch, Problem, Rollout
 
 BaseSelection = Literal["uniform", "wrong_first", "balanced"]
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -75,10 +75,26 @@ class ProblemSource:
     """Procedural only: 0 bare one-digit sums, 1 one-digit add/sub stories, 2 two-digit, 3 adds mul/div, 4 two-step."""
     seed: int = 0
     """Procedural only: problem i depends only on (seed, difficulty, i)."""
+    context_field: str | None = None
+    """Column whose text (when non-empty) goes before the problem, separated by a blank line (OlympiadBench)."""
+    preset: str | None = None
+    """A dataset of the paper by name (see PRESETS: math_train, aime, amc, math500, minerva_math, olympiadbench):
+    sets path, split and the column mapping; leave those at their defaults. limit and on_bad_row still apply."""
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError(f"ProblemSource.path is empty; use {_ACCEPTED}")
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"ProblemSource.preset={self.preset!r} is unknown; use one of {', '.join(PRESETS)}")
+            changed = [f"{name}={getattr(self, name)!r}" for name in _PRESET_FIELDS
+                       if getattr(self, name) != _DEFAULTS[name]]  # fmt: skip
+            if changed:
+                raise ValueError(
+                    f"ProblemSource(preset={self.preset!r}) sets path, split and the columns itself, but "
+                    f"{', '.join(changed)} is also set: drop one of them (an offline copy written by "
+                    "scripts/prepare_data.py is read with path: <file>.parquet and id_field: id, without a preset)"
+                )
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"ProblemSource.on_bad_row={self.on_bad_row!r}; use 'error' or 'skip'")
         if self.limit is not None and self.limit < 1:
@@ -87,6 +103,49 @@ class ProblemSource:
             raise ValueError(f"ProblemSource.num_problems={self.num_problems} must be at least 1")
         if not 0 <= self.difficulty <= 4:
             raise ValueError(f"ProblemSource.difficulty={self.difficulty} must be 0, 1, 2, 3 or 4")
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+_PRESET_FIELDS = ("path", "split", "subset", "problem_field", "answer_field", "id_field", "answer_is_solution",
+                  "context_field")  # fmt: skip
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ProblemSource)}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # MATH train (7,500 problems, all subjects and levels): gold = last \boxed{} of the reference solution
+    "math_train": {"path": "DigitalLearningGmbH/MATH-lighteval", "split": "train", "answer_field": "solution",
+                   "answer_is_solution": True},
+    # AIME 2022-2024 (90 problems)
+    "aime": {"path": "AI-MO/aimo-validation-aime", "split": "train", "id_field": "id", "answer_is_solution": False},
+    # AMC 2022-2023 (83 problems); answers are floats in the hub file (142.0 -> "142")
+    "amc": {"path": "AI-MO/aimo-validation-amc", "split": "train", "id_field": "id", "answer_is_solution": False},
+    # MATH-500 (500 problems)
+    "math500": {"path": "HuggingFaceH4/MATH-500", "split": "test", "id_field": "unique_id",
+                "answer_is_solution": False},
+    # Minerva Math (272 problems)
+    "minerva_math": {"path": "math-ai/minervamath", "split": "test", "problem_field": "question",
+                     "answer_is_solution": False},
+    # OlympiadBench, English, text-only, math (581 problems): context before the question, the first of the
+    # final answers with its $...$ removed (as the reference evaluation does)
+    "olympiadbench": {"path": "afraamn/olympiadbench_math_textonly", "split": "test_en", "problem_field": "question",
+                      "answer_field": "final_answer", "id_field": "question_id", "context_field": "context",
+                      "answer_is_solution": False},
+}  # fmt: skip
+"""Hub names and column mappings of the paper's training set and its five benchmarks (METHOD.md sections 4 and 6),
+as in the ThinkTwice reference code's data preparation."""
+
+BENCHMARKS = ("aime", "amc", "math500", "minerva_math", "olympiadbench")
+"""The five evaluation benchmarks of the paper (1,526 problems)."""
+
+
+def resolve_source(source: ProblemSource, path: str | None = None) -> ProblemSource:
+    """`source` with its preset applied (path, split, columns); `path` replaces the hub name, e.g. by a local
+    file of the same schema. A source without a preset is returned unchanged (with `path` if given)."""
+    settings = dataclasses.asdict(source)
+    settings.update(PRESETS[source.preset] if source.preset else {}, preset=None)
+    if path is not None:
+        settings["path"] = path
+    return ProblemSource(**settings)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -105,13 +164,19 @@ def load_problems(source: ProblemSource, *, flag_prefix: str = "data.train") -> 
     Raises:
         ValueError: unknown path, missing column, a bad row (with `on_bad_row="error"`), duplicate ids.
     """
+    if source.preset is not None:
+        source = resolve_source(source)
     if source.path == "procedural":
         n = min(source.num_problems, source.limit or source.num_problems)
         return [procedural_problem(source.seed, source.difficulty, i) for i in range(n)]
+    if source.path == "champ":
+        return _champ_problems(source)
     label, stem, columns, rows = _open_rows(source)
     required = {"problem_field": source.problem_field, "answer_field": source.answer_field}
     if source.id_field is not None:
         required["id_field"] = source.id_field
+    if source.context_field is not None:
+        required["context_field"] = source.context_field
     for flag, column in required.items():
         if column not in columns:
             raise ValueError(
@@ -223,7 +288,15 @@ def _problem_from_row(source: ProblemSource, row: Any, row_number: int, stem: st
     if not isinstance(row, dict):
         raise _BadRow(f"is a {type(row).__name__}, not an object with named fields", "make every row an object")
     text = _cell(row, source.problem_field, "problem_field", prefix, numbers_ok=False)
-    answer = _cell(row, source.answer_field, "answer_field", prefix, numbers_ok=True)
+    if source.context_field is not None and isinstance(row.get(source.context_field), str):
+        context = row[source.context_field].strip()
+        text = f"{context}\n\n{text}" if context else text
+    value = row.get(source.answer_field)
+    if isinstance(value, list | tuple):  # several final answers (OlympiadBench): the first, as the reference code
+        if not value:
+            raise _BadRow(f"has an empty list in its {source.answer_field!r}", "fill it in")
+        row = {**row, source.answer_field: value[0]}
+    answer = _strip_math_delimiters(_cell(row, source.answer_field, "answer_field", prefix, numbers_ok=True))
     has_box = "\\boxed" in answer
     if source.answer_is_solution or (source.answer_is_solution is None and has_box):
         if not has_box:
@@ -259,6 +332,46 @@ def _cell(row: dict[str, Any], column: str, flag: str, prefix: str, *, numbers_o
     if not value.strip():
         raise _BadRow(f"has an empty {column!r}", "fill it in")
     return value.strip()
+
+
+def _strip_math_delimiters(answer: str) -> str:
+    """``$x$`` -> ``x``: a gold answer wrapped in one pair of inline-math dollars is the same answer."""
+    if len(answer) > 2 and answer.startswith("$") and answer.endswith("$") and "$" not in answer[1:-1]:
+        return answer[1:-1].strip() or answer
+    return answer
+
+
+def _champ_problems(source: ProblemSource) -> list[Problem]:
+    """The 270 competition problems of CHAMP (MIT licence, the PyPI package champ-dataset), offline."""
+    try:
+        import champ_dataset
+    except ImportError as e:
+        raise ImportError(
+            "data source 'champ' needs the champ-dataset package: pip install champ-dataset "
+            "(or use path: procedural, or a local problem file)"
+        ) from e
+    problems = [
+        Problem(id=f"champ-{key}", prompt_text=str(p.text).strip(), source="champ",
+                answer=_strip_math_delimiters(str(p.answer).strip()))
+        for key, p in champ_dataset.load("v0").problems.items()
+    ]  # fmt: skip
+    return problems[: source.limit] if source.limit else problems
+
+
+def write_parquet(problems: list[Problem], path: str | Path) -> Path:
+    """Writes `problems` as a parquet file with columns id, problem, answer, source; read it back with
+    ``ProblemSource(path=<file>, id_field="id")``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({
+        "id": [p.id for p in problems], "problem": [p.prompt_text for p in problems],
+        "answer": [p.answer for p in problems], "source": [p.source for p in problems],
+    })  # fmt: skip
+    pq.write_table(table, out)
+    return out
 
 
 def _extract_gold(solution: str) -> str | None:
@@ -417,6 +530,9 @@ class ThinkTwiceDataModule(LightningDataModule):
         refine_selection: BaseSelection = "uniform",
         shuffle: bool = True,
         seed: int = 0,
+        val: dict[str, ProblemSource] | None = None,
+        test: dict[str, ProblemSource] | None = None,
+        eval_problems_per_batch: int = 8,
     ) -> None:
         """Creates the data module; problems are loaded in `setup`.
 
@@ -429,6 +545,10 @@ class ThinkTwiceDataModule(LightningDataModule):
                 ``wrong_first`` or ``balanced`` (ablations, see `select_bases`).
             shuffle: a fresh problem order each epoch, seeded by (seed, epoch); false keeps the source order.
             seed: seed of the epoch orders and of the base selection.
+            val: named validation benchmarks (``name: source``), evaluated during fit and by ``thinktwice validate``;
+                e.g. ``{aime: {preset: aime}}`` or ``{arith: {path: procedural, num_problems: 16}}``.
+            test: named test benchmarks, evaluated by ``thinktwice test``.
+            eval_problems_per_batch: problems per validation/test batch (each gets eval.num_samples samples).
         """
         super().__init__()
         if problems_per_batch < 1:
@@ -437,10 +557,17 @@ class ThinkTwiceDataModule(LightningDataModule):
             raise ValueError(f"data.refine_selection={refine_selection!r}; use uniform, wrong_first or balanced")
         if isinstance(train, dict):  # hyper-parameters read back from a checkpoint (load_from_checkpoint)
             train = ProblemSource(**train)
+        if eval_problems_per_batch < 1:
+            raise ValueError(f"data.eval_problems_per_batch={eval_problems_per_batch} must be at least 1")
         self.train_source = train if train is not None else ProblemSource()
+        self.eval_sources = {"val": _named_sources(val, "data.val"), "test": _named_sources(test, "data.test")}
+        self.eval_problems_per_batch = eval_problems_per_batch
         self.save_hyperparameters()
         # Plain python in checkpoints: torch.load(weights_only=True), Lightning's default on resume, refuses classes.
         self.hparams["train"] = dataclasses.asdict(self.train_source)
+        for split, sources in self.eval_sources.items():
+            self.hparams[split] = {name: dataclasses.asdict(source) for name, source in sources.items()} or None
+        self._eval_problems: dict[str, dict[str, list[Problem]]] = {}
         self.problems_per_batch = problems_per_batch
         self.refine = refine
         self.refine_selection: BaseSelection = refine_selection
@@ -455,7 +582,7 @@ class ThinkTwiceDataModule(LightningDataModule):
     # --- problems and layout
 
     def setup(self, stage: str | None = None) -> None:
-        """Loads the training problems once (later calls do nothing)."""
+        """Loads the training problems once (later calls do nothing); the benchmarks when first needed."""
         if self._problems is not None or stage not in (None, "fit"):
             return
         problems = load_problems(self.train_source)
@@ -516,13 +643,44 @@ class ThinkTwiceDataModule(LightningDataModule):
         return DataLoader(_PhaseBatches(self), batch_size=None, collate_fn=_identity, num_workers=0)
 
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
-        """Returns phase batches unchanged: they hold no tensors (the rollout callback builds them on device).
+        """Returns phase and evaluation batches unchanged: they hold no tensors (callbacks build them on device).
 
         Lightning's default would deep-copy the batch and refuses the frozen `Problem` records.
         """
-        if isinstance(batch, PhaseBatch):
+        if isinstance(batch, PhaseBatch | EvalBatch):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # --- validation and test benchmarks
+
+    def eval_problems(self, split: Literal["val", "test"]) -> dict[str, list[Problem]]:
+        """The problems of each named benchmark of `split` (loaded once, validated like the training problems)."""
+        if split not in self._eval_problems:
+            self._eval_problems[split] = {
+                name: load_problems(source, flag_prefix=f"data.{split}.{name}")
+                for name, source in self.eval_sources[split].items()
+            }
+        return self._eval_problems[split]
+
+    def val_dataloader(self) -> DataLoader[EvalBatch]:
+        """Batches of the ``data.val`` benchmarks, one benchmark after the other; this rank's share only."""
+        return self._eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader[EvalBatch]:
+        """Batches of the ``data.test`` benchmarks; this rank's share only."""
+        return self._eval_dataloader("test")
+
+    def _eval_dataloader(self, split: Literal["val", "test"]) -> DataLoader[EvalBatch]:
+        trainer = getattr(self, "trainer", None)
+        fitting = trainer is not None and trainer.state.fn == "fit"
+        if not self.eval_sources[split] and not fitting:
+            raise ValueError(
+                f"no {split} benchmarks are configured: set data.{split} (e.g. {{aime: {{preset: aime}}}} or "
+                f"{{arith: {{path: procedural, num_problems: 32}}}})"
+            )
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        batches = eval_batches(self.eval_problems(split), self.eval_problems_per_batch, rank, world)
+        return DataLoader(batches, batch_size=None, collate_fn=_identity, num_workers=0, shuffle=False)  # type: ignore[arg-type]
 
     # --- the rollout cache
 
@@ -642,8 +800,41 @@ class _PhaseBatches(IterableDataset[PhaseBatch]):
         return (dm.phase_batch(i) for i in range(start, end))  # a generator expression: `start` is read now
 
 
-def _identity(batch: PhaseBatch) -> PhaseBatch:
+def _identity(batch: Any) -> Any:
     return batch
+
+
+def _named_sources(sources: dict[str, Any] | None, flag: str) -> dict[str, ProblemSource]:
+    """``{name: ProblemSource}`` from the config (dicts read back from a checkpoint become ProblemSources)."""
+    out: dict[str, ProblemSource] = {}
+    for name, source in (sources or {}).items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+            raise ValueError(
+                f"{flag}: benchmark name {name!r} must be letters, digits, '_', '-', '.' (it names metrics)"
+            )
+        if name in ("avg", "transition"):
+            raise ValueError(f"{flag}.{name}: the names 'avg' and 'transition' are taken by the summary metrics")
+        out[str(name)] = ProblemSource(**source) if isinstance(source, dict) else source
+    return out
+
+
+def eval_batches(
+    benchmarks: dict[str, list[Problem]], per_batch: int, rank: int = 0, world: int = 1
+) -> list[EvalBatch]:
+    """This rank's evaluation batches: problem i of a benchmark goes to rank i % world; ranks that get fewer
+    problems are padded with repeats (``counted=False``) so that every rank runs the same number of batches."""
+    batches: list[EvalBatch] = []
+    for name, problems in benchmarks.items():
+        share = problems[rank::world]
+        counted = [True] * len(share)
+        per_rank = -(-len(problems) // world)  # ceil
+        while len(share) < per_rank:  # only when len(problems) % world != 0
+            share.append(problems[0])
+            counted.append(False)
+        for start in range(0, len(share), per_batch):
+            batches.append(EvalBatch(name, share[start : start + per_batch], len(batches),
+                                     counted[start : start + per_batch]))  # fmt: skip
+    return batches
 
 
 def _fingerprint(problems: list[Problem]) -> dict[str, Any]:

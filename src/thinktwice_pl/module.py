@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_loss, token_logprobs
 from thinktwice_pl.models import load_causal_lm, load_tokenizer, resolve_model_path
-from thinktwice_pl.types import PhaseBatch, Rollout
+from thinktwice_pl.types import EvalBatch, PhaseBatch, Rollout
 
 log = logging.getLogger(__name__)
 WARN_EVERY_PHASES = 20
@@ -388,6 +388,17 @@ class ThinkTwiceModule(pl.LightningModule):
         mask = attention[:, prompt_width:].to(logprobs.dtype)  # [n, C]
         return logprobs, (entropy if entropy is not None else torch.zeros_like(logprobs)), mask
 
+    # ----------------------------------------------------------------------------------- evaluation
+
+    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
+        """Nothing to compute here: the Evaluation callback generates and grades each batch before this step
+        (through the rollout engine) and logs pass@k at the end; this only checks that it ran."""
+        _require_evaluated(batch)
+
+    def test_step(self, batch: EvalBatch, batch_idx: int) -> None:
+        """See `validation_step`."""
+        _require_evaluated(batch)
+
     # ----------------------------------------------------------------------------------- logging
 
     def _log_phase(self, batch: PhaseBatch, totals: dict[str, float], train_s: float) -> None:
@@ -516,6 +527,14 @@ def refine_signals(rollouts: list[Rollout]) -> dict[str, float]:
         "keep_rate": sum(r.correct for r in on_right) / len(on_right) if on_right else float("nan"),
         "reward_share_from_wrong": sum(r.reward for r in on_wrong) / total_reward if total_reward else 0.0,
     }
+
+
+def _require_evaluated(batch: EvalBatch) -> None:
+    if not getattr(batch, "evaluated", False):
+        raise RuntimeError(
+            f"evaluation batch {getattr(batch, 'index', '?')} was not evaluated: the Evaluation callback is missing "
+            "(use the thinktwice CLI, or add thinktwice_pl.callbacks.Evaluation to trainer.callbacks)"
+        )
 
 
 def check_precision(precision: str) -> None:

@@ -100,3 +100,19 @@ class PhaseBatch:
     bases: list[Rollout] | None = None  # refine phase: the chosen solve answer for each problem
     rollouts: RolloutBatch | None = None
     extras: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class EvalBatch:
+    """One validation/test batch: problems of one named benchmark.
+
+    `counted[i]` is False for the padding problems that give every rank the same number of batches (they are
+    generated, so sharded models stay in step, but left out of the metrics). The evaluation callback sets
+    `evaluated` once it has generated and scored the batch.
+    """
+
+    benchmark: str
+    problems: list[Problem]
+    index: int
+    counted: list[bool]
+    evaluated: bool = False

@@ -1,6 +1,8 @@
-"""Side effects of training: rollouts, export (and, later, evaluation and tracking)."""
+"""Side effects of training: rollouts, evaluation, rectify/fortify tracking, export."""
 
+from thinktwice_pl.callbacks.evaluation import Evaluation
 from thinktwice_pl.callbacks.export import HFExport
 from thinktwice_pl.callbacks.rollout import RolloutCallback
+from thinktwice_pl.callbacks.tracker import RectifyFortifyTracker
 
-__all__ = ["HFExport", "RolloutCallback"]
+__all__ = ["Evaluation", "HFExport", "RectifyFortifyTracker", "RolloutCallback"]

@@ -1,0 +1,263 @@
+"""Evaluation: pass@k before and after one self-refinement, and the transition rates (METHOD.md section 6).
+
+For every problem of a validation/test benchmark:
+
+1. n answers are sampled with the evaluation settings (temperature 0.7, top-p 0.8, top-k 20, 3000
+   tokens by default) -> ``<split>/<benchmark>/solve/pass@<k>``;
+2. every answer is refined once with the review instruction (greedy by default), in the same
+   three-turn chat as training -> ``<split>/<benchmark>/refine/pass@<k>``;
+3. one greedy answer and its greedy refinement -> ``<split>/transition/{fix_wrong, damage_correct,
+   keep_right, stay_wrong}`` (over all benchmarks).
+
+``<split>/avg/{solve,refine}/pass@<k>`` is the macro average over benchmarks, ``perf/<split>_s`` the
+wall time. ``<split>`` is ``val`` (``thinktwice validate`` and validation during fit) or ``test``
+(``thinktwice test``).
+
+Generation goes through the engine of the `RolloutCallback` (HF or vLLM alike), prompts and grading
+use its prompt texts and grader, so evaluation measures the same task the policy is trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from thinktwice_pl.callbacks.rollout import RolloutCallback, phase_seed
+from thinktwice_pl.metrics import PassAtK, Transitions, default_ks
+from thinktwice_pl.prompts import refine_messages, render_chat, solve_messages, tokenize_rendered
+from thinktwice_pl.rewards import RewardScorer
+from thinktwice_pl.rollout import SamplingConfig
+from thinktwice_pl.types import Completion, EvalBatch
+
+log = logging.getLogger(__name__)
+Split = Literal["val", "test"]
+
+
+class Evaluation(Callback):
+    """pass@k of the solve answers and of their refinements per benchmark, and greedy transition rates.
+
+    The ``eval:`` section of the config; benchmarks are set on the data module (``data.val``, ``data.test``).
+
+    Args:
+        num_samples: n, answers sampled per problem (the paper: 64); pass@k is reported for k = 1, 2, 4, ... n.
+        ks: the budgets k to report; None = 1, 2, 4, ... up to num_samples, and num_samples.
+        temperature: sampling temperature of the answers.
+        top_p: nucleus threshold of the answers.
+        top_k: top-k of the answers (None = off).
+        max_completion_length: most new tokens per answer and per refinement.
+        refine_temperature: temperature of the refinements (0 = greedy, the paper).
+        transitions: also generate one greedy answer and its greedy refinement per problem (``transition/*``).
+        seed: base seed of the evaluation sampling (batch b of a run draws the same samples every time).
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 64,
+        ks: list[int] | None = None,
+        temperature: float = 0.7,
+        top_p: float = 0.8,
+        top_k: int | None = 20,
+        max_completion_length: int = 3000,
+        refine_temperature: float = 0.0,
+        transitions: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_samples < 1:
+            raise ValueError(f"eval.num_samples={num_samples} must be at least 1")
+        self.ks = list(ks) if ks is not None else default_ks(num_samples)
+        bad = [k for k in self.ks if not 1 <= k <= num_samples]
+        if bad:
+            raise ValueError(f"eval.ks={self.ks}: pass@k needs 1 <= k <= eval.num_samples={num_samples} (got {bad})")
+        self.num_samples = num_samples
+        self.sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k,
+                                       max_new_tokens=max_completion_length)  # fmt: skip
+        sampled_refine = refine_temperature > 0  # greedy refinements ignore top-p / top-k
+        self.refine_sampling = SamplingConfig(temperature=refine_temperature, top_p=top_p if sampled_refine else 1.0,
+                                              top_k=top_k if sampled_refine else None,
+                                              max_new_tokens=max_completion_length)  # fmt: skip
+        self.transitions = transitions
+        self.seed = seed
+        self.scorer: RewardScorer | None = None
+        self._own_scorer = False
+        self._engine_ready = False
+        self._started = 0.0
+        self._pass: dict[str, tuple[PassAtK, PassAtK]] = {}  # benchmark -> (solve, refine)
+        self._transitions = Transitions()
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.evaluate(trainer, pl_module, batch, batch_idx)
+
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.evaluate(trainer, pl_module, batch, batch_idx)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, pl_module, "test")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.scorer is not None and self._own_scorer:
+            self.scorer.close()
+        self.scorer = None
+        self._engine_ready = False
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rollout = rollout_callback(trainer)
+        if trainer.state.fn != "fit" and not self._engine_ready:  # fit: the rollout callback set the engine up
+            rollout.engine.setup(pl_module.policy, pl_module.tokenizer)
+            rollout.engine.sync_weights(pl_module.policy)  # weights of --ckpt_path, loaded after configure_model
+            self._engine_ready = True
+        if self.scorer is None:  # during fit the rollout callback's grader (and its worker processes) serve
+            self.scorer = rollout.scorer or RewardScorer(rollout.reward, timeout_s=rollout.reward_timeout_s,
+                                                         num_workers=rollout.reward_workers)  # fmt: skip
+            self._own_scorer = rollout.scorer is None
+        self._pass = {}
+        self._transitions = Transitions().to(pl_module.device)
+        self._started = time.perf_counter()
+
+    # ------------------------------------------------------------------------------ one batch
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: EvalBatch, batch_idx: int) -> None:
+        """Generate and grade the answers, refinements and greedy pair of every problem of `batch`."""
+        if not isinstance(batch, EvalBatch):
+            raise TypeError(f"expected an EvalBatch from ThinkTwiceDataModule, got {type(batch).__name__}")
+        rollout = rollout_callback(trainer)
+        engine, tokenizer, n = rollout.engine, pl_module.tokenizer, self.num_samples
+        problems = batch.problems
+        solve_texts = [render_chat(solve_messages(p.prompt_text, rollout.solve_prompt_suffix), tokenizer)
+                       for p in problems]  # fmt: skip
+        solve_ids = [tokenize_rendered(text, tokenizer) for text in solve_texts]
+        seed = phase_seed(self.seed, batch.index, pl_module.global_rank)
+        greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
+
+        engine.wake_up()
+        samples = engine.generate(solve_ids, n, _seeded(self.sampling, seed))  # [P][n]
+        bases = [group[0] for group in engine.generate(solve_ids, 1, greedy)] if self.transitions else []  # [P]
+
+        def refine_prompt(i: int, answer: Completion) -> tuple[str, list[int]]:
+            chat = refine_messages(problems[i].prompt_text, answer.text, tokenizer, rollout.solve_prompt_suffix,
+                                   rollout.refine_instruction)  # fmt: skip
+            text = render_chat(chat, tokenizer)
+            return text, tokenize_rendered(text, tokenizer)
+
+        refine_in = [refine_prompt(i, a) for i, group in enumerate(samples) for a in group]  # [P * n], problem-major
+        base_in = [refine_prompt(i, a) for i, a in enumerate(bases)]  # [P]
+        if self.refine_sampling.temperature == 0:  # one greedy call for both kinds of refinement
+            out = engine.generate([ids for _, ids in refine_in + base_in], 1, greedy)
+            refined, base_refined = [g[0] for g in out[: len(refine_in)]], [g[0] for g in out[len(refine_in) :]]
+        else:
+            refine_sampling = _seeded(self.refine_sampling, seed + 1)
+            refined = [g[0] for g in engine.generate([ids for _, ids in refine_in], 1, refine_sampling)]
+            base_refined = [g[0] for g in engine.generate([ids for _, ids in base_in], 1, greedy)] if bases else []
+        engine.sleep()
+
+        # grade everything in one call: answers, greedy answers, refinements, greedy refinements
+        prompts = [t for t in solve_texts for _ in range(n)] + solve_texts[: len(bases)]
+        prompts += [t for t, _ in refine_in] + [t for t, _ in base_in]
+        completions = [c.text for group in samples for c in group] + [c.text for c in bases]
+        completions += [c.text for c in refined] + [c.text for c in base_refined]
+        answers = [p.answer for p in problems for _ in range(n)] + [p.answer for p in problems[: len(bases)]]
+        answers += [p.answer for p in problems for _ in range(n)] + [p.answer for p in problems[: len(bases)]]
+        assert self.scorer is not None, "on_validation_start / on_test_start did not run"
+        scores = self.scorer.score(prompts, completions, answers)
+        if scores.num_errors:
+            first = next(e for e in scores.errors if e is not None)
+            log.warning("%d of %d evaluation completions of %s could not be graded (scored 0), e.g. %s",
+                        scores.num_errors, len(completions), batch.benchmark, first)  # fmt: skip
+        right = [r > 0.5 for r in scores.rewards]
+        p, b = len(problems), len(bases)
+        solve_right, base_right = right[: p * n], right[p * n : p * n + b]
+        refine_right, base_refine_right = right[p * n + b : 2 * p * n + b], right[2 * p * n + b :]
+
+        keep = [i for i in range(p) if batch.counted[i]]
+        solve_metric, refine_metric = self._benchmark_metrics(batch.benchmark, pl_module)
+        solve_metric.update([sum(solve_right[i * n : (i + 1) * n]) for i in keep])
+        refine_metric.update([sum(refine_right[i * n : (i + 1) * n]) for i in keep])
+        if bases:
+            self._transitions.update([base_right[i] for i in keep], [base_refine_right[i] for i in keep])
+        batch.evaluated = True
+
+    def _benchmark_metrics(self, name: str, pl_module: pl.LightningModule) -> tuple[PassAtK, PassAtK]:
+        if name not in self._pass:
+            self._pass[name] = (PassAtK(self.num_samples, self.ks).to(pl_module.device),
+                                PassAtK(self.num_samples, self.ks).to(pl_module.device))  # fmt: skip
+        return self._pass[name]
+
+    # ------------------------------------------------------------------------------ logging
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> None:
+        if not self._pass:  # no benchmarks configured (fit without data.val)
+            return
+        metrics = eval_metrics(self._pass, self._transitions if self.transitions else None, split)
+        metrics[f"perf/{split}_s"] = time.perf_counter() - self._started  # wall time of the whole evaluation
+        # During fit the loggers get one row at the phase step, like the training rows (Lightning would write it
+        # at the optimizer step); validate/test go through Lightning's logging, results table and return value.
+        fitting = trainer.state.fn == "fit"
+        for key, value in metrics.items():
+            pl_module.log(key, value, logger=not fitting, on_step=False, on_epoch=True)
+        if fitting and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=phase_step(trainer))
+                logger.save()
+
+
+def eval_metrics(
+    pass_metrics: dict[str, tuple[PassAtK, PassAtK]], transitions: Transitions | None, split: Split
+) -> dict[str, float]:
+    """The documented keys: ``<split>/<bench>/{solve,refine}/pass@<k>``, ``<split>/avg/...``,
+    ``<split>/transition/*``; computes (and so reduces across ranks) every metric."""
+    out: dict[str, float] = {}
+    per_phase: dict[str, list[dict[int, float]]] = {"solve": [], "refine": []}
+    for bench, (solve, refine) in pass_metrics.items():
+        for phase, metric in (("solve", solve), ("refine", refine)):
+            values = metric.compute()
+            per_phase[phase].append(values)
+            out.update({f"{split}/{bench}/{phase}/pass@{k}": v for k, v in values.items()})
+    for phase, runs in per_phase.items():
+        for k in runs[0]:
+            out[f"{split}/avg/{phase}/pass@{k}"] = sum(r[k] for r in runs) / len(runs)
+    if transitions is not None:
+        out.update({f"{split}/transition/{name}": v for name, v in transitions.compute().items()})
+    return out
+
+
+def rollout_callback(trainer: pl.Trainer) -> RolloutCallback:
+    """The trainer's RolloutCallback: evaluation samples with its engine, prompt texts and grader."""
+    found = [c for c in trainer.callbacks if isinstance(c, RolloutCallback)]  # type: ignore[attr-defined]
+    if not found:
+        raise RuntimeError(
+            "evaluation needs the RolloutCallback (its engine, prompts and grader): use the thinktwice CLI, or add "
+            "thinktwice_pl.callbacks.RolloutCallback to trainer.callbacks"
+        )
+    return found[0]
+
+
+def phase_step(trainer: pl.Trainer) -> int:
+    """The step at which evaluation rows are logged: during fit the index of the last completed phase (the
+    training rows' step), otherwise the trainer's global step."""
+    cursor = getattr(trainer.datamodule, "cursor", None) if trainer.state.fn == "fit" else None  # type: ignore[attr-defined]
+    return max(0, cursor - 1) if isinstance(cursor, int) else trainer.global_step
+
+
+def _seeded(sampling: SamplingConfig, seed: int) -> SamplingConfig:
+    return SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                          max_new_tokens=sampling.max_new_tokens, seed=seed)  # fmt: skip

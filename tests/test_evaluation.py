@@ -1,0 +1,241 @@
+"""Evaluation inside Lightning's validate/test loops: exact pass@k and transitions with a scripted engine, every
+documented key from real tiny-model runs (Trainer and CLI, checkpoint and plain HF directory), the tracker's files."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pandas as pd
+import pytest
+from lightning.pytorch.loggers import CSVLogger
+
+from thinktwice_pl.callbacks import Evaluation, RectifyFortifyTracker, RolloutCallback
+from thinktwice_pl.cli import main
+from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule, eval_batches, load_problems
+from thinktwice_pl.metrics import pass_at_k
+from thinktwice_pl.module import ThinkTwiceModule
+from thinktwice_pl.prompts import DEFAULT_REFINE_INSTRUCTION
+from thinktwice_pl.rollout import SamplingConfig
+from thinktwice_pl.types import Completion, Problem
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def documented_keys(split: str, benchmarks: list[str], ks: list[int]) -> set[str]:
+    keys = {f"{split}/{b}/{phase}/pass@{k}" for b in [*benchmarks, "avg"] for phase in ("solve", "refine") for k in ks}
+    return keys | {f"{split}/transition/{name}" for name in ("fix_wrong", "damage_correct", "keep_right", "stay_wrong")}
+
+
+class ScriptedEngine:
+    """A RolloutEngine whose answers are known: problem "What is a + b?" gets c = (a + b) % (n + 1) right answers
+    (the first c samples); a refinement flips the correctness of the answer it reviews. Records each call."""
+
+    def __init__(self) -> None:
+        self.tokenizer: Any = None
+        self.calls: list[tuple[int, int, SamplingConfig]] = []
+        self.setups = 0
+
+    def setup(self, model: Any, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.setups += 1
+
+    def sync_weights(self, model: Any) -> None:
+        pass
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        self.calls.append((len(prompts), n, sampling))
+        out = []
+        for ids in prompts:
+            text = self.tokenizer.decode(ids)
+            a, b = map(int, re.search(r"What is (\d+) \+ (\d+)\?", text).groups())
+            gold = a + b
+            if "carefully review your previous solution" in text:  # refine: flip the reviewed answer
+                reviewed = re.search(r"The answer is \\boxed\{(-?\d+)\}", text).group(1)  # not the prompt's example
+                answers = [gold if int(reviewed) != gold else -1]
+            else:
+                c = gold % (n + 1) if sampling.temperature > 0 else int(gold % 5 > 0)  # greedy: right iff c > 0
+                answers = [gold if j < c else -1 for j in range(n)]
+            group = []
+            for answer in answers:
+                completion = f"The answer is \\boxed{{{answer}}}."
+                group.append(Completion(self.tokenizer.encode(completion), completion, "stop"))
+            out.append(group)
+        return out
+
+
+def test_scripted_validation_gives_the_exact_pass_at_k_and_transitions(tiny_model_dir: Path, tmp_path: Path) -> None:
+    n = 4
+    sources = {
+        "sums": ProblemSource(num_problems=5, difficulty=0),
+        "more": ProblemSource(num_problems=3, difficulty=0, seed=7),
+    }
+    engine = ScriptedEngine()
+    module = ThinkTwiceModule(
+        model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2, mini_batch_problems=None
+    )
+    data = ThinkTwiceDataModule(problems_per_batch=2, val=sources, eval_problems_per_batch=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=CSVLogger(tmp_path, name="v"), enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[RolloutCallback(engine=engine, reward_workers=0), Evaluation(num_samples=n, seed=3)],
+    )  # fmt: skip
+    [results] = trainer.validate(module, datamodule=data)
+    assert engine.setups == 1  # validate sets the engine up itself (no on_fit_start)
+
+    expected: dict[str, float] = {}
+    all_base, all_refined = [], []
+    for name, source in sources.items():
+        golds = [int(p.answer) for p in load_problems(source)]
+        counts = [g % (n + 1) for g in golds]
+        for k in (1, 2, 4):
+            expected[f"val/{name}/solve/pass@{k}"] = sum(pass_at_k(n, c, k) for c in counts) / len(counts)
+            # every refinement flips its answer: n - c right after refinement
+            expected[f"val/{name}/refine/pass@{k}"] = sum(pass_at_k(n, n - c, k) for c in counts) / len(counts)
+        all_base += [g % 5 > 0 for g in golds]
+        all_refined += [g % 5 == 0 for g in golds]
+    for phase in ("solve", "refine"):
+        for k in (1, 2, 4):
+            expected[f"val/avg/{phase}/pass@{k}"] = (expected[f"val/sums/{phase}/pass@{k}"]
+                                                     + expected[f"val/more/{phase}/pass@{k}"]) / 2  # fmt: skip
+    wrong, right = all_base.count(False), all_base.count(True)
+    assert wrong and right, "the hand-made problems must have both wrong and right greedy answers"
+    expected.update({"val/transition/fix_wrong": 1.0, "val/transition/stay_wrong": 0.0,
+                     "val/transition/damage_correct": 1.0, "val/transition/keep_right": 0.0})  # fmt: skip
+    assert set(results) == documented_keys("val", ["sums", "more"], [1, 2, 4]) | {"perf/val_s"}
+    assert results.pop("perf/val_s") > 0
+    assert results == pytest.approx(expected)
+    assert len({round(v, 6) for k, v in expected.items() if "pass@1" in k}) > 2  # the values differ: a real check
+
+    # sampling settings reach the engine: sampled answers (METHOD.md section 6 defaults, seeded), greedy rest
+    sampled = [s for _, _, s in engine.calls if s.temperature > 0]
+    assert {(s.temperature, s.top_p, s.top_k, s.max_new_tokens) for s in sampled} == {(0.7, 0.8, 20, 3000)}
+    assert all(s.seed is not None for s in sampled)
+    greedy_calls = [(p, k) for p, k, s in engine.calls if s.temperature == 0]
+    # per batch of 2 problems: 1 greedy answer each, then one call with 2 * n + 2 refinements
+    assert (2, 1) in greedy_calls and (2 * n + 2, 1) in greedy_calls
+    metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+    assert documented_keys("val", ["sums", "more"], [1, 2, 4]) <= set(metrics.columns)
+
+
+def test_fit_validates_on_schedule_and_the_tracker_writes_csv_and_png(tiny_model_dir: Path, tmp_path: Path) -> None:
+    module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2,
+                              mini_batch_problems=2, max_completion_length=8)  # fmt: skip
+    data = ThinkTwiceDataModule(train=ProblemSource(num_problems=8), problems_per_batch=2,
+                                val={"arith": ProblemSource(num_problems=3, difficulty=0)})  # fmt: skip
+    tracker = RectifyFortifyTracker(label="tiny")
+    callbacks = [RolloutCallback(num_generations=2, max_completion_length=8, reward="signal_rewards.even_length",
+                                 reward_workers=0),
+                 Evaluation(num_samples=2, max_completion_length=8), tracker]  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, val_check_interval=2, logger=CSVLogger(tmp_path, name="f"),
+                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    log_dir = Path(trainer.logger.log_dir)
+    metrics = pd.read_csv(log_dir / "metrics.csv")
+    val_rows = metrics[metrics["val/avg/solve/pass@1"].notna()]
+    assert val_rows["step"].tolist() == [1, 3]  # after each solve/refine pair, at the phase step of the train rows
+    assert documented_keys("val", ["arith"], [1, 2]) <= set(metrics.columns)
+    for key in documented_keys("val", ["arith"], [1, 2]) - {
+        "val/transition/keep_right",
+        "val/transition/damage_correct",
+        "val/transition/fix_wrong",
+        "val/transition/stay_wrong",
+    }:
+        assert val_rows[key].between(0, 1).all(), key
+    # even_length marks about half the answers right: the greedy pairs give defined transition rates
+    transitions = val_rows[[c for c in val_rows.columns if c.startswith("val/transition/")]]
+    assert transitions.notna().any(axis=None)
+
+    csv = pd.read_csv(log_dir / "rectify_fortify.csv")
+    assert {"step", "val/transition/fix_wrong", "val/transition/damage_correct", "train/refine/fix_rate",
+            "train/refine/keep_rate", "train/refine/base_correct_frac"} <= set(csv.columns)  # fmt: skip
+    assert csv["train/refine/base_correct_frac"].notna().sum() == 2  # two refine phases
+    assert sorted(csv.loc[csv["val/transition/stay_wrong"].notna() | csv["val/transition/keep_right"].notna(),
+                          "step"].tolist()) == [1, 3]  # two validations  # fmt: skip
+    png = log_dir / "rectify_fortify.png"
+    _assert_png(png)
+
+
+def _assert_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_cli_test_on_a_plain_hf_model_directory(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["test", "--config", str(ROOT / "configs/tiny.yaml"), "--model.model_name_or_path", str(tiny_model_dir),
+          "--data.test", '{"arith": {"path": "procedural", "num_problems": 3, "difficulty": 0}, '
+                         '"mixed": {"path": "procedural", "num_problems": 2, "difficulty": 2}}',
+          "--eval.num_samples", "2", "--eval.max_completion_length", "8"])  # fmt: skip
+    metrics = pd.read_csv(tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv")
+    assert documented_keys("test", ["arith", "mixed"], [1, 2]) <= set(metrics.columns)
+    row = metrics.iloc[-1]
+    assert row["test/avg/solve/pass@1"] == pytest.approx((row["test/arith/solve/pass@1"]
+                                                          + row["test/mixed/solve/pass@1"]) / 2)  # fmt: skip
+
+
+def test_cli_validate_a_checkpoint_and_a_base_model(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = str(ROOT / "configs/tiny.yaml")
+    main(["fit", "--config", config, "--trainer.max_steps", "4"])
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    main(["validate", "--config", config, "--ckpt_path", str(ckpt)])
+    main(["validate", "--config", config])  # the base model of the config (thinktwice:tiny), before training
+    keys = documented_keys("val", ["arith"], [1, 2])
+    for version in ("version_1", "version_2"):
+        metrics = pd.read_csv(tmp_path / "runs" / "tiny" / version / "metrics.csv")
+        assert keys <= set(metrics.columns), version
+        assert all(0 <= metrics[k].iloc[-1] <= 1 for k in keys if not math.isnan(metrics[k].iloc[-1]))
+
+
+def test_validate_without_benchmarks_and_without_the_callback_are_clear_errors(tiny_model_dir: Path,
+                                                                             tmp_path: Path) -> None:  # fmt: skip
+    module = ThinkTwiceModule(
+        model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2, mini_batch_problems=None
+    )
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                         callbacks=[RolloutCallback(), Evaluation(num_samples=2)])  # fmt: skip
+    with pytest.raises(ValueError, match=r"no val benchmarks are configured: set data.val"):
+        trainer.validate(module, datamodule=ThinkTwiceDataModule(problems_per_batch=2))
+    bare = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    data = ThinkTwiceDataModule(problems_per_batch=2, test={"a": ProblemSource(num_problems=1)})
+    with pytest.raises(RuntimeError, match="the Evaluation callback is missing"):
+        bare.test(module, datamodule=data)
+
+
+def test_eval_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"eval.ks=\[1, 8\]: pass@k needs 1 <= k <= eval.num_samples=4"):
+        Evaluation(num_samples=4, ks=[1, 8])
+    assert Evaluation(num_samples=64).ks == [1, 2, 4, 8, 16, 32, 64]
+    with pytest.raises(ValueError, match="names 'avg' and 'transition' are taken"):
+        ThinkTwiceDataModule(val={"avg": ProblemSource()})
+
+
+def test_eval_batches_give_every_rank_the_same_number_of_batches() -> None:
+    problems = {"a": [Problem(f"a{i}", "q", "1") for i in range(5)], "b": [Problem("b0", "q", "1")]}
+    rank0 = eval_batches(problems, per_batch=2, rank=0, world=2)
+    rank1 = eval_batches(problems, per_batch=2, rank=1, world=2)
+    assert len(rank0) == len(rank1) == 3  # a: 3 problems per rank in 2 batches; b: 1 problem per rank
+    assert [p.id for b in rank0 for p in b.problems] == ["a0", "a2", "a4", "b0"]
+    assert [p.id for b in rank1 for p in b.problems] == ["a1", "a3", "a0", "b0"]  # padded with a repeat
+    counted = [(p.id, c) for b in rank0 + rank1 for p, c in zip(b.problems, b.counted, strict=True) if c]
+    assert sorted(pid for pid, _ in counted) == ["a0", "a1", "a2", "a3", "a4", "b0"]  # each problem counted once
+    assert [b.benchmark for b in rank0] == ["a", "a", "b"]
+
+
+def test_refine_prompt_holds_the_review_instruction() -> None:
+    # the scripted engine recognises refine prompts by this text; it must stay in the default instruction
+    assert "carefully review your previous solution" in DEFAULT_REFINE_INSTRUCTION
