@@ -1,4 +1,4 @@
-"""A short CPU fit with the vLLM engine selected from the command line, through solve and refine phases."""
+"""A short CPU fit with the vLLM engine selected from the command line: solve and refine phases, validation."""
 
 from __future__ import annotations
 
@@ -27,9 +27,13 @@ def test_fit_with_vllm_engine_and_importance_sampling(tmp_path: Path, monkeypatc
     main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.max_steps", "8",
           "--model.importance_sampling_cap", "2.0", *VLLM_ARGS])  # fmt: skip
     run = tmp_path / "runs" / "tiny" / "version_0"
-    metrics = pd.read_csv(run / "metrics.csv").sort_values("step")
+    all_rows = pd.read_csv(run / "metrics.csv").sort_values("step")
+    metrics = all_rows[all_rows.filter(like="train/").notna().any(axis=1)]
     phases = ["refine" if pd.notna(r["train/refine/reward_mean"]) else "solve" for _, r in metrics.iterrows()]
     assert phases == ["solve", "refine", "solve", "refine"]
+    # tiny.yaml validates after the fourth phase: the evaluation sampled through the same vLLM engine
+    val = all_rows[all_rows["val/avg/solve/pass@1"].notna()]
+    assert val["step"].tolist() == [3] and val["val/avg/refine/pass@1"].notna().all()
     for phase in ("solve", "refine"):
         rows = metrics[metrics[f"train/{phase}/reward_mean"].notna()]
         # two optimizer steps per phase: the second one's "old" log-probs come from the trainer's extra forward;

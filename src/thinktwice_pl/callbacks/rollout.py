@@ -97,7 +97,9 @@ class RolloutCallback(Callback):
         if self.scorer is not None:
             self.scorer.close()
             self.scorer = None
-        self.engine.close()
+        close = getattr(self.engine, "close", None)  # optional part of the engine protocol
+        if callable(close):
+            close()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

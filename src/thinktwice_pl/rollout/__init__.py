@@ -33,7 +33,11 @@ class SamplingConfig:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What the rollout callback needs from a sampler."""
+    """What the rollout callback needs from a sampler.
+
+    An engine may also define ``close()`` to release its memory; the callback calls it when fit,
+    validate or test ends (setup may be called again afterwards).
+    """
 
     def setup(self, model: Any, tokenizer: Any) -> None:
         """Bind the engine to the training policy and tokenizer (called once, at fit start)."""
@@ -49,9 +53,6 @@ class RolloutEngine(Protocol):
 
     def wake_up(self) -> None:
         """Undo `sleep` before the next generate."""
-
-    def close(self) -> None:
-        """Release the engine (called when fit ends); setup may be called again afterwards."""
 
 
 from thinktwice_pl.rollout.hf import HFRolloutEngine  # noqa: E402  (needs SamplingConfig above)
