@@ -130,6 +130,25 @@ def test_kl_term_is_added_with_beta() -> None:
         policy_loss(lp, lp, torch.tensor([0.0]), torch.ones(1, 1), beta=0.1)
 
 
+def test_importance_weights_scale_the_policy_term_per_token_but_not_the_kl() -> None:
+    lp = torch.tensor([[-1.0, -1.0]])
+    ref = torch.tensor([[-2.0, -2.0]])
+    adv = torch.tensor([1.0])
+    mask = torch.ones(1, 2)
+    weights = torch.tensor([[2.0, 0.5]])
+    plain, _ = policy_loss(lp, lp, adv, mask, ref_logprobs=ref, beta=0.1)
+    weighted, _ = policy_loss(lp, lp, adv, mask, ref_logprobs=ref, beta=0.1, is_weights=weights)
+    kl = math.exp(-1.0)  # k3 at d = -1, per token
+    assert float(plain) == pytest.approx(-1.0 + 0.1 * kl)  # dapo: token mean of (-A * ratio + beta * kl)
+    assert float(weighted) == pytest.approx((-1.0 * 2.0 - 1.0 * 0.5) / 2 + 0.1 * kl)
+    # the weights carry no gradient: d loss / d lp = -A * w * ratio / tokens (+ the KL's own gradient)
+    lp_grad = lp.clone().requires_grad_(True)
+    loss, _ = policy_loss(lp_grad, lp, adv, mask, is_weights=weights.requires_grad_(True))
+    loss.backward()
+    assert lp_grad.grad[0].tolist() == pytest.approx([-1.0, -0.25])
+    assert weights.grad is None
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_token_logprobs_match_full_log_softmax(temperature: float) -> None:
     torch.manual_seed(0)
