@@ -206,7 +206,9 @@ class QuantizationSettings:
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in DTYPES:
-            raise ValueError(f"model.quantization.compute_dtype must be one of {list(DTYPES)}, got {self.compute_dtype!r}")
+            raise ValueError(
+                f"model.quantization.compute_dtype must be one of {list(DTYPES)}, got {self.compute_dtype!r}"
+            )
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"model.quantization.quant_type must be nf4 or fp4, got {self.quant_type!r}")
 

@@ -36,12 +36,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_loss, token_logprobs
 from thinktwice_pl.data import rank_slice
+from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_loss, token_logprobs
 from thinktwice_pl.models import (
     LoraSettings,
     QuantizationSettings,
-    is_quantized,
     load_causal_lm,
     load_tokenizer,
     resolve_model_path,
@@ -387,7 +386,8 @@ class ThinkTwiceModule(pl.LightningModule):
         micro: list[int] = []
         prompt_width = completion_width = 0
         for i in ordered:
-            p, c = max(prompt_width, len(rollouts[i].prompt_ids)), max(completion_width, len(rollouts[i].completion_ids))
+            p = max(prompt_width, len(rollouts[i].prompt_ids))
+            c = max(completion_width, len(rollouts[i].completion_ids))
             if micro and (len(micro) >= size or (budget is not None and (len(micro) + 1) * (p + c) > budget)):
                 yield micro
                 micro, p, c = [], len(rollouts[i].prompt_ids), len(rollouts[i].completion_ids)
@@ -460,7 +460,7 @@ class ThinkTwiceModule(pl.LightningModule):
                       logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))  # fmt: skip
             finally:
                 hook.remove()
-            hidden = captured[-1][:, prompt_width - 1 : prompt_width + width - 1]  # [n, C, H], position t predicts t + 1
+            hidden = captured[-1][:, prompt_width - 1 : prompt_width + width - 1]  # [n, C, H]: t predicts t + 1
             targets = input_ids[:, prompt_width:]  # [n, C]
             logprobs, entropy = token_logprobs(
                 hidden, head, targets, temperature=self.hparams.temperature,
