@@ -552,7 +552,10 @@ class ThinkTwiceModule(pl.LightningModule):
     def _log_samples(self, batch: PhaseBatch) -> None:
         """Write a few sample completions: to TensorBoard as text, and always to <log_dir>/samples.jsonl."""
         k = self.hparams.log_completions
-        if k <= 0 or self.trainer is None or not self.trainer.is_global_zero or batch.rollouts is None:
+        if k <= 0 or self.trainer is None or batch.rollouts is None:
+            return
+        log_dir = self.trainer.log_dir  # on every rank: with several, it is a broadcast from rank 0
+        if not self.trainer.is_global_zero:
             return
         group_size = batch.rollouts.group_size
         picks = batch.rollouts.rollouts[: k * group_size : group_size]  # first sample of the first k groups
@@ -563,7 +566,6 @@ class ThinkTwiceModule(pl.LightningModule):
              "reward": r.reward, "finish_reason": r.finish_reason}
             for r in picks
         ]  # fmt: skip
-        log_dir = self.trainer.log_dir
         if log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(log_dir) / "samples.jsonl", "a") as f:
