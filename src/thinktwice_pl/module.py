@@ -240,11 +240,18 @@ class ThinkTwiceModule(pl.LightningModule):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("ref_policy.")]:
             del state[key]
+        if self.lora is not None:  # only the adapters: the frozen base comes from the model path again
+            trainable = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in trainable]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ref_policy is not None:  # the reference is the initial policy: take it from the model path
             for key, value in self.ref_policy.state_dict().items():
                 checkpoint["state_dict"][f"ref_policy.{key}"] = value
+        if self.lora is not None:  # adapter-only checkpoint: the frozen base weights as loaded
+            for key, value in self.policy.state_dict().items():
+                checkpoint["state_dict"].setdefault(f"policy.{key}", value)
 
     # ----------------------------------------------------------------------------------- training
 
