@@ -278,9 +278,7 @@ def _bnb_config(quantization: QuantizationSettings) -> Any:
     from transformers import BitsAndBytesConfig
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModuleNotFoundError(
-            "model.quantization (QLoRA) needs bitsandbytes: pip install 'thinktwice_pl[quant]'"
-        )
+        raise ModuleNotFoundError("model.quantization (QLoRA) needs bitsandbytes: pip install 'thinktwice_pl[quant]'")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization.quant_type,
@@ -291,8 +289,10 @@ def _bnb_config(quantization: QuantizationSettings) -> Any:
 
 def is_quantized(model: Any) -> bool:
     """True when the model holds 4-bit bitsandbytes weights (QLoRA)."""
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(getattr(model, "base_model", None),
-                                                                       "is_loaded_in_4bit", False))
+    return bool(
+        getattr(model, "is_loaded_in_4bit", False)
+        or getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False)
+    )
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
@@ -323,4 +323,3 @@ def shard_fsdp2(model: Any, mesh: Any, *, mp_policy: Any = None) -> Any:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
-

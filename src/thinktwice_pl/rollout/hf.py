@@ -90,9 +90,7 @@ class HFRolloutEngine:
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
                 for start in range(0, len(prompts), per_call):
-                    results.extend(
-                        self._generate_chunk(prompts[start : start + per_call], n, sampling, device, synced)
-                    )
+                    results.extend(self._generate_chunk(prompts[start : start + per_call], n, sampling, device, synced))
         finally:
             self.model.train(was_training)
         return results
