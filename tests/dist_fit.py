@@ -4,8 +4,9 @@
 
 Lightning relaunches this script for rank 1 (gloo). Each phase: 4 problems x 4 samples, 2 optimizer steps of 2
 problems, so each rank generates for 2 problems and trains 1 problem per optimizer step. Checkpoints every
-phase (2 optimizer steps) under <root>/ckpt. Rank 0 writes <root>/result.json: global step, how many policy
-tensors moved from the initial weights, the refine cache of every rank, and the data module cursor.
+phase (2 optimizer steps) under <root>/ckpt, HF export to <root>/export. Rank 0 writes <root>/result.json:
+global step, how many policy tensors moved from the initial weights, how many equal the export's, whether
+every rank holds the same refine cache, and the data module cursor.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-from thinktwice_pl.callbacks import RolloutCallback
+from thinktwice_pl.callbacks import HFExport, RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.module import ThinkTwiceModule
 
@@ -56,22 +57,25 @@ def main() -> None:
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=args.max_steps, logger=CSVLogger(root, name="run"),
-        callbacks=[rollout, checkpoint], enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        callbacks=[rollout, checkpoint, HFExport(dirpath=str(root / "export"))], enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root,
     )  # fmt: skip
     trainer.fit(module, datamodule=data, ckpt_path=args.ckpt)
 
     from transformers import AutoModelForCausalLM
 
     initial = AutoModelForCausalLM.from_pretrained(args.model).state_dict()
-    moved = 0
+    exported = AutoModelForCausalLM.from_pretrained(root / "export").state_dict()
+    moved = exported_same = 0
     for name, value in module.policy.state_dict().items():  # FSDP2: DTensor shards, gathered on every rank
         full = value.full_tensor() if hasattr(value, "full_tensor") else value
         moved += int(not torch.equal(full, initial[name]))
+        exported_same += int(torch.equal(full, exported[name]))
     caches: list[object] = [None] * trainer.world_size
     torch.distributed.all_gather_object(caches, json.dumps(data.state_dict(), sort_keys=True))
     if trainer.is_global_zero:
         result = {
-            "global_step": trainer.global_step, "moved": moved, "tensors": len(initial),
+            "global_step": trainer.global_step, "moved": moved, "tensors": len(initial), "exported": exported_same,
             "same_cache_on_all_ranks": len(set(caches)) == 1, "cursor": data.cursor,
             "log_dir": trainer.logger.log_dir, "world_size": trainer.world_size, "pid": os.getpid(),
         }  # fmt: skip
