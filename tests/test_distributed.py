@@ -60,6 +60,9 @@ def test_two_process_fit_and_sharded_resume(strategy: str, tiny_model_dir: Path,
     assert (refine["train/refine/base_correct_frac"].between(0, 1)).all()
     assert (metrics.filter(like="trained_frac").stack().dropna() > 0).all()
 
+    if strategy == "fsdp2":  # beta > 0: a sharded frozen reference; the policy has moved away from it by phase 2
+        assert metrics["train/solve/kl"].dropna().iloc[-1] > 0
+
     saved = tmp_path / "full" / "ckpt" / "epoch=0-step=2.ckpt"  # after the first solve phase
     if strategy == "fsdp2":
         assert saved.is_dir() and len(list(saved.glob("*.distcp"))) == 2, "expected one shard file per rank"

@@ -238,7 +238,8 @@ class ThinkTwiceModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("ref_policy.")]:
+        # FSDP2 saves (and loads) its shards of every key of the module, the reference's included
+        for key in [k for k in state if k.startswith("ref_policy.") and self.device_mesh is None]:
             del state[key]
         if self.lora is not None:  # only the adapters: the frozen base comes from the model path again
             trainable = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
@@ -246,7 +247,7 @@ class ThinkTwiceModule(pl.LightningModule):
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ref_policy is not None:  # the reference is the initial policy: take it from the model path
+        if self.ref_policy is not None and "state_dict" in checkpoint:  # the initial policy: from the model path
             for key, value in self.ref_policy.state_dict().items():
                 checkpoint["state_dict"][f"ref_policy.{key}"] = value
         if self.lora is not None:  # adapter-only checkpoint: the frozen base weights as loaded
