@@ -127,12 +127,14 @@ def test_bad_combinations_are_refused_at_setup_naming_the_flags() -> None:
 
     from thinktwice_pl.module import check_strategy
 
-    with pytest.raises(ValueError, match=r"trainer\.strategy=fsdp .*ModelParallelStrategy"):
-        check_strategy(FSDPStrategy(), lora=False, quantized=False)
-    with pytest.raises(ValueError, match=r"model\.quantization \(QLoRA\) with trainer\.strategy=DDPStrategy"):
-        check_strategy(DDPStrategy(), lora=True, quantized=True)
-    with pytest.raises(ValueError, match=r"model\.lora with ModelParallelStrategy"):
+    two = [torch.device("cpu")] * 2
+    with pytest.raises(ValueError, match=r"trainer\.strategy=fsdp \(FSDP1\) on 2 devices .*ModelParallelStrategy"):
+        check_strategy(FSDPStrategy(parallel_devices=two), lora=False, quantized=False)
+    check_strategy(FSDPStrategy(parallel_devices=two[:1]), lora=False, quantized=False)  # one GPU: nothing sharded
+    with pytest.raises(ValueError, match=r"model\.quantization \(QLoRA\) with trainer\.strategy=DDPStrategy on 2"):
+        check_strategy(DDPStrategy(parallel_devices=two), lora=True, quantized=True)
+    with pytest.raises(ValueError, match=r"model\.lora with trainer\.strategy=ModelParallelStrategy"):
         check_strategy(ModelParallelStrategy(), lora=True, quantized=False)
     check_strategy(SingleDeviceStrategy("cpu"), lora=True, quantized=True)
-    check_strategy(DDPStrategy(), lora=True, quantized=False)
+    check_strategy(DDPStrategy(parallel_devices=two), lora=True, quantized=False)
     check_strategy(ModelParallelStrategy(), lora=False, quantized=False)

@@ -618,23 +618,26 @@ def check_strategy(strategy: Any, *, lora: bool, quantized: bool) -> None:
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
     name = type(strategy).__name__
-    if isinstance(strategy, FSDPStrategy):
+    processes = getattr(strategy, "num_processes", 1) * getattr(strategy, "num_nodes", 1)
+    if isinstance(strategy, FSDPStrategy) and processes > 1:
         raise ValueError(
-            "trainer.strategy=fsdp (FSDP1) is not supported: the rollout engine generates outside the FSDP root's "
-            "forward. Use FSDP2: trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy with "
-            "init_args {data_parallel_size: <devices>, tensor_parallel_size: 1} (see configs/qwen3-4b/thinktwice.yaml)"
+            f"trainer.strategy=fsdp (FSDP1) on {processes} devices is not supported: the rollout engine generates "
+            "outside the FSDP root's forward, where FSDP1 holds only flat shards. Use FSDP2: trainer.strategy="
+            "lightning.pytorch.strategies.ModelParallelStrategy with init_args {data_parallel_size: <devices>, "
+            "tensor_parallel_size: 1} (see configs/qwen3-4b/thinktwice.yaml)"
         )
-    if quantized and not isinstance(strategy, SingleDeviceStrategy):
+    if quantized and (processes > 1 or isinstance(strategy, FSDPStrategy | ModelParallelStrategy)):
         raise ValueError(
-            f"model.quantization (QLoRA) with trainer.strategy={name}: 4-bit weights are supported on one device "
-            "only (trainer.devices=1); drop model.quantization to use LoRA or full fine-tuning on several devices"
+            f"model.quantization (QLoRA) with trainer.strategy={name} on {processes} device(s): 4-bit weights are "
+            "supported on one device without sharding (trainer.devices=1, trainer.strategy=auto); drop "
+            "model.quantization to use LoRA or full fine-tuning on several devices"
         )
-    if lora and isinstance(strategy, ModelParallelStrategy):
+    if lora and isinstance(strategy, ModelParallelStrategy | FSDPStrategy):
         raise ValueError(
-            "model.lora with ModelParallelStrategy (FSDP2) is not supported; LoRA runs on one device or with "
+            f"model.lora with trainer.strategy={name} (FSDP) is not supported; LoRA runs on one device or with "
             "trainer.strategy=ddp (adapters are small: sharding them saves little)"
         )
-    if not isinstance(strategy, SingleDeviceStrategy | DDPStrategy | ModelParallelStrategy):
+    if not isinstance(strategy, SingleDeviceStrategy | DDPStrategy | ModelParallelStrategy | FSDPStrategy):
         raise ValueError(
             f"trainer.strategy={name} is not supported; use auto (one device), ddp, or ModelParallelStrategy (FSDP2)"
         )
