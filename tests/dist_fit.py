@@ -46,6 +46,7 @@ def main() -> None:
         model_name_or_path=args.model, problems_per_batch=4, mini_batch_problems=2, num_generations=4,
         max_completion_length=8, learning_rate=1e-2, weight_decay=0.0, max_tokens_per_microbatch=40,
         beta=0.05 if args.strategy == "fsdp2" else 0.0,  # FSDP2 also shards the frozen KL reference
+        gradient_checkpointing=args.strategy == "fsdp2",  # activation checkpointing inside fully_shard units
     )  # fmt: skip
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=16), problems_per_batch=4, seed=0)
     rollout = RolloutCallback(num_generations=4, max_completion_length=8, reward="signal_rewards.even_length",
