@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -75,10 +76,15 @@ def main() -> None:
         exported_same += int(torch.equal(full, exported[name]))
     caches: list[object] = [None] * trainer.world_size
     torch.distributed.all_gather_object(caches, json.dumps(data.state_dict(), sort_keys=True))
+    weights: list[Any] = [None] * trainer.world_size  # DDP replicas must stay identical (FSDP2 holds shards)
+    if args.strategy == "ddp":
+        torch.distributed.all_gather_object(weights, dict(module.policy.state_dict()))
     if trainer.is_global_zero:
         result = {
             "global_step": trainer.global_step, "moved": moved, "tensors": len(initial), "exported": exported_same,
             "same_cache_on_all_ranks": len(set(caches)) == 1, "cursor": data.cursor,
+            "same_weights_on_all_ranks": args.strategy == "ddp"
+            and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]),
             "log_dir": trainer.logger.log_dir, "world_size": trainer.world_size, "pid": os.getpid(),
         }  # fmt: skip
         (root / "result.json").write_text(json.dumps(result))

@@ -336,7 +336,9 @@ class ThinkTwiceModule(pl.LightningModule):
             list(self._micro_batches([i for i in self._share(mini, group_size, rank) if i in trained], rollouts))
             for rank in range(world)
         ]
-        for micro, weight in _padded_plan(plans, self.global_rank, filler=mini[:1]):
+        passes = list(_padded_plan(plans, self.global_rank, filler=mini[:1]))
+        block_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)  # DDP: no_sync()
+        for n, (micro, weight) in enumerate(passes):
             logprobs, entropy, mask = self._forward_logprobs(rollouts, micro, with_grad=True)  # [n, T] each
             old = (
                 torch.stack([_pad_to(old_logprobs[i], mask.shape[1]) for i in micro]).to(logprobs.device)
@@ -350,8 +352,10 @@ class ThinkTwiceModule(pl.LightningModule):
                 clip_ratio_c=hp.clip_ratio_c, loss_type=hp.loss_type, max_completion_length=hp.max_completion_length,
                 ref_logprobs=ref, beta=hp.beta, num_tokens=num_tokens, num_sequences=num_sequences,
             )  # fmt: skip
-            # the strategies average gradients over ranks; the normaliser already counts all ranks' tokens
-            self.manual_backward(loss * (world * weight))
+            # the strategies average gradients over ranks; the normaliser already counts all ranks' tokens. DDP
+            # all-reduces once, in the step's last backward (the earlier ones accumulate locally)
+            with block_sync() if n < len(passes) - 1 else nullcontext():
+                self.manual_backward(loss * (world * weight))
             if not weight:  # a padding pass: same collectives as the other ranks, no gradient, no statistics
                 continue
             stats["loss"] += float(loss.detach())
