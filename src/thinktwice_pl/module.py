@@ -302,7 +302,7 @@ class ThinkTwiceModule(pl.LightningModule):
                 totals["steps"] += 1
         totals["trained_sequences"] = float(len(trained))
         if self.trainer.world_size > 1:  # each rank summed the statistics of its own share: add them up
-            keys = [k for k in STEP_STATS]
+            keys = list(STEP_STATS)
             summed = self.trainer.strategy.reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64),
                                                   reduce_op="sum")  # fmt: skip
             totals.update(zip(keys, summed.tolist(), strict=True))
@@ -444,9 +444,9 @@ class ThinkTwiceModule(pl.LightningModule):
 
         Prompts are left-padded and completions right-padded, so completion token t of every row sits
         at position P + t; only the completion positions go through the LM head. The forward enters through
-        the model itself (FSDP2 gathers the root unit's embeddings and head there, DDP-free peft wrappers
-        keep their hooks) with an empty `logits_to_keep`; the decoder's last hidden state is taken by a hook
-        and the head is applied in chunks (`token_logprobs`).
+        the model itself, with an empty `logits_to_keep` (under FSDP2 the root unit's forward gathers the
+        embeddings and the head, which stay gathered until backward); a hook takes the decoder's last hidden
+        state and the head is applied to it in chunks (`token_logprobs`).
         """
         model = model if model is not None else self.policy
         pad_id = self.tokenizer.pad_token_id or 0
