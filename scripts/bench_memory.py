@@ -99,7 +99,7 @@ def _run_variant(args: argparse.Namespace) -> dict[str, float]:
         loss, _ = policy_loss(token_lp, token_lp.detach(), advantages.to(device), mask)
         loss.backward()
     else:
-        module._trainer = SimpleNamespace(world_size=1, global_rank=0)
+        module._trainer = SimpleNamespace(world_size=1, global_rank=0, strategy=None)
         module.manual_backward = lambda loss: loss.backward()
         opt = SimpleNamespace(zero_grad=lambda set_to_none: None, step=lambda: None)  # the step's memory, not Adam's
         n = len(rollouts)

@@ -103,7 +103,7 @@ def test_token_budget_micro_batches_give_the_gradient_of_one_big_batch(tiny_mode
                                   mini_batch_problems=1, max_grad_norm=None, loss_type=loss_type,
                                   max_tokens_per_microbatch=budget)  # fmt: skip
         module.configure_model()
-        module._trainer = SimpleNamespace(world_size=1, global_rank=0)  # what _optimizer_step reads of the trainer
+        module._trainer = SimpleNamespace(world_size=1, global_rank=0, strategy=None)  # what _optimizer_step reads
         module.manual_backward = lambda loss: loss.backward()
         micro_batches = list(module._micro_batches(list(range(6)), rollouts))
         for micro in micro_batches:  # the budget holds: rows x (longest prompt + longest completion)
