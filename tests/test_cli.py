@@ -19,7 +19,15 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 def test_configs_exist() -> None:
     names = {str(p.relative_to(ROOT / "configs")) for p in CONFIGS}
-    assert {"tiny.yaml", "quickstart.yaml", "qwen3-4b/thinktwice.yaml", "qwen3-4b/grpo.yaml"} <= names
+    assert {
+        "tiny.yaml",
+        "quickstart.yaml",
+        "qwen3-4b/thinktwice.yaml",
+        "qwen3-4b/grpo.yaml",
+        "qwen3-4b/lora.yaml",
+        "qwen3-4b/qlora.yaml",
+        "olmo3-7b/thinktwice.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))

@@ -85,3 +85,38 @@ def test_dropout_is_disabled_by_default(tmp_path: Path) -> None:
     assert clean.training
     assert all(m.attention_dropout == 0.0 for m in clean.modules() if hasattr(m, "attention_dropout"))
     assert torch.equal(clean(ids).logits, clean(ids).logits)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_token_budget_micro_batches_give_the_gradient_of_one_big_batch(tiny_model_dir: Path, loss_type: str) -> None:
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    lengths = [(7, 5), (3, 9), (11, 2), (4, 4), (6, 8), (2, 3)]  # (prompt, completion) tokens
+    rollouts = [_rollout(torch.randint(5, 500, (p,)).tolist(), torch.randint(5, 500, (c,)).tolist())
+                for p, c in lengths]  # fmt: skip
+    advantages = torch.tensor([0.5, -0.5, 0.25, -0.25, 0.75, -0.75])
+    in_loss = torch.ones(6, dtype=torch.bool)
+
+    def gradients(budget: int | None) -> tuple[dict[str, torch.Tensor], int]:
+        module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=1, num_generations=6,
+                                  mini_batch_problems=1, max_grad_norm=None, loss_type=loss_type,
+                                  max_tokens_per_microbatch=budget)  # fmt: skip
+        module.configure_model()
+        module._trainer = SimpleNamespace(world_size=1, global_rank=0, strategy=None)  # what _optimizer_step reads
+        module.manual_backward = lambda loss: loss.backward()
+        micro_batches = list(module._micro_batches(list(range(6)), rollouts))
+        for micro in micro_batches:  # the budget holds: rows x (longest prompt + longest completion)
+            width = max(len(rollouts[i].prompt_ids) for i in micro) + max(
+                len(rollouts[i].completion_ids) for i in micro
+            )
+            assert budget is None or len(micro) == 1 or len(micro) * width <= budget
+        opt = torch.optim.SGD(module.policy.parameters(), lr=0.0)  # lr 0: the gradients stay to be compared
+        module._optimizer_step(opt, rollouts, list(range(6)), 6, advantages, in_loss, set(range(6)), {})
+        return {n: p.grad.clone() for n, p in module.policy.named_parameters()}, len(micro_batches)
+
+    whole, one = gradients(None)
+    split, many = gradients(30)
+    assert one == 1 and many >= 3
+    for name, grad in whole.items():
+        torch.testing.assert_close(split[name], grad, rtol=1e-5, atol=1e-7, msg=name)

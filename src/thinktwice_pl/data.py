@@ -800,6 +800,18 @@ class _PhaseBatches(IterableDataset[PhaseBatch]):
         return (dm.phase_batch(i) for i in range(start, end))  # a generator expression: `start` is read now
 
 
+def rank_slice(num_items: int, rank: int, world_size: int) -> slice:
+    """The contiguous share of `num_items` (problems or groups) that `rank` of `world_size` ranks works on.
+
+    Every rank gets the same batch of problems; each generates for and trains on its own share, so the
+    G samples of a problem (its group) always stay on one rank.
+    """
+    if num_items % world_size:
+        raise ValueError(f"{num_items} problems cannot be split evenly over {world_size} ranks")
+    size = num_items // world_size
+    return slice(rank * size, (rank + 1) * size)
+
+
 def _identity(batch: Any) -> Any:
     return batch
 

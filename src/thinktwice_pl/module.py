@@ -11,11 +11,18 @@ Deliberate shortcuts, each exact for the math:
   but their tokens still count in the loss normaliser;
 - with one mini-batch and one iteration the ratio is 1, so the detached current log-probs serve
   as "old" log-probs and no extra forward pass is made.
+
+Several ranks (DDP, FSDP2): every rank holds all of the phase's rollouts (the rollout callback gathers
+them) and trains its share of each optimizer step's groups; the loss normaliser counts the whole step
+on all ranks, and the loss is scaled by the world size because the strategies average gradients.
+Ranks run the same number of forward/backward passes (padded with zero-weight micro-batches), since
+sharded parameters are gathered collectively in every pass.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -29,8 +36,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from thinktwice_pl.data import rank_slice
 from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_loss, token_logprobs
-from thinktwice_pl.models import load_causal_lm, load_tokenizer, resolve_model_path
+from thinktwice_pl.models import (
+    LoraSettings,
+    QuantizationSettings,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+    shard_fsdp2,
+)
 from thinktwice_pl.types import EvalBatch, PhaseBatch, Rollout
 
 log = logging.getLogger(__name__)
@@ -53,6 +68,9 @@ class ThinkTwiceModule(pl.LightningModule):
         attn_implementation: transformers attention backend (eager, sdpa, flash_attention_2); None = default.
         gradient_checkpointing: recompute decoder activations in backward to save memory.
         disable_dropout: set every dropout of the policy to 0 (so the old/new ratio is exactly 1 before an update).
+        lora: train LoRA adapters (peft) instead of all weights; with beta > 0 the reference is the model with
+            its adapters disabled (no second copy).
+        quantization: QLoRA: hold the frozen base weights in 4 bits (bitsandbytes); needs `lora`, one device.
         learning_rate: AdamW learning rate (the published runs: 1e-6).
         betas: AdamW betas.
         weight_decay: AdamW weight decay.
@@ -64,6 +82,9 @@ class ThinkTwiceModule(pl.LightningModule):
             phase. None = one optimizer step per phase.
         micro_batch_size: sequences per forward/backward inside an optimizer step (gradient
             accumulation); None = the whole mini-batch at once.
+        max_tokens_per_microbatch: at most this many (padded) prompt + completion tokens per forward/backward
+            on each rank; sequences are packed by length. None = no token budget. A longer single sequence
+            goes alone. The loss normaliser covers the whole optimizer step either way.
         num_generations: G, samples per prompt in both phases (linked from rollout.num_generations).
         num_iterations: passes over each phase's rollouts (PPO epochs; the paper uses 1).
         epsilon: lower clip range, ratio >= 1 - epsilon.
@@ -92,6 +113,8 @@ class ThinkTwiceModule(pl.LightningModule):
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
+        lora: LoraSettings | None = None,
+        quantization: QuantizationSettings | None = None,
         learning_rate: float = 1e-6,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.01,
@@ -101,6 +124,7 @@ class ThinkTwiceModule(pl.LightningModule):
         problems_per_batch: int = 32,
         mini_batch_problems: int | None = 8,
         micro_batch_size: int | None = None,
+        max_tokens_per_microbatch: int | None = None,
         num_generations: int = 8,
         num_iterations: int = 1,
         epsilon: float = 0.2,
@@ -117,7 +141,17 @@ class ThinkTwiceModule(pl.LightningModule):
         importance_sampling_cap: float | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(lora, dict):  # hyper-parameters read back from a checkpoint
+            lora = LoraSettings(**lora)
+        if isinstance(quantization, dict):
+            quantization = QuantizationSettings(**quantization)
+        if quantization is not None and lora is None:
+            raise ValueError("model.quantization (QLoRA) needs model.lora: 4-bit base weights are not trained directly")
+        self.lora, self.quantization = lora, quantization
         self.save_hyperparameters()
+        # plain python in checkpoints: torch.load(weights_only=True), Lightning's default on resume, refuses classes
+        self.hparams["lora"] = dataclasses.asdict(lora) if lora is not None else None
+        self.hparams["quantization"] = dataclasses.asdict(quantization) if quantization is not None else None
         mini = mini_batch_problems or problems_per_batch
         if problems_per_batch % mini:
             raise ValueError(
@@ -128,6 +162,8 @@ class ThinkTwiceModule(pl.LightningModule):
             raise ValueError(f"rollout.num_generations={num_generations}: GRPO needs at least 2 samples per group")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"model.micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+        if max_tokens_per_microbatch is not None and max_tokens_per_microbatch < 1:
+            raise ValueError(f"model.max_tokens_per_microbatch must be >= 1 or None, got {max_tokens_per_microbatch}")
         if num_iterations < 1:
             raise ValueError(f"model.num_iterations must be >= 1, got {num_iterations}")
         if importance_sampling_cap is not None and importance_sampling_cap <= 0:
@@ -154,15 +190,40 @@ class ThinkTwiceModule(pl.LightningModule):
             attn_implementation=hp.attn_implementation,
             gradient_checkpointing=hp.gradient_checkpointing,
             disable_dropout=hp.disable_dropout,
+            lora=self.lora,
+            quantization=self.quantization,
         )
         for name in ("final_logit_softcapping", "logit_scale"):
             if getattr(self.policy.config, name, None) not in (None, 1.0):
                 raise NotImplementedError(f"{path}: models with config.{name} are not supported by the chunked head")
-        if hp.beta > 0:  # frozen copy of the initial policy; kept out of checkpoints (rebuilt from the path)
+        if hp.beta > 0 and self.lora is None:  # frozen initial policy; kept out of checkpoints (rebuilt from the path)
             self.ref_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        mesh = self.device_mesh  # set by ModelParallelStrategy: FSDP2
+        if mesh is not None:
+            check_strategy(self.trainer.strategy, lora=self.lora is not None, quantized=self.quantization is not None)
+            if mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    f"ModelParallelStrategy tensor_parallel_size={mesh['tensor_parallel'].size()}: only data-parallel "
+                    "FSDP2 is supported; set trainer.strategy.init_args.tensor_parallel_size=1 and data_parallel_size "
+                    "to the number of devices"
+                )
+            mp_policy = _fsdp2_mixed_precision(str(self.trainer.precision))
+            for model in (self.policy, self.ref_policy):
+                if model is not None:
+                    shard_fsdp2(model, mesh["data_parallel"], mp_policy=mp_policy)
 
     def setup(self, stage: str) -> None:
         check_precision(str(self.trainer.precision))
+        check_strategy(self.trainer.strategy, lora=self.lora is not None, quantized=self.quantization is not None)
+        world = self.trainer.world_size
+        mini = self.hparams.mini_batch_problems or self.hparams.problems_per_batch
+        for flag, value in (("data.problems_per_batch", self.hparams.problems_per_batch),
+                            ("model.mini_batch_problems", mini)):  # fmt: skip
+            if value % world:
+                raise ValueError(
+                    f"{flag}={value} is not divisible by the {world} ranks (trainer.devices x trainer.num_nodes): "
+                    "each rank takes an equal share of the problems of every optimizer step"
+                )
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -187,13 +248,21 @@ class ThinkTwiceModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("ref_policy.")]:
+        # FSDP2 saves (and loads) its shards of every key of the module, the reference's included
+        for key in [k for k in state if k.startswith("ref_policy.") and self.device_mesh is None]:
             del state[key]
+        if self.lora is not None:  # only the adapters: the frozen base comes from the model path again
+            trainable = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
+            for key in [k for k in state if k not in trainable]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ref_policy is not None:  # the reference is the initial policy: take it from the model path
+        if self.ref_policy is not None and "state_dict" in checkpoint:  # the initial policy: from the model path
             for key, value in self.ref_policy.state_dict().items():
                 checkpoint["state_dict"][f"ref_policy.{key}"] = value
+        if self.lora is not None:  # adapter-only checkpoint: the frozen base weights as loaded
+            for key, value in self.policy.state_dict().items():
+                checkpoint["state_dict"].setdefault(f"policy.{key}", value)
 
     # ----------------------------------------------------------------------------------- training
 
@@ -221,20 +290,34 @@ class ThinkTwiceModule(pl.LightningModule):
         # rollouts that need a forward pass: nonzero advantage (or any, with a KL term), inside the loss
         trained = [i for i in range(len(rollouts)) if in_loss[i] and (hp.beta > 0 or advantages[i] != 0)]
         needs_old = len(minis) > 1 or hp.num_iterations > 1
-        old_logprobs = self._old_logprobs(rollouts, trained) if needs_old else {}
+        trained_set = set(trained)
+        shares = [  # what each rank trains on, over the whole phase
+            [i for mini in minis for i in self._share(mini, group_size, rank) if i in trained_set]
+            for rank in range(self.trainer.world_size)
+        ]
+        old_logprobs = self._old_logprobs(rollouts, shares) if needs_old else {}
 
         opt = self.optimizers()
         sched = self.lr_schedulers()
         totals = dict.fromkeys((*STEP_STATS, "grad_norm", "steps"), 0.0)
         for _ in range(hp.num_iterations):
             for mini in minis:
-                stats = self._optimizer_step(opt, rollouts, mini, advantages, in_loss, set(trained), old_logprobs)
+                stats = self._optimizer_step(
+                    opt, rollouts, mini, group_size, advantages, in_loss, set(trained), old_logprobs
+                )
                 if sched is not None:
                     sched.step()
                 for key, value in stats.items():
                     totals[key] = max(totals[key], value) if key.endswith("_max") else totals[key] + value
                 totals["steps"] += 1
         totals["trained_sequences"] = float(len(trained))
+        if self.trainer.world_size > 1:  # each rank summed the statistics of its own share: add them up
+            keys = [k for k in STEP_STATS if not k.endswith("_max")]
+            summed = self.trainer.strategy.reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64),
+                                                  reduce_op="sum")  # fmt: skip
+            totals.update(zip(keys, summed.tolist(), strict=True))
+            for key in (k for k in STEP_STATS if k.endswith("_max")):  # maxima: the largest over the ranks
+                totals[key] = float(self.trainer.strategy.reduce(torch.tensor(totals[key]), reduce_op="max"))
         train_s = time.perf_counter() - t0
         self._log_phase(batch, totals, train_s)
 
@@ -243,28 +326,40 @@ class ThinkTwiceModule(pl.LightningModule):
         opt: Any,
         rollouts: list[Rollout],
         mini: list[int],
+        group_size: int,
         advantages: torch.Tensor,
         in_loss: torch.Tensor,
         trained: set[int],
         old_logprobs: dict[int, torch.Tensor],
     ) -> dict[str, float]:
-        """One optimizer step over the rollouts `mini` (indices), in micro-batches; returns summed stats."""
+        """One optimizer step over this rank's share of the rollouts `mini` (indices), in micro-batches.
+
+        Returns the stats summed over this rank's micro-batches.
+        """
         hp = self.hparams
+        world = self.trainer.world_size
         # normalisers of the whole optimizer step, fixed before any micro-batch (dapo: token count)
         num_tokens = float(sum(len(rollouts[i].completion_ids) for i in mini if in_loss[i]))
         num_sequences = float(sum(1 for i in mini if in_loss[i]))
         # zero_grad keeps zero tensors (not None) so AdamW steps every parameter, as the reference does
         opt.zero_grad(set_to_none=False)
         stats = dict.fromkeys(STEP_STATS, 0.0)
-        for micro in self._micro_batches([i for i in mini if i in trained], rollouts):
+        plans = [  # micro-batches of every rank, so each rank knows how many passes the others run
+            list(self._micro_batches([i for i in self._share(mini, group_size, rank) if i in trained], rollouts))
+            for rank in range(world)
+        ]
+        passes = list(_padded_plan(plans, self.global_rank, filler=mini[:1]))
+        block_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)  # DDP: no_sync()
+        for n, (micro, weight) in enumerate(passes):
             logprobs, entropy, mask = self._forward_logprobs(rollouts, micro, with_grad=True)  # [n, T] each
             old = (
                 torch.stack([_pad_to(old_logprobs[i], mask.shape[1]) for i in micro]).to(logprobs.device)
-                if old_logprobs
+                if old_logprobs and weight
                 else logprobs.detach()
             )
             ref = self._ref_logprobs(rollouts, micro) if hp.beta > 0 else None
-            is_weights = self._sampler_mismatch(rollouts, micro, old, mask, stats)
+            # (a padding pass's statistics go to a scratch dict)
+            is_weights = self._sampler_mismatch(rollouts, micro, old, mask, stats if weight else dict(stats))
             loss, loss_stats = policy_loss(
                 logprobs, old, advantages[micro].to(logprobs.device), mask,
                 epsilon_low=hp.epsilon, epsilon_high=hp.epsilon_high if hp.epsilon_high is not None else hp.epsilon,
@@ -272,7 +367,12 @@ class ThinkTwiceModule(pl.LightningModule):
                 ref_logprobs=ref, beta=hp.beta, num_tokens=num_tokens, num_sequences=num_sequences,
                 is_weights=is_weights,
             )  # fmt: skip
-            self.manual_backward(loss)
+            # the strategies average gradients over ranks; the normaliser already counts all ranks' tokens. DDP
+            # all-reduces once, in the step's last backward (the earlier ones accumulate locally)
+            with block_sync() if n < len(passes) - 1 else nullcontext():
+                self.manual_backward(loss * (world * weight))
+            if not weight:  # a padding pass: same collectives as the other ranks, no gradient, no statistics
+                continue
             stats["loss"] += float(loss.detach())
             stats["entropy"] += float((entropy * mask).sum())
             for key, value in loss_stats.items():
@@ -320,19 +420,44 @@ class ThinkTwiceModule(pl.LightningModule):
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
         return float(norm)
 
+    def _share(self, indices: list[int], group_size: int, rank: int | None = None) -> list[int]:
+        """The part of `indices` (whole groups) that `rank` (default: this one) trains on."""
+        groups = len(indices) // group_size
+        part = rank_slice(groups, self.global_rank if rank is None else rank, self.trainer.world_size)
+        return indices[part.start * group_size : part.stop * group_size]
+
     def _micro_batches(self, indices: list[int], rollouts: list[Rollout]) -> Iterator[list[int]]:
-        """Split `indices` into micro-batches of similar total length, so little padding is computed."""
+        """Split `indices` into micro-batches of similar length, so little padding is computed.
+
+        A micro-batch holds at most `micro_batch_size` sequences and, with `max_tokens_per_microbatch`, at most
+        that many padded tokens (rows x longest prompt + rows x longest completion); a single sequence over the
+        budget goes alone.
+        """
         size = self.hparams.micro_batch_size or max(1, len(indices))
+        budget = self.hparams.max_tokens_per_microbatch
         ordered = sorted(indices, key=lambda i: len(rollouts[i].prompt_ids) + len(rollouts[i].completion_ids))
-        for start in range(0, len(ordered), size):
-            yield ordered[start : start + size]
+        micro: list[int] = []
+        prompt_width = completion_width = 0
+        for i in ordered:
+            p = max(prompt_width, len(rollouts[i].prompt_ids))
+            c = max(completion_width, len(rollouts[i].completion_ids))
+            if micro and (len(micro) >= size or (budget is not None and (len(micro) + 1) * (p + c) > budget)):
+                yield micro
+                micro, p, c = [], len(rollouts[i].prompt_ids), len(rollouts[i].completion_ids)
+            micro.append(i)
+            prompt_width, completion_width = p, c
+        if micro:
+            yield micro
 
     @torch.no_grad()
-    def _old_logprobs(self, rollouts: list[Rollout], indices: list[int]) -> dict[int, torch.Tensor]:
-        """Log-probs of the policy before this phase's first update (the PPO "old" policy)."""
+    def _old_logprobs(self, rollouts: list[Rollout], shares: list[list[int]]) -> dict[int, torch.Tensor]:
+        """Log-probs of this rank's share (`shares[rank]`) under the policy before the phase's first update."""
         out: dict[int, torch.Tensor] = {}
-        for micro in self._micro_batches(indices, rollouts):
+        plans = [list(self._micro_batches(share, rollouts)) for share in shares]
+        for micro, weight in _padded_plan(plans, self.global_rank, filler=[0]):
             logprobs, _, _ = self._forward_logprobs(rollouts, micro, with_grad=False)
+            if not weight:
+                continue
             for row, i in enumerate(micro):
                 out[i] = logprobs[row, : len(rollouts[i].completion_ids)].cpu()
         return out
@@ -359,7 +484,10 @@ class ThinkTwiceModule(pl.LightningModule):
         """Token log-probs of each completion in `micro`: ``(logprobs [n, C], entropy [n, C], mask [n, C])``.
 
         Prompts are left-padded and completions right-padded, so completion token t of every row sits
-        at position P + t; only the completion positions go through the LM head.
+        at position P + t; only the completion positions go through the LM head. The forward enters through
+        the model itself, with an empty `logits_to_keep` (under FSDP2 the root unit's forward gathers the
+        embeddings and the head, which stay gathered until backward); a hook takes the decoder's last hidden
+        state and the head is applied to it in chunks (`token_logprobs`).
         """
         model = model if model is not None else self.policy
         pad_id = self.tokenizer.pad_token_id or 0
@@ -377,9 +505,15 @@ class ThinkTwiceModule(pl.LightningModule):
         device = self.device
         input_ids, attention, position_ids = input_ids.to(device), attention.to(device), position_ids.to(device)
         decoder, head = _decoder_and_head(model)
+        captured: list[torch.Tensor] = []
+        hook = decoder.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
         with nullcontext() if with_grad else torch.no_grad():
-            hidden = decoder(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).last_hidden_state
-            hidden = hidden[:, prompt_width - 1 : prompt_width + width - 1]  # [n, C, H], position t predicts t + 1
+            try:
+                model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False,
+                      logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))  # fmt: skip
+            finally:
+                hook.remove()
+            hidden = captured[-1][:, prompt_width - 1 : prompt_width + width - 1]  # [n, C, H]: t predicts t + 1
             targets = input_ids[:, prompt_width:]  # [n, C]
             logprobs, entropy = token_logprobs(
                 hidden, head, targets, temperature=self.hparams.temperature,
@@ -487,7 +621,10 @@ class ThinkTwiceModule(pl.LightningModule):
     def _log_samples(self, batch: PhaseBatch) -> None:
         """Write a few sample completions: to TensorBoard as text, and always to <log_dir>/samples.jsonl."""
         k = self.hparams.log_completions
-        if k <= 0 or self.trainer is None or not self.trainer.is_global_zero or batch.rollouts is None:
+        if k <= 0 or self.trainer is None or batch.rollouts is None:
+            return
+        log_dir = self.trainer.log_dir  # on every rank: with several, it is a broadcast from rank 0
+        if not self.trainer.is_global_zero:
             return
         group_size = batch.rollouts.group_size
         picks = batch.rollouts.rollouts[: k * group_size : group_size]  # first sample of the first k groups
@@ -498,7 +635,6 @@ class ThinkTwiceModule(pl.LightningModule):
              "reward": r.reward, "finish_reason": r.finish_reason}
             for r in picks
         ]  # fmt: skip
-        log_dir = self.trainer.log_dir
         if log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(log_dir) / "samples.jsonl", "a") as f:
@@ -546,10 +682,63 @@ def check_precision(precision: str) -> None:
         )
 
 
+def check_strategy(strategy: Any, *, lora: bool, quantized: bool) -> None:
+    """Refuse the strategy/adapter combinations that are not tested, naming the flags (at set-up, before any work)."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+    name = type(strategy).__name__
+    processes = getattr(strategy, "num_processes", 1) * getattr(strategy, "num_nodes", 1)
+    if isinstance(strategy, FSDPStrategy) and processes > 1:
+        raise ValueError(
+            f"trainer.strategy=fsdp (FSDP1) on {processes} devices is not supported: the rollout engine generates "
+            "outside the FSDP root's forward, where FSDP1 holds only flat shards. Use FSDP2: trainer.strategy="
+            "lightning.pytorch.strategies.ModelParallelStrategy with init_args {data_parallel_size: <devices>, "
+            "tensor_parallel_size: 1} (see configs/qwen3-4b/thinktwice.yaml)"
+        )
+    if quantized and (processes > 1 or isinstance(strategy, FSDPStrategy | ModelParallelStrategy)):
+        raise ValueError(
+            f"model.quantization (QLoRA) with trainer.strategy={name} on {processes} device(s): 4-bit weights are "
+            "supported on one device without sharding (trainer.devices=1, trainer.strategy=auto); drop "
+            "model.quantization to use LoRA or full fine-tuning on several devices"
+        )
+    if lora and isinstance(strategy, ModelParallelStrategy | FSDPStrategy):
+        raise ValueError(
+            f"model.lora with trainer.strategy={name} (FSDP) is not supported; LoRA runs on one device or with "
+            "trainer.strategy=ddp (adapters are small: sharding them saves little)"
+        )
+    if not isinstance(strategy, SingleDeviceStrategy | DDPStrategy | ModelParallelStrategy | FSDPStrategy):
+        raise ValueError(
+            f"trainer.strategy={name} is not supported; use auto (one device), ddp, or ModelParallelStrategy (FSDP2)"
+        )
+
+
+def _fsdp2_mixed_precision(precision: str) -> Any:
+    """FSDP2's mixed precision for trainer.precision=bf16-mixed: bf16 compute and gathers, fp32 weights and grads."""
+    if precision != "bf16-mixed":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
 def _decoder_and_head(model: Any) -> tuple[Any, Any]:
     """The transformer body (returns hidden states) and the LM head of an HF causal LM (peft-wrapped or not)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
+
+
+def _padded_plan(plans: list[list[list[int]]], rank: int, filler: list[int]) -> Iterator[tuple[list[int], int]]:
+    """This rank's micro-batches with weight 1, then `filler` passes with weight 0 up to the longest plan of any rank.
+
+    Sharded strategies gather parameters collectively in every forward and reduce gradients in every backward,
+    so all ranks must run the same number of passes even when their shares differ (zero-advantage skipping,
+    token budgets).
+    """
+    longest = max(len(plan) for plan in plans)
+    for micro in plans[rank]:
+        yield micro, 1
+    for _ in range(longest - len(plans[rank])):
+        yield filler, 0
 
 
 def _pad_to(values: torch.Tensor, width: int) -> torch.Tensor:

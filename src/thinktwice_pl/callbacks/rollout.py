@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
 
+from thinktwice_pl.data import rank_slice
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,
     DEFAULT_SOLVE_SUFFIX,
@@ -122,21 +123,31 @@ class RolloutCallback(Callback):
     # ------------------------------------------------------------------------------ rollouts
 
     def rollout(self, pl_module: pl.LightningModule, batch: PhaseBatch) -> RolloutBatch:
-        """Build the phase's prompts, sample G completions each, grade them: a scored `RolloutBatch`."""
+        """Build the phase's prompts, sample G completions each, grade them: a scored `RolloutBatch`.
+
+        With several ranks each rank samples and grades its share of the problems (`rank_slice`), then the
+        shares are gathered, so every rank holds the whole phase (the refine cache and the logged metrics
+        are the same everywhere; the module trains each rank on its share).
+        """
         tokenizer = pl_module.tokenizer
+        trainer = pl_module._trainer
+        world = trainer.world_size if trainer is not None else 1
+        share = rank_slice(len(batch.problems), pl_module.global_rank, world)
+        problems = batch.problems[share]
+        bases = batch.bases[share] if batch.bases is not None else None
         if batch.phase == "solve":
-            chats = [solve_messages(p.prompt_text, self.solve_prompt_suffix) for p in batch.problems]
+            chats = [solve_messages(p.prompt_text, self.solve_prompt_suffix) for p in problems]
         else:
-            assert batch.bases is not None
+            assert bases is not None
             chats = [
                 refine_messages(p.prompt_text, base.completion_text, tokenizer, self.solve_prompt_suffix,
                                 self.refine_instruction)
-                for p, base in zip(batch.problems, batch.bases, strict=True)
+                for p, base in zip(problems, bases, strict=True)
             ]  # fmt: skip
         prompt_texts = [render_chat(chat, tokenizer) for chat in chats]
         prompt_ids = [tokenize_rendered(text, tokenizer) for text in prompt_texts]
         if self.max_prompt_length is not None:
-            for problem, ids in zip(batch.problems, prompt_ids, strict=True):
+            for problem, ids in zip(problems, prompt_ids, strict=True):
                 if len(ids) > self.max_prompt_length:
                     raise ValueError(
                         f"{batch.phase} prompt of problem {problem.id!r} has {len(ids)} tokens > "
@@ -156,15 +167,15 @@ class RolloutCallback(Callback):
 
         start = time.perf_counter()
         completions = [c for group in groups for c in group]  # group-major
-        answers = [p.answer for p in batch.problems for _ in range(self.num_generations)]
+        answers = [p.answer for p in problems for _ in range(self.num_generations)]
         prompts = [text for text in prompt_texts for _ in range(self.num_generations)]
         assert self.scorer is not None, "on_fit_start did not run"
         scores = self.scorer.score(prompts, [c.text for c in completions], answers)
         score_s = time.perf_counter() - start
 
         rollouts: list[Rollout] = []
-        for i, (problem, group) in enumerate(zip(batch.problems, groups, strict=True)):
-            base = batch.bases[i] if batch.bases is not None else None
+        for i, (problem, group) in enumerate(zip(problems, groups, strict=True)):
+            base = bases[i] if bases is not None else None
             for j, completion in enumerate(group):
                 k = i * self.num_generations + j
                 rollouts.append(Rollout(
@@ -179,14 +190,28 @@ class RolloutCallback(Callback):
             first = next(e for e in scores.errors if e is not None)
             log.warning("%d of %d %s completions could not be graded (scored 0), e.g. %s",
                         scores.num_errors, len(completions), batch.phase, first)  # fmt: skip
-        return RolloutBatch(rollouts, self.num_generations, generate_s=generate_s, score_s=score_s,
-                            reward_errors=scores.num_errors)  # fmt: skip
+        local = RolloutBatch(rollouts, self.num_generations, generate_s=generate_s, score_s=score_s,
+                             reward_errors=scores.num_errors)  # fmt: skip
+        return _gather(local) if world > 1 else local
 
 
 def phase_seed(seed: int, index: int, rank: int = 0) -> int:
     """A sampling seed for phase batch `index` on `rank` that depends only on (seed, index, rank)."""
     digest = hashlib.sha256(f"{seed}/{index}/{rank}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def _gather(local: RolloutBatch) -> RolloutBatch:
+    """All ranks' shares in rank order (group-major over the whole problem batch); times are the slowest rank's."""
+    import torch.distributed as dist
+
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, local)
+    return RolloutBatch(
+        [r for share in shares for r in share.rollouts], local.group_size,
+        generate_s=max(share.generate_s for share in shares), score_s=max(share.score_s for share in shares),
+        reward_errors=sum(share.reward_errors for share in shares),
+    )  # fmt: skip
 
 
 def _show_phase(trainer: pl.Trainer, batch: PhaseBatch) -> None:

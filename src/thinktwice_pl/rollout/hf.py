@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from thinktwice_pl.models import is_quantized
 from thinktwice_pl.types import Completion, FinishReason
 
 if TYPE_CHECKING:
@@ -79,19 +80,26 @@ class HFRolloutEngine:
         device = next(self.model.parameters()).device
         rng_devices = [device] if device.type == "cuda" else []
         was_training = self.model.training
-        self.model.eval()  # no dropout, and gradient checkpointing would otherwise switch the KV cache off
+        # eval: no dropout, and gradient checkpointing would otherwise switch the KV cache off. Not for 4-bit
+        # bitsandbytes + LoRA: generating in eval mode breaks the next backward (an in-place view error); in
+        # train mode under no_grad it does not (dropout is off unless model.lora.dropout > 0).
+        if not is_quantized(self.model):
+            self.model.eval()
+        # FSDP2: every forward gathers parameter shards collectively, so ranks whose samples finish early keep
+        # stepping until all ranks are done (transformers' synced_gpus)
+        synced = _is_sharded(self.model)
         try:
             with torch.random.fork_rng(devices=rng_devices) if sampling.seed is not None else contextlib.nullcontext():
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
                 for start in range(0, len(prompts), per_call):
-                    results.extend(self._generate_chunk(prompts[start : start + per_call], n, sampling, device))
+                    results.extend(self._generate_chunk(prompts[start : start + per_call], n, sampling, device, synced))
         finally:
             self.model.train(was_training)
         return results
 
     def _generate_chunk(
-        self, prompts: list[list[int]], n: int, sampling: SamplingConfig, device: torch.device
+        self, prompts: list[list[int]], n: int, sampling: SamplingConfig, device: torch.device, synced: bool = False
     ) -> list[list[Completion]]:
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -115,6 +123,7 @@ class HFRolloutEngine:
             eos_token_id=eos_ids,
             pad_token_id=pad_id,
             use_cache=True,
+            synced_gpus=synced,
             **NEUTRAL_PROCESSORS,
         )  # [B * n, P + L], sample j of prompt i at row i * n + j
         if greedy and n > 1:  # greedy samples are identical: decode once, repeat
@@ -135,6 +144,13 @@ class HFRolloutEngine:
                 group.append(Completion(token_ids=completion, text=text, finish_reason=reason))
             results.append(group)
         return results
+
+
+def _is_sharded(model: Any) -> bool:
+    """True when the model holds FSDP2 (DTensor) parameter shards."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -1,0 +1,79 @@
+"""Two CPU processes over gloo: DDP and FSDP2 (ModelParallelStrategy) fits that run solve and refine phases,
+split the problems between ranks, reduce metrics, and resume exactly from their (sharded) checkpoints.
+
+Each fit is a subprocess (tests/dist_fit.py) that Lightning relaunches for rank 1; a hang is killed with its
+whole process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+
+
+def _launch(strategy: str, model: Path, root: Path, max_steps: int, ckpt: Path | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    command = [sys.executable, str(HERE / "dist_fit.py"), "--strategy", strategy, "--model", str(model),
+               "--root", str(root), "--max-steps", str(max_steps)]  # fmt: skip
+    if ckpt is not None:
+        command += ["--ckpt", str(ckpt)]
+    process = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # both ranks: the relaunched one is in the same session
+        output, _ = process.communicate()
+        pytest.fail(f"{strategy} fit hung for 180 s:\n{output[-4000:]}")
+    assert process.returncode == 0, output[-4000:]
+    result = json.loads((root / "result.json").read_text())
+    result["metrics"] = pd.read_csv(Path(result["log_dir"]) / "metrics.csv")
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_process_fit_and_sharded_resume(strategy: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    # solve, refine, solve: 3 phases of 2 optimizer steps, checkpointed after each phase
+    full = _launch(strategy, tiny_model_dir, tmp_path / "full", max_steps=6)
+    assert full["world_size"] == 2 and full["global_step"] == 6 and full["cursor"] == 3
+    assert full["moved"] == full["tensors"], "every parameter should move on the ranks' averaged gradients"
+    assert full["exported"] == full["tensors"], "the HF export must hold the gathered (unsharded) weights"
+    if strategy == "ddp":  # replicas: one all-reduce per optimizer step keeps them identical
+        assert full["same_weights_on_all_ranks"]
+    assert full["same_cache_on_all_ranks"], "the refine cache must hold every rank's solve rollouts on every rank"
+    metrics = full["metrics"].sort_values("step")
+    assert metrics["step"].tolist() == [0, 1, 2]
+    solve = metrics[metrics["train/solve/reward_mean"].notna()]
+    refine = metrics[metrics["train/refine/reward_mean"].notna()]
+    assert len(solve) == 2 and len(refine) == 1
+    # the metrics cover both ranks' shares: 4 problems x 4 samples, all trained tokens counted once
+    assert (refine["train/refine/base_correct_frac"].between(0, 1)).all()
+    assert (metrics.filter(like="trained_frac").stack().dropna() > 0).all()
+
+    if strategy == "fsdp2":  # beta > 0: a sharded frozen reference; the policy has moved away from it by phase 2
+        assert metrics["train/solve/kl"].dropna().iloc[-1] > 0
+
+    saved = tmp_path / "full" / "ckpt" / "epoch=0-step=2.ckpt"  # after the first solve phase
+    if strategy == "fsdp2":
+        assert saved.is_dir() and len(list(saved.glob("*.distcp"))) == 2, "expected one shard file per rank"
+    else:
+        assert saved.is_file()
+    resumed = _launch(strategy, tiny_model_dir, tmp_path / "resumed", max_steps=4, ckpt=saved)
+    assert resumed["global_step"] == 4 and resumed["cursor"] == 2
+    rows = resumed["metrics"]
+    assert rows["step"].tolist() == [1], "the resumed run continues with the refine phase of the checkpointed pair"
+    columns = [c for c in rows.columns if c.startswith("train/refine/")]
+    expected = metrics[metrics["step"] == 1][columns].reset_index(drop=True)
+    pd.testing.assert_frame_equal(rows[columns].reset_index(drop=True), expected, rtol=1e-5, atol=1e-6)
