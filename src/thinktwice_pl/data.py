@@ -347,7 +347,7 @@ def _champ_problems(source: ProblemSource) -> list[Problem]:
         import champ_dataset
     except ImportError as e:
         raise ImportError(
-            "data source 'champ' needs the champ-dataset package: pip install champ-dataset "
+            "data source 'champ' needs the champ-dataset package: pip install champ-dataset (the champ extra) "
             "(or use path: procedural, or a local problem file)"
         ) from e
     problems = [
