@@ -94,6 +94,7 @@ def test_model_generation_defaults_do_not_reshape_sampling(tiny_model_dir: Path)
     model.generation_config.repetition_penalty = 10.0
     model.generation_config.no_repeat_ngram_size = 1
     model.generation_config.min_new_tokens = 8
+    model.generation_config.min_length = 200
     eng = HFRolloutEngine()
     eng.setup(model, tok)
     prompt = encode_chat(solve_messages("What is 2 + 3?"), tok)

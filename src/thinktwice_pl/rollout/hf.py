@@ -21,8 +21,7 @@ NEUTRAL_PROCESSORS: dict[str, Any] = {
     "repetition_penalty": 1.0,
     "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
-    "min_new_tokens": 0,
-    "min_length": 0,
+    "min_new_tokens": 0,  # also resets min_length (generate sets it to prompt length + min_new_tokens)
     "min_p": 0.0,
     "typical_p": 1.0,
     "epsilon_cutoff": 0.0,
