@@ -84,7 +84,7 @@ def test_cli_fit_tiny_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     metrics = pd.read_csv(run / "metrics.csv").sort_values("step")
     assert train_phases(metrics) == ["solve", "refine", "solve", "refine"]
     val_rows = metrics[metrics["val/avg/solve/pass@1"].notna()]
-    assert val_rows["step"].tolist() == [3]  # data.val is validated after the fourth phase (val_check_interval: 4)
+    assert val_rows["step"].tolist() == [0, 4]  # the base model, then after the fourth phase (val_check_interval: 4)
     assert (run / "rectify_fortify.csv").exists() and (run / "rectify_fortify.png").exists()
     assert (run / "config.yaml").exists() and (run / "samples.jsonl").exists()
     assert (run / "checkpoints" / "last.ckpt").exists()

@@ -27,7 +27,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def documented_keys(split: str, benchmarks: list[str], ks: list[int]) -> set[str]:
-    keys = {f"{split}/{b}/{phase}/pass@{k}" for b in [*benchmarks, "avg"] for phase in ("solve", "refine") for k in ks}
+    names = [*benchmarks, "avg"]
+    keys = {f"{split}/{b}/{phase}/pass@{k}" for b in names for phase in ("solve", "refine") for k in ks}
+    keys |= {f"{split}/{b}/{phase}/greedy_acc" for b in names for phase in ("solve", "refine")}
     return keys | {f"{split}/transition/{name}" for name in ("fix_wrong", "damage_correct", "keep_right", "stay_wrong")}
 
 
@@ -40,7 +42,7 @@ class ScriptedEngine:
         self.calls: list[tuple[int, int, SamplingConfig]] = []
         self.setups = 0
 
-    def setup(self, model: Any, tokenizer: Any) -> None:
+    def setup(self, model: Any, tokenizer: Any, compute_dtype: Any = None) -> None:
         self.tokenizer = tokenizer
         self.setups += 1
 
@@ -103,10 +105,12 @@ def test_scripted_validation_gives_the_exact_pass_at_k_and_transitions(tiny_mode
             expected[f"val/{name}/refine/pass@{k}"] = sum(pass_at_k(n, n - c, k) for c in counts) / len(counts)
         all_base += [g % 5 > 0 for g in golds]
         all_refined += [g % 5 == 0 for g in golds]
+        expected[f"val/{name}/solve/greedy_acc"] = sum(g % 5 > 0 for g in golds) / len(golds)
+        expected[f"val/{name}/refine/greedy_acc"] = sum(g % 5 == 0 for g in golds) / len(golds)  # flipped
     for phase in ("solve", "refine"):
-        for k in (1, 2, 4):
-            expected[f"val/avg/{phase}/pass@{k}"] = (expected[f"val/sums/{phase}/pass@{k}"]
-                                                     + expected[f"val/more/{phase}/pass@{k}"]) / 2  # fmt: skip
+        for metric in ("pass@1", "pass@2", "pass@4", "greedy_acc"):  # macro averages over the two benchmarks
+            expected[f"val/avg/{phase}/{metric}"] = (expected[f"val/sums/{phase}/{metric}"]
+                                                     + expected[f"val/more/{phase}/{metric}"]) / 2  # fmt: skip
     wrong, right = all_base.count(False), all_base.count(True)
     assert wrong and right, "the hand-made problems must have both wrong and right greedy answers"
     expected.update({"val/transition/fix_wrong": 1.0, "val/transition/stay_wrong": 0.0,
@@ -143,7 +147,8 @@ def test_fit_validates_on_schedule_and_the_tracker_writes_csv_and_png(tiny_model
     log_dir = Path(trainer.logger.log_dir)
     metrics = pd.read_csv(log_dir / "metrics.csv")
     val_rows = metrics[metrics["val/avg/solve/pass@1"].notna()]
-    assert val_rows["step"].tolist() == [1, 3]  # after each solve/refine pair, at the phase step of the train rows
+    # the base model before the first phase (step 0), then after each solve/refine pair: step = phases completed
+    assert val_rows["step"].tolist() == [0, 2, 4]
     assert documented_keys("val", ["arith"], [1, 2]) <= set(metrics.columns)
     for key in documented_keys("val", ["arith"], [1, 2]) - {
         "val/transition/keep_right",
@@ -161,7 +166,7 @@ def test_fit_validates_on_schedule_and_the_tracker_writes_csv_and_png(tiny_model
             "train/refine/keep_rate", "train/refine/base_correct_frac"} <= set(csv.columns)  # fmt: skip
     assert csv["train/refine/base_correct_frac"].notna().sum() == 2  # two refine phases
     assert sorted(csv.loc[csv["val/transition/stay_wrong"].notna() | csv["val/transition/keep_right"].notna(),
-                          "step"].tolist()) == [1, 3]  # two validations  # fmt: skip
+                          "step"].tolist()) == [0, 2, 4]  # three validations  # fmt: skip
     png = log_dir / "rectify_fortify.png"
     _assert_png(png)
 

@@ -9,6 +9,8 @@
   #(base right)`` and their complements ``stay_wrong`` and ``keep_right`` (the rectify/fortify curves).
 - `PassAtK` and `Transitions`: the same as torchmetrics ``Metric``s whose states are sums, so
   ``compute()`` reduces across data-parallel ranks before dividing.
+- `greedy_accuracies`: accuracy of the greedy answers and of their greedy refinements (the paper selects
+  checkpoints by the former).
 """
 
 from __future__ import annotations
@@ -87,6 +89,17 @@ def transition_rates(counts: dict[str, int]) -> dict[str, float]:
     }
 
 
+def greedy_accuracies(counts: dict[str, int]) -> tuple[float, float]:
+    """``(accuracy of the greedy answers, accuracy of their greedy refinements)`` from `transition_counts`; NaN
+    without problems. The first is the paper's model-selection score (METHOD.md section 4)."""
+    total = sum(counts.values())
+    if not total:
+        return float("nan"), float("nan")
+    answers = counts["right_to_wrong"] + counts["right_to_right"]
+    refinements = counts["wrong_to_right"] + counts["right_to_right"]
+    return answers / total, refinements / total
+
+
 class PassAtK(Metric):
     """Mean unbiased pass@k over problems, for every k in `ks`, with n samples per problem.
 
@@ -148,5 +161,8 @@ class Transitions(Metric):
         self.counts += torch.tensor(values, dtype=torch.float64, device=self.counts.device)
 
     def compute(self) -> dict[str, float]:
-        counts = {key: int(value) for key, value in zip(self._ORDER, self.counts.tolist(), strict=True)}
-        return transition_rates(counts)
+        return transition_rates(self.totals())
+
+    def totals(self) -> dict[str, int]:
+        """This rank's counts (inside ``sync_context()`` or `compute`: all ranks' counts)."""
+        return {key: int(value) for key, value in zip(self._ORDER, self.counts.tolist(), strict=True)}

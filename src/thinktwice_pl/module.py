@@ -41,6 +41,7 @@ from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_
 from thinktwice_pl.models import (
     LoraSettings,
     QuantizationSettings,
+    check_update_resolution,
     load_causal_lm,
     load_tokenizer,
     resolve_model_path,
@@ -228,6 +229,7 @@ class ThinkTwiceModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
+        check_update_resolution(self.policy, hp.learning_rate, str(self.trainer.precision), hp.dtype)
         optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, betas=hp.betas, weight_decay=hp.weight_decay)
         if hp.lr_scheduler == "constant" and hp.warmup_steps == 0:
             return optimizer
@@ -299,7 +301,8 @@ class ThinkTwiceModule(pl.LightningModule):
 
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        totals = dict.fromkeys((*STEP_STATS, "grad_norm", "steps"), 0.0)
+        # grad_norm, steps (applied) and skipped_steps are the same on every rank: not reduced below
+        totals = dict.fromkeys((*STEP_STATS, "grad_norm", "steps", "skipped_steps"), 0.0)
         for _ in range(hp.num_iterations):
             for mini in minis:
                 stats = self._optimizer_step(
@@ -307,6 +310,10 @@ class ThinkTwiceModule(pl.LightningModule):
                 )
                 if sched is not None:
                     sched.step()
+                if stats is None:  # non-finite gradient: no update, and its statistics are left out
+                    totals["skipped_steps"] += 1
+                    self._warn_skipped_step(batch)
+                    continue
                 for key, value in stats.items():
                     totals[key] = max(totals[key], value) if key.endswith("_max") else totals[key] + value
                 totals["steps"] += 1
@@ -331,10 +338,11 @@ class ThinkTwiceModule(pl.LightningModule):
         in_loss: torch.Tensor,
         trained: set[int],
         old_logprobs: dict[int, torch.Tensor],
-    ) -> dict[str, float]:
+    ) -> dict[str, float] | None:
         """One optimizer step over this rank's share of the rollouts `mini` (indices), in micro-batches.
 
-        Returns the stats summed over this rank's micro-batches.
+        Returns the stats summed over this rank's micro-batches, or None when the step was skipped because the
+        gradient norm was NaN or infinite (no parameter or AdamW state changes; gradients dropped).
         """
         hp = self.hparams
         world = self.trainer.world_size
@@ -378,6 +386,10 @@ class ThinkTwiceModule(pl.LightningModule):
             for key, value in loss_stats.items():
                 stats[key] += float(value)
         grad_norm = self._clip_gradients()
+        if not math.isfinite(grad_norm):  # the norm of the reduced (DDP) or sharded (FSDP2) gradient: same on all ranks
+            opt.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient: no moment, no weight decay
+            opt.step()  # still an optimizer step for Lightning (trainer.global_step), so phases and steps stay aligned
+            return None
         for p in self.policy.parameters():  # a step whose sequences all had advantage 0 still moves AdamW's state
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -547,7 +559,7 @@ class ThinkTwiceModule(pl.LightningModule):
         lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float32)
         truncated = sum(r.truncated for r in rollouts) / len(rollouts)
         tokens = max(totals["tokens"], 1.0)
-        steps = max(totals["steps"], 1.0)
+        steps = max(totals["steps"], 1.0)  # applied optimizer steps
         metrics = {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
@@ -563,7 +575,10 @@ class ThinkTwiceModule(pl.LightningModule):
             "grad_norm": totals["grad_norm"] / steps,
             "reward_errors": float(rb.reward_errors),
             "trained_frac": totals["trained_sequences"] / len(rollouts),  # entered the backward pass
+            "skipped_steps": totals["skipped_steps"],  # optimizer steps skipped on a non-finite gradient norm
         }
+        if totals["steps"] == 0:  # every step was skipped: no loss or gradient statistics
+            metrics["loss"] = metrics["grad_norm"] = float("nan")
         if totals["sampler_tokens"] > 0:
             metrics["sampler_logprob_diff_mean"] = totals["sampler_diff"] / totals["sampler_tokens"]
             metrics["sampler_logprob_diff_max"] = totals["sampler_diff_max"]
@@ -617,6 +632,16 @@ class ThinkTwiceModule(pl.LightningModule):
             if bad and (last is None or batch.index - last >= WARN_EVERY_PHASES):
                 self._warned_at[key] = batch.index
                 rank_zero_warn(f"phase batch {batch.index}: {message}")
+
+    def _warn_skipped_step(self, batch: PhaseBatch) -> None:
+        last = self._warned_at.get("nonfinite")
+        if last is None or batch.index - last >= WARN_EVERY_PHASES:
+            self._warned_at["nonfinite"] = batch.index
+            rank_zero_warn(
+                f"phase batch {batch.index} ({batch.phase}): the gradient norm is NaN or infinite, so this optimizer "
+                "step was skipped (no update, gradients dropped) and counted in train/<phase>/skipped_steps; the run "
+                "goes on. Repeated skips point at the data (a degenerate completion), the learning rate or precision"
+            )
 
     def _log_samples(self, batch: PhaseBatch) -> None:
         """Write a few sample completions: to TensorBoard as text, and always to <log_dir>/samples.jsonl."""

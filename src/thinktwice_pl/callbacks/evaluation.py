@@ -6,12 +6,14 @@ For every problem of a validation/test benchmark:
    tokens by default) -> ``<split>/<benchmark>/solve/pass@<k>``;
 2. every answer is refined once with the review instruction (greedy by default), in the same
    three-turn chat as training -> ``<split>/<benchmark>/refine/pass@<k>``;
-3. one greedy answer and its greedy refinement -> ``<split>/transition/{fix_wrong, damage_correct,
-   keep_right, stay_wrong}`` (over all benchmarks).
+3. one greedy answer and its greedy refinement -> ``<split>/<benchmark>/{solve,refine}/greedy_acc`` and
+   ``<split>/transition/{fix_wrong, damage_correct, keep_right, stay_wrong}`` (over all benchmarks).
 
-``<split>/avg/{solve,refine}/pass@<k>`` is the macro average over benchmarks, ``perf/<split>_s`` the
-wall time. ``<split>`` is ``val`` (``thinktwice validate`` and validation during fit) or ``test``
-(``thinktwice test``).
+``<split>/avg/...`` is the macro average over benchmarks (``<split>/avg/solve/greedy_acc`` is the paper's
+model-selection score, METHOD.md section 4), ``perf/<split>_s`` the wall time. ``<split>`` is ``val``
+(``thinktwice validate`` and validation during fit) or ``test`` (``thinktwice test``). Validation may use
+cheaper settings than test (``val_num_samples``; 0 = the greedy pass only, as the paper's model selection),
+and during fit it also runs once before the first phase, so every validation curve starts at the base model.
 
 Generation goes through the engine of the `RolloutCallback` (HF or vLLM alike), prompts and grading
 use its prompt texts and grader, so evaluation measures the same task the policy is trained on.
@@ -21,13 +23,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from thinktwice_pl.callbacks.rollout import RolloutCallback, phase_seed
-from thinktwice_pl.metrics import PassAtK, Transitions, default_ks
+from thinktwice_pl.metrics import PassAtK, Transitions, default_ks, greedy_accuracies, transition_rates
+from thinktwice_pl.models import compute_dtype
 from thinktwice_pl.prompts import refine_messages, render_chat, solve_messages, tokenize_rendered
 from thinktwice_pl.rewards import RewardScorer
 from thinktwice_pl.rollout import SamplingConfig
@@ -44,19 +48,27 @@ class Evaluation(Callback):
 
     Args:
         num_samples: n, answers sampled per problem (the paper: 64); pass@k is reported for k = 1, 2, 4, ... n.
-        ks: the budgets k to report; None = 1, 2, 4, ... up to num_samples, and num_samples.
+        val_num_samples: n of validation (``thinktwice validate`` and validation during fit); None = num_samples;
+            0 = no sampling, only the greedy answer and its greedy refinement per problem (greedy accuracy and
+            transitions: the paper validates this way every 10 phases and keeps the best checkpoint by
+            ``val/avg/solve/greedy_acc``).
+        ks: the budgets k to report; None = 1, 2, 4, ... up to n, and n. A k above a split's n is left out there.
         temperature: sampling temperature of the answers.
         top_p: nucleus threshold of the answers.
         top_k: top-k of the answers (None = off).
         max_completion_length: most new tokens per answer and per refinement.
         refine_temperature: temperature of the refinements (0 = greedy, the paper).
-        transitions: also generate one greedy answer and its greedy refinement per problem (``transition/*``).
+        transitions: also generate one greedy answer and its greedy refinement per problem (``greedy_acc``,
+            ``transition/*``).
+        validate_before_training: during fit, validate the base model before the first phase (step 0), so curves
+            and the rectify/fortify plot start there; not when resuming. Needs data.val.
         seed: base seed of the evaluation sampling (batch b of a run draws the same samples every time).
     """
 
     def __init__(
         self,
         num_samples: int = 64,
+        val_num_samples: int | None = None,
         ks: list[int] | None = None,
         temperature: float = 0.7,
         top_p: float = 0.8,
@@ -64,16 +76,27 @@ class Evaluation(Callback):
         max_completion_length: int = 3000,
         refine_temperature: float = 0.0,
         transitions: bool = True,
+        validate_before_training: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"eval.num_samples={num_samples} must be at least 1")
-        self.ks = list(ks) if ks is not None else default_ks(num_samples)
-        bad = [k for k in self.ks if not 1 <= k <= num_samples]
+        if val_num_samples is not None and val_num_samples < 0:
+            raise ValueError(f"eval.val_num_samples={val_num_samples} must be >= 0 (0 = greedy only) or unset")
+        if val_num_samples == 0 and not transitions:
+            raise ValueError(
+                "eval.val_num_samples=0 validates with the greedy pass only, which eval.transitions=false switches "
+                "off: set eval.transitions=true or eval.val_num_samples >= 1"
+            )
+        bad = [k for k in (ks or []) if not 1 <= k <= num_samples]
         if bad:
-            raise ValueError(f"eval.ks={self.ks}: pass@k needs 1 <= k <= eval.num_samples={num_samples} (got {bad})")
+            raise ValueError(f"eval.ks={ks}: pass@k needs 1 <= k <= eval.num_samples={num_samples} (got {bad})")
+        self.ks = list(ks) if ks else default_ks(num_samples)
+        self._ks_given = bool(ks)
         self.num_samples = num_samples
+        self.val_num_samples = num_samples if val_num_samples is None else val_num_samples
+        self.validate_before_training = validate_before_training
         self.sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k,
                                        max_new_tokens=max_completion_length)  # fmt: skip
         sampled_refine = refine_temperature > 0  # greedy refinements ignore top-p / top-k
@@ -86,16 +109,34 @@ class Evaluation(Callback):
         self._own_scorer = False
         self._engine_ready = False
         self._started = 0.0
+        self._split: Split = "val"
         self._pass: dict[str, tuple[PassAtK, PassAtK]] = {}  # benchmark -> (solve, refine)
-        self._transitions = Transitions()
+        self._greedy: dict[str, Transitions] = {}  # benchmark -> greedy answer / greedy refinement outcomes
 
     # ------------------------------------------------------------------------------ lifecycle
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Validate the base model before the first phase (logged at step 0), unless resuming or without data.val."""
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        if (
+            not self.validate_before_training
+            or getattr(datamodule, "cursor", 0) != 0
+            or not getattr(datamodule, "eval_sources", {}).get("val")
+            or trainer.limit_val_batches == 0
+        ):
+            return
+        # the same call as the fit loop's scheduled validation (the training epoch loop's val_check)
+        trainer.validating = True
+        try:
+            trainer.fit_loop.epoch_loop.val_loop.run()
+        finally:
+            trainer.training = True
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module)
+        self._start(trainer, pl_module, "val")
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module)
+        self._start(trainer, pl_module, "test")
 
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -120,18 +161,23 @@ class Evaluation(Callback):
         self.scorer = None
         self._engine_ready = False
 
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def num_samples_for(self, split: Split) -> int:
+        """n of `split`: num_samples for test, val_num_samples for validation (0 = greedy pass only)."""
+        return self.val_num_samples if split == "val" else self.num_samples
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> None:
         rollout = rollout_callback(trainer)
         if trainer.state.fn != "fit" and not self._engine_ready:  # fit: the rollout callback set the engine up
-            rollout.engine.setup(pl_module.policy, pl_module.tokenizer)
+            rollout.engine.setup(pl_module.policy, pl_module.tokenizer,
+                                 compute_dtype(str(trainer.precision), pl_module.policy))  # fmt: skip
             rollout.engine.sync_weights(pl_module.policy)  # weights of --ckpt_path, loaded after configure_model
             self._engine_ready = True
         if self.scorer is None:  # during fit the rollout callback's grader (and its worker processes) serve
             self.scorer = rollout.scorer or RewardScorer(rollout.reward, timeout_s=rollout.reward_timeout_s,
                                                          num_workers=rollout.reward_workers)  # fmt: skip
             self._own_scorer = rollout.scorer is None
-        self._pass = {}
-        self._transitions = Transitions().to(pl_module.device)
+        self._split = split
+        self._pass, self._greedy = {}, {}
         self._started = time.perf_counter()
 
     # ------------------------------------------------------------------------------ one batch
@@ -141,7 +187,7 @@ class Evaluation(Callback):
         if not isinstance(batch, EvalBatch):
             raise TypeError(f"expected an EvalBatch from ThinkTwiceDataModule, got {type(batch).__name__}")
         rollout = rollout_callback(trainer)
-        engine, tokenizer, n = rollout.engine, pl_module.tokenizer, self.num_samples
+        engine, tokenizer, n = rollout.engine, pl_module.tokenizer, self.num_samples_for(self._split)
         problems = batch.problems
         solve_texts = [render_chat(solve_messages(p.prompt_text, rollout.solve_prompt_suffix), tokenizer)
                        for p in problems]  # fmt: skip
@@ -150,7 +196,7 @@ class Evaluation(Callback):
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
 
         engine.wake_up()
-        samples = engine.generate(solve_ids, n, _seeded(self.sampling, seed))  # [P][n]
+        samples = engine.generate(solve_ids, n, _seeded(self.sampling, seed)) if n else [[] for _ in problems]  # [P][n]
         bases = [group[0] for group in engine.generate(solve_ids, 1, greedy)] if self.transitions else []  # [P]
 
         def refine_prompt(i: int, answer: Completion) -> tuple[str, list[int]]:
@@ -161,7 +207,7 @@ class Evaluation(Callback):
 
         refine_in = [refine_prompt(i, a) for i, group in enumerate(samples) for a in group]  # [P * n], problem-major
         base_in = [refine_prompt(i, a) for i, a in enumerate(bases)]  # [P]
-        if self.refine_sampling.temperature == 0:  # one greedy call for both kinds of refinement
+        if self.refine_sampling.temperature == 0 or not refine_in:  # one greedy call for both kinds of refinement
             out = engine.generate([ids for _, ids in refine_in + base_in], 1, greedy)
             refined, base_refined = [g[0] for g in out[: len(refine_in)]], [g[0] for g in out[len(refine_in) :]]
         else:
@@ -189,25 +235,27 @@ class Evaluation(Callback):
         refine_right, base_refine_right = right[p * n + b : 2 * p * n + b], right[2 * p * n + b :]
 
         keep = [i for i in range(p) if batch.counted[i]]
-        solve_metric, refine_metric = self._benchmark_metrics(batch.benchmark, pl_module)
-        solve_metric.update([sum(solve_right[i * n : (i + 1) * n]) for i in keep])
-        refine_metric.update([sum(refine_right[i * n : (i + 1) * n]) for i in keep])
+        if n:
+            solve_metric, refine_metric = self._pass_metrics(batch.benchmark, n, pl_module)
+            solve_metric.update([sum(solve_right[i * n : (i + 1) * n]) for i in keep])
+            refine_metric.update([sum(refine_right[i * n : (i + 1) * n]) for i in keep])
         if bases:
-            self._transitions.update([base_right[i] for i in keep], [base_refine_right[i] for i in keep])
+            outcomes = self._greedy.setdefault(batch.benchmark, Transitions().to(pl_module.device))
+            outcomes.update([base_right[i] for i in keep], [base_refine_right[i] for i in keep])
         batch.evaluated = True
 
-    def _benchmark_metrics(self, name: str, pl_module: pl.LightningModule) -> tuple[PassAtK, PassAtK]:
+    def _pass_metrics(self, name: str, n: int, pl_module: pl.LightningModule) -> tuple[PassAtK, PassAtK]:
         if name not in self._pass:
-            self._pass[name] = (PassAtK(self.num_samples, self.ks).to(pl_module.device),
-                                PassAtK(self.num_samples, self.ks).to(pl_module.device))  # fmt: skip
+            ks = [k for k in self.ks if k <= n] if self._ks_given else default_ks(n)
+            self._pass[name] = (PassAtK(n, ks).to(pl_module.device), PassAtK(n, ks).to(pl_module.device))
         return self._pass[name]
 
     # ------------------------------------------------------------------------------ logging
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> None:
-        if not self._pass:  # no benchmarks configured (fit without data.val)
+        if not self._pass and not self._greedy:  # no benchmarks configured (fit without data.val)
             return
-        metrics = eval_metrics(self._pass, self._transitions if self.transitions else None, split)
+        metrics = eval_metrics(self._pass, self._greedy, split)
         metrics[f"perf/{split}_s"] = time.perf_counter() - self._started  # wall time of the whole evaluation
         # During fit the loggers get one row at the phase step, like the training rows (Lightning would write it
         # at the optimizer step); validate/test go through Lightning's logging, results table and return value.
@@ -221,22 +269,29 @@ class Evaluation(Callback):
 
 
 def eval_metrics(
-    pass_metrics: dict[str, tuple[PassAtK, PassAtK]], transitions: Transitions | None, split: Split
+    pass_metrics: dict[str, tuple[PassAtK, PassAtK]], greedy: dict[str, Transitions], split: Split
 ) -> dict[str, float]:
-    """The documented keys: ``<split>/<bench>/{solve,refine}/pass@<k>``, ``<split>/avg/...``,
-    ``<split>/transition/*``; computes (and so reduces across ranks) every metric."""
+    """The documented keys: ``<split>/<bench>/{solve,refine}/{pass@<k>,greedy_acc}``, their macro averages
+    ``<split>/avg/...`` and the pooled ``<split>/transition/*``; computes (so reduces across ranks) every metric."""
     out: dict[str, float] = {}
-    per_phase: dict[str, list[dict[int, float]]] = {"solve": [], "refine": []}
+    per_key: dict[str, list[float]] = {}  # "<phase>/<metric>" -> one value per benchmark
     for bench, (solve, refine) in pass_metrics.items():
         for phase, metric in (("solve", solve), ("refine", refine)):
-            values = metric.compute()
-            per_phase[phase].append(values)
-            out.update({f"{split}/{bench}/{phase}/pass@{k}": v for k, v in values.items()})
-    for phase, runs in per_phase.items():
-        for k in runs[0]:
-            out[f"{split}/avg/{phase}/pass@{k}"] = sum(r[k] for r in runs) / len(runs)
-    if transitions is not None:
-        out.update({f"{split}/transition/{name}": v for name, v in transitions.compute().items()})
+            for k, value in metric.compute().items():
+                out[f"{split}/{bench}/{phase}/pass@{k}"] = value
+                per_key.setdefault(f"{phase}/pass@{k}", []).append(value)
+    pooled: Counter[str] = Counter()
+    for bench, outcomes in greedy.items():
+        with outcomes.sync_context():  # every rank's problems
+            counts = outcomes.totals()
+        pooled.update(counts)
+        for phase, value in zip(("solve", "refine"), greedy_accuracies(counts), strict=True):
+            out[f"{split}/{bench}/{phase}/greedy_acc"] = value
+            per_key.setdefault(f"{phase}/greedy_acc", []).append(value)
+    for key, values in per_key.items():
+        out[f"{split}/avg/{key}"] = sum(values) / len(values)
+    if greedy:  # the transition rates pool the problems of all benchmarks
+        out.update({f"{split}/transition/{name}": v for name, v in transition_rates(dict(pooled)).items()})
     return out
 
 
@@ -252,10 +307,11 @@ def rollout_callback(trainer: pl.Trainer) -> RolloutCallback:
 
 
 def phase_step(trainer: pl.Trainer) -> int:
-    """The step at which evaluation rows are logged: during fit the index of the last completed phase (the
-    training rows' step), otherwise the trainer's global step."""
+    """The step at which evaluation rows are logged: during fit the number of phases completed (0 for the base
+    model; the training row at step i describes rollouts sampled after i phases, so both measure the same policy),
+    otherwise the trainer's global step."""
     cursor = getattr(trainer.datamodule, "cursor", None) if trainer.state.fn == "fit" else None  # type: ignore[attr-defined]
-    return max(0, cursor - 1) if isinstance(cursor, int) else trainer.global_step
+    return cursor if isinstance(cursor, int) else trainer.global_step
 
 
 def _seeded(sampling: SamplingConfig, seed: int) -> SamplingConfig:

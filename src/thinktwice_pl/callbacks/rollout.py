@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
 
 from thinktwice_pl.data import rank_slice
+from thinktwice_pl.models import compute_dtype
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,
     DEFAULT_SOLVE_SUFFIX,
@@ -91,7 +92,9 @@ class RolloutCallback(Callback):
             raise TypeError("RolloutCallback needs the ThinkTwiceDataModule (data:) to serve phase batches")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.engine.setup(pl_module.policy, pl_module.tokenizer)
+        self.engine.setup(
+            pl_module.policy, pl_module.tokenizer, compute_dtype(str(trainer.precision), pl_module.policy)
+        )
         self.scorer = RewardScorer(self.reward, timeout_s=self.reward_timeout_s, num_workers=self.reward_workers)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

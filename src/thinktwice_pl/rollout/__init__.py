@@ -39,8 +39,12 @@ class RolloutEngine(Protocol):
     validate or test ends (setup may be called again afterwards).
     """
 
-    def setup(self, model: Any, tokenizer: Any) -> None:
-        """Bind the engine to the training policy and tokenizer (called once, at fit start)."""
+    def setup(self, model: Any, tokenizer: Any, compute_dtype: Any = None) -> None:
+        """Bind the engine to the training policy and tokenizer (called once, at fit start).
+
+        `compute_dtype` is the dtype the trainer computes in (bf16 under ``trainer.precision=bf16-mixed``, whose
+        master weights stay fp32); the engine samples in it. None: the dtype of the policy's weights.
+        """
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
         """Sample `n` completions for each tokenized prompt; result[i][j] is sample j of prompt i."""

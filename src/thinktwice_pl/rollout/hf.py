@@ -53,10 +53,12 @@ class HFRolloutEngine:
         self.max_batch_sequences = max_batch_sequences
         self.model: Any = None
         self.tokenizer: Any = None
+        self.compute_dtype: torch.dtype | None = None
 
-    def setup(self, model: Any, tokenizer: Any) -> None:
+    def setup(self, model: Any, tokenizer: Any, compute_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.compute_dtype = compute_dtype
 
     def sync_weights(self, model: Any) -> None:
         self.model = model  # same object; nothing to copy
@@ -88,7 +90,10 @@ class HFRolloutEngine:
         # stepping until all ranks are done (transformers' synced_gpus)
         synced = _is_sharded(self.model)
         try:
-            with torch.random.fork_rng(devices=rng_devices) if sampling.seed is not None else contextlib.nullcontext():
+            with (
+                torch.random.fork_rng(devices=rng_devices) if sampling.seed is not None else contextlib.nullcontext(),
+                self._autocast(device),
+            ):
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
                 for start in range(0, len(prompts), per_call):
@@ -96,6 +101,14 @@ class HFRolloutEngine:
         finally:
             self.model.train(was_training)
         return results
+
+    def _autocast(self, device: torch.device) -> Any:
+        """Sample in the trainer's compute dtype: under bf16-mixed the fp32 master weights run under bf16 autocast,
+        as the trainer's forward does."""
+        weights = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        if self.compute_dtype is None or self.compute_dtype == weights:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.compute_dtype)
 
     def _generate_chunk(
         self, prompts: list[list[int]], n: int, sampling: SamplingConfig, device: torch.device, synced: bool = False

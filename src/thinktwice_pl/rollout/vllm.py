@@ -60,7 +60,8 @@ class VLLMRolloutEngine:
         tensor_parallel_size: GPUs per engine (must divide the number of training processes).
         enable_prefix_caching: reuse the prompt's KV across its G samples (and across the refine
             prompts that share a problem). Reset after every weight sync.
-        dtype: engine dtype; auto = the policy's floating-point dtype (16-bit for quantised policies).
+        dtype: engine dtype; auto = the trainer's compute dtype (bf16 under trainer.precision=bf16-mixed), else
+            the policy's floating-point dtype (bf16 for quantised policies).
         seed: engine seed; rank r uses seed + r. Each generate call also seeds every prompt from the
             phase's sampling seed, so a resumed run draws the same samples.
         sleep_level: between generations, 1 = offload weights to CPU and drop the KV cache,
@@ -130,7 +131,7 @@ class VLLMRolloutEngine:
 
     # ------------------------------------------------------------------------------ set-up
 
-    def setup(self, model: Any, tokenizer: Any) -> None:
+    def setup(self, model: Any, tokenizer: Any, compute_dtype: torch.dtype | None = None) -> None:
         if self.llm is not None:  # a second fit() with the same callback: keep the engine, push the weights
             self.model, self.tokenizer, self._needs_push = model, tokenizer, True
             return
@@ -152,7 +153,7 @@ class VLLMRolloutEngine:
         rank, world = _rank_and_world()
         kwargs: dict[str, Any] = {
             "model": str(path),
-            "dtype": self._engine_dtype(model),
+            "dtype": self._engine_dtype(model, compute_dtype),
             "seed": self.seed + rank,
             "tensor_parallel_size": self.tensor_parallel_size,
             "enable_prefix_caching": self.enable_prefix_caching,
@@ -205,9 +206,13 @@ class VLLMRolloutEngine:
             self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self._needs_push = True
 
-    def _engine_dtype(self, model: Any) -> str:
+    def _engine_dtype(self, model: Any, compute_dtype: torch.dtype | None = None) -> str:
+        """The engine's dtype: set explicitly, else the trainer's compute dtype (bf16 under bf16-mixed, not the fp32
+        master weights), else the policy's floating-point dtype."""
         if self.dtype != "auto":
             return self.dtype
+        if compute_dtype is not None:
+            return str(compute_dtype).removeprefix("torch.")
         for param in model.parameters():
             if param.is_floating_point():
                 return str(param.dtype).removeprefix("torch.")
