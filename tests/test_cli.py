@@ -5,13 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 from metrics_helpers import train_phases
 
 from thinktwice_pl.cli import ThinkTwiceCLI, main
-from thinktwice_pl.data import ThinkTwiceDataModule
+from thinktwice_pl.data import BENCHMARKS, ThinkTwiceDataModule
 from thinktwice_pl.module import ThinkTwiceModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,3 +114,111 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------- recipe fidelity
+
+# Every recipe family that ships a GRPO twin: (ThinkTwice config, GRPO config). The twin must be the same experiment
+# with the refine phase off: same devices, strategy, precision, token budget, grader, evaluation, steps.
+TWINS = [("qwen3-4b/thinktwice.yaml", "qwen3-4b/grpo.yaml")]
+PAPER_CONFIGS = ["qwen3-4b/thinktwice.yaml", "qwen3-4b/grpo.yaml", "qwen3-4b/lora.yaml", "qwen3-4b/qlora.yaml",
+                 "olmo3-7b/thinktwice.yaml"]  # fmt: skip
+
+
+def resolved_config(config: str | Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """The config as LightningCLI resolves it (defaults, class paths and links filled in)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b[0].c": leaf}`` for nested dicts and lists; callbacks are keyed by class name, not position."""
+    if isinstance(value, dict):
+        return {
+            k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}.{key}" if prefix else key).items()
+        }
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "class_path" in v for v in value):
+        names = [v["class_path"].rsplit(".", 1)[-1] for v in value]
+        keys = [f"{n}#{names[:i].count(n)}" for i, n in enumerate(names)]  # ModelCheckpoint#0, ModelCheckpoint#1
+        return {
+            k: v for key, item in zip(keys, value, strict=True) for k, v in flatten(item, f"{prefix}[{key}]").items()
+        }
+    return {prefix: value}
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Every leaf where two resolved configs differ: ``{path: (value in a, value in b)}``."""
+    flat_a, flat_b = flatten(a), flatten(b)
+    return {key: (flat_a.get(key), flat_b.get(key)) for key in sorted(flat_a.keys() | flat_b.keys())
+            if flat_a.get(key) != flat_b.get(key)}  # fmt: skip
+
+
+def _is_name_or_output_path(key: str) -> bool:
+    return key == "trainer.logger.init_args.name" or key.endswith(
+        (".dirpath", "[RectifyFortifyTracker#0].init_args.label")
+    )
+
+
+@pytest.mark.parametrize(("thinktwice", "grpo"), TWINS, ids=[t for t, _ in TWINS])
+def test_grpo_twin_differs_only_in_refine_and_names(thinktwice: str, grpo: str, capsys) -> None:
+    differences = config_differences(resolved_config(thinktwice, capsys), resolved_config(grpo, capsys))
+    assert differences.pop("data.refine") == (True, False)
+    unexpected = {k: v for k, v in differences.items() if not _is_name_or_output_path(k)}
+    assert not unexpected, f"{grpo} must be {thinktwice} with data.refine false; it also differs in {unexpected}"
+    assert differences, "the twins should at least log under different names"
+
+
+def test_config_differences_sees_a_changed_leaf_in_a_callback_list() -> None:
+    a = {"trainer": {"callbacks": [{"class_path": "x.ModelCheckpoint", "init_args": {"monitor": "m"}}]}}
+    b = {"trainer": {"callbacks": [{"class_path": "x.ModelCheckpoint", "init_args": {"monitor": "n"}}]}}
+    assert config_differences(a, b) == {"trainer.callbacks[ModelCheckpoint#0].init_args.monitor": ("m", "n")}
+    assert config_differences(a, a) == {}
+
+
+def test_qwen3_recipe_is_the_papers(capsys) -> None:
+    """configs/qwen3-4b/thinktwice.yaml against METHOD.md sections 1-6, value by value."""
+    flat = flatten(resolved_config("qwen3-4b/thinktwice.yaml", capsys))
+    expected = {
+        # section 4: optimizer, geometry, clipping, loss
+        "model.learning_rate": 1e-6, "model.betas": [0.9, 0.999], "model.weight_decay": 0.01,
+        "model.max_grad_norm": 1.0, "model.lr_scheduler": "constant", "model.warmup_steps": 0,
+        "data.problems_per_batch": 32, "rollout.num_generations": 8, "model.mini_batch_problems": 8,
+        "model.epsilon": 0.2, "model.epsilon_high": 0.28, "model.clip_ratio_c": 3.0, "model.loss_type": "dapo",
+        "model.scale_rewards": "none", "model.beta": 0.0, "model.num_iterations": 1,
+        # sampling and lengths
+        "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.top_k": None,
+        "rollout.max_completion_length": 3000, "rollout.max_prompt_length": 5120,
+        "rollout.engine.init_args.max_model_len": 8192,
+        # precision: fp32 master weights and AdamW state, bf16 compute; memory
+        "trainer.precision": "bf16-mixed", "model.dtype": "float32", "model.gradient_checkpointing": True,
+        "model.max_tokens_per_microbatch": 20000,
+        # data, grader, refine selection (sections 1, 4, 5)
+        "data.train.preset": "math_train", "rollout.reward": "boxed", "data.refine": True,
+        "data.refine_selection": "uniform",
+        # model selection: greedy validation every 10 phases from the base model on, best by mean greedy accuracy
+        "trainer.val_check_interval": 10, "eval.val_num_samples": 0, "eval.validate_before_training": True,
+        "trainer.callbacks[ModelCheckpoint#0].init_args.monitor": "val/avg/solve/greedy_acc",
+        "trainer.callbacks[ModelCheckpoint#0].init_args.mode": "max",
+        # section 6: the test protocol
+        "eval.num_samples": 64, "eval.temperature": 0.7, "eval.top_p": 0.8, "eval.top_k": 20,
+        "eval.max_completion_length": 3000, "eval.refine_temperature": 0.0, "eval.transitions": True,
+    }  # fmt: skip
+    wrong = {key: (flat.get(key), value) for key, value in expected.items() if flat.get(key) != value}
+    assert not wrong, f"(config, METHOD.md) where they differ: {wrong}"
+    for split in ("val", "test"):
+        assert {k.split(".")[2] for k in flat if k.startswith(f"data.{split}.")} == set(BENCHMARKS)
+
+
+@pytest.mark.parametrize("config", PAPER_CONFIGS)
+def test_paper_family_configs_share_data_evaluation_and_model_selection(config: str, capsys) -> None:
+    flat = flatten(resolved_config(config, capsys))
+    assert flat["data.train.preset"] == "math_train"  # the training set written the same way everywhere
+    assert flat["trainer.precision"] == "bf16-mixed" and flat["rollout.reward"] == "boxed"
+    assert {k.split(".")[2] for k in flat if k.startswith("data.val.")} == set(BENCHMARKS)
+    assert {k.split(".")[2] for k in flat if k.startswith("data.test.")} == set(BENCHMARKS)
+    assert flat["trainer.callbacks[ModelCheckpoint#0].init_args.monitor"] == "val/avg/solve/greedy_acc"
+    assert "trainer.callbacks[RectifyFortifyTracker#0].class_path" in flat
+    header = (ROOT / "configs" / config).read_text().split("seed_everything")[0]
+    assert "GPU" in header and "estimated" in header, "the header states its GPUs and that memory is estimated"

@@ -5,3 +5,13 @@ from their modules (``thinktwice_pl.module``, ``thinktwice_pl.data``, ...).
 """
 
 __version__ = "0.1.0"
+
+import warnings
+
+# The foreign warnings filtered, each with no cause of ours to fix (everything else reaches the user):
+# - Lightning 2.6's CombinedLoader builds torch.utils._pytree.LeafSpec, which torch >= 2.13 deprecates with a
+#   FutureWarning on every epoch's loaders;
+# - Lightning 2.6's ModelCheckpoint(every_n_train_steps=...) under manual optimization warns at every save that
+#   the checkpoint holds the weights after the optimizer step, which is what a phase checkpoint must hold.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")

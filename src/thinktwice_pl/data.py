@@ -582,7 +582,13 @@ class ThinkTwiceDataModule(LightningDataModule):
     # --- problems and layout
 
     def setup(self, stage: str | None = None) -> None:
-        """Loads the training problems once (later calls do nothing); the benchmarks when first needed."""
+        """Loads the training problems once (later calls do nothing); the benchmarks when first needed.
+
+        A fit without ``data.val`` runs no validation loop (``trainer.limit_val_batches`` is set to 0), instead of
+        one over an empty loader."""
+        trainer = getattr(self, "trainer", None)
+        if stage == "fit" and trainer is not None and not self.eval_sources["val"]:
+            trainer.limit_val_batches = 0
         if self._problems is not None or stage not in (None, "fit"):
             return
         problems = load_problems(self.train_source)
@@ -645,7 +651,7 @@ class ThinkTwiceDataModule(LightningDataModule):
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
         """Returns phase and evaluation batches unchanged: they hold no tensors (callbacks build them on device).
 
-        Lightning's default would deep-copy the batch and refuses the frozen `Problem` records.
+        Lightning's default would deep-copy every problem record of the batch on each step.
         """
         if isinstance(batch, PhaseBatch | EvalBatch):
             return batch

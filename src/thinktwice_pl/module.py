@@ -317,6 +317,7 @@ class ThinkTwiceModule(pl.LightningModule):
                 for key, value in stats.items():
                     totals[key] = max(totals[key], value) if key.endswith("_max") else totals[key] + value
                 totals["steps"] += 1
+        opt.zero_grad(set_to_none=True)  # gradients are not needed until the next phase: free them for generation
         totals["trained_sequences"] = float(len(trained))
         if self.trainer.world_size > 1:  # each rank summed the statistics of its own share: add them up
             keys = [k for k in STEP_STATS if not k.endswith("_max")]

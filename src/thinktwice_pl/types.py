@@ -14,9 +14,13 @@ Phase = Literal["solve", "refine"]
 FinishReason = Literal["stop", "length"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Problem:
-    """One math problem with its gold final answer."""
+    """One math problem with its gold final answer.
+
+    Not frozen: with ``trainer.precision`` bf16-true / 16-true Lightning rebuilds every dataclass of a batch
+    (``convert_input``), which a frozen dataclass refuses. Treat it as read-only.
+    """
 
     id: str
     prompt_text: str

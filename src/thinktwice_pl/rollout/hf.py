@@ -22,7 +22,7 @@ NEUTRAL_PROCESSORS: dict[str, Any] = {
     "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
     "min_new_tokens": 0,  # also resets min_length (generate sets it to prompt length + min_new_tokens)
-    "min_p": 0.0,
+    "min_p": None,  # off (an explicit None beats the model's generation_config; 0.0 would warn when greedy)
     "typical_p": 1.0,
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
