@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pandas as pd
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from thinktwice_pl.callbacks import Evaluation, RectifyFortifyTracker, RolloutCallback
@@ -19,7 +20,7 @@ from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule, eval_batches
 from thinktwice_pl.metrics import pass_at_k
 from thinktwice_pl.module import ThinkTwiceModule
 from thinktwice_pl.prompts import DEFAULT_REFINE_INSTRUCTION
-from thinktwice_pl.rollout import SamplingConfig
+from thinktwice_pl.rollout import HFRolloutEngine, SamplingConfig
 from thinktwice_pl.types import Completion, Problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,3 +245,54 @@ def test_eval_batches_give_every_rank_the_same_number_of_batches() -> None:
 def test_refine_prompt_holds_the_review_instruction() -> None:
     # the scripted engine recognises refine prompts by this text; it must stay in the default instruction
     assert "carefully review your previous solution" in DEFAULT_REFINE_INSTRUCTION
+
+
+class RecordingEngine(HFRolloutEngine):
+    """The HF engine, recording (n, temperature) of every generate call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, float]] = []
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        self.calls.append((n, sampling.temperature))
+        return super().generate(prompts, n, sampling)
+
+
+def test_greedy_validation_from_step_0_keeps_the_best_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The paper's model selection: greedy validation only (eval.val_num_samples=0) of the base model and every 2
+    phases; ModelCheckpoint keeps the best by val/avg/solve/greedy_acc and the newest (last.ckpt links to it)."""
+    module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2,
+                              mini_batch_problems=None, max_completion_length=8, learning_rate=1e-2)  # fmt: skip
+    val = {"a": ProblemSource(num_problems=4, difficulty=0), "b": ProblemSource(num_problems=3, seed=5)}
+    data = ThinkTwiceDataModule(train=ProblemSource(num_problems=16), problems_per_batch=2, val=val)
+    engine = RecordingEngine()
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/avg/solve/greedy_acc", mode="max", save_top_k=1,
+                           filename="best-{step}")  # fmt: skip
+    latest = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="step", mode="max", save_top_k=1,
+                             filename="latest-{step}", save_last="link")  # fmt: skip
+    callbacks = [RolloutCallback(engine=engine, num_generations=2, max_completion_length=8,
+                                 reward="signal_rewards.even_length", reward_workers=0),
+                 Evaluation(num_samples=4, val_num_samples=0, max_completion_length=8), best, latest]  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, val_check_interval=2, logger=CSVLogger(tmp_path, name="s"),
+                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+
+    metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+    val_rows = metrics[metrics["val/avg/solve/greedy_acc"].notna()].set_index("step")
+    assert val_rows.index.tolist() == [0, 2, 4, 6]  # the base model, then every 2 phases (1 optimizer step each)
+    for bench in ("a", "b"):
+        assert val_rows[f"val/{bench}/solve/greedy_acc"].between(0, 1).all()
+    assert val_rows["val/avg/solve/greedy_acc"].tolist() == pytest.approx(
+        ((val_rows["val/a/solve/greedy_acc"] + val_rows["val/b/solve/greedy_acc"]) / 2).tolist()
+    )  # the macro mean over benchmarks
+    assert not [c for c in metrics.columns if "pass@" in c], "greedy-only validation reports no pass@k"
+    assert 0.7 not in {t for _, t in engine.calls}, "validation must not sample (the eval temperature is 0.7)"
+    assert {n for n, t in engine.calls if t == 0.0} == {1}  # greedy answers and refinements
+
+    scores = val_rows.loc[[2, 4, 6], "val/avg/solve/greedy_acc"]
+    best_step = int(scores.idxmax())  # the first of the best: a tie does not replace the kept checkpoint
+    assert best.best_model_score is not None and float(best.best_model_score) == pytest.approx(scores.max())
+    assert Path(best.best_model_path).name == f"best-step={best_step}.ckpt"  # no checkpoint of the base model
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.is_symlink() and last.resolve().name == "latest-step=6.ckpt"

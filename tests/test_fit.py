@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from metrics_helpers import train_phases
 
@@ -164,3 +164,33 @@ def test_geometry_errors_name_the_flags() -> None:
         ThinkTwiceModule(problems_per_batch=6, mini_batch_problems=4)
     with pytest.raises(ValueError, match="num_generations"):
         ThinkTwiceModule(num_generations=1)
+
+
+class InjectNaN(Callback):
+    """Turns the gradient of one weight into NaN in the backward passes of the first optimizer step only."""
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        weight = next(p for p in pl_module.policy.parameters() if p.requires_grad)
+        self.handle = weight.register_hook(lambda grad: grad * float("nan"))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        if self.handle is not None:  # after the first step's backward passes
+            self.handle.remove()
+            self.handle = None
+
+
+def test_non_finite_gradient_skips_the_step_and_the_run_goes_on(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"phase batch 0 \(solve\): the gradient norm is NaN or infinite"):
+        module, metrics = _fit(tiny_model_dir, tmp_path, max_steps=4, callbacks=[InjectNaN()])
+    assert module.trainer.global_step == 4  # the skipped step still counts: phases and steps stay aligned
+    skipped = metrics.set_index("step")["train/solve/skipped_steps"].dropna()
+    assert skipped.to_dict() == {0: 1.0}, "the first solve step (of 2) is skipped, nothing else"
+    assert metrics["train/refine/skipped_steps"].dropna().tolist() == [0.0]
+    optimizer = module.trainer.optimizers[0]
+    steps = {int(state["step"]) for state in optimizer.state.values()}
+    assert steps == {3}, "AdamW stepped 3 of the 4 optimizer steps (no moment or weight-decay update on the skip)"
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+    assert metrics["train/solve/grad_norm"].dropna().map(math.isfinite).all()  # the mean over applied steps
