@@ -1,11 +1,13 @@
 """A 2-process CPU fit on the tiny model, launched by tests/test_distributed.py as a subprocess.
 
-    python tests/dist_fit.py --strategy ddp|fsdp2 --model DIR --root DIR --max-steps N [--ckpt PATH]
+    python tests/dist_fit.py --strategy ddp|fsdp2 --model DIR --root DIR --max-steps N [--ckpt PATH] [--precision P]
+        [--lr LR]
 
 Lightning relaunches this script for rank 1 (gloo). Each phase: 4 problems x 4 samples, 2 optimizer steps of 2
 problems, so each rank generates for 2 problems and trains 1 problem per optimizer step. Checkpoints every
 phase (2 optimizer steps) under <root>/ckpt, HF export to <root>/export. Rank 0 writes <root>/result.json:
-global step, how many policy tensors moved from the initial weights, how many equal the export's, whether
+global step, how many policy tensors (and what share of their elements) moved from the initial weights, the
+weights' dtypes, how many equal the export's, whether
 every rank holds the same refine cache, and the data module cursor.
 """
 
@@ -39,13 +41,15 @@ def main() -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--max-steps", type=int, required=True)
     parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--lr", type=float, default=1e-2)
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0)
     root = Path(args.root)
     module = ThinkTwiceModule(
         model_name_or_path=args.model, problems_per_batch=4, mini_batch_problems=2, num_generations=4,
-        max_completion_length=8, learning_rate=1e-2, weight_decay=0.0, max_tokens_per_microbatch=40,
+        max_completion_length=8, learning_rate=args.lr, weight_decay=0.0, max_tokens_per_microbatch=40,
         beta=0.05 if args.strategy == "fsdp2" else 0.0,  # FSDP2 also shards the frozen KL reference
         gradient_checkpointing=args.strategy == "fsdp2",  # activation checkpointing inside fully_shard units
     )  # fmt: skip
@@ -60,6 +64,7 @@ def main() -> None:
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=args.max_steps, logger=CSVLogger(root, name="run"),
+        precision=args.precision,
         callbacks=[rollout, checkpoint, HFExport(dirpath=str(root / "export"))], enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=root,
     )  # fmt: skip
@@ -69,11 +74,15 @@ def main() -> None:
 
     initial = AutoModelForCausalLM.from_pretrained(args.model).state_dict()
     exported = AutoModelForCausalLM.from_pretrained(root / "export").state_dict()
-    moved = exported_same = 0
+    moved = exported_same = moved_elements = elements = 0
+    dtypes = set()
     for name, value in module.policy.state_dict().items():  # FSDP2: DTensor shards, gathered on every rank
         full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        dtypes.add(str(full.dtype))
         moved += int(not torch.equal(full, initial[name]))
-        exported_same += int(torch.equal(full, exported[name]))
+        moved_elements += int((full != initial[name].to(full.dtype)).sum())
+        elements += full.numel()
+        exported_same += int(torch.equal(full, exported[name].to(full.dtype)))
     caches: list[object] = [None] * trainer.world_size
     torch.distributed.all_gather_object(caches, json.dumps(data.state_dict(), sort_keys=True))
     weights: list[Any] = [None] * trainer.world_size  # DDP replicas must stay identical (FSDP2 holds shards)
@@ -82,6 +91,7 @@ def main() -> None:
     if trainer.is_global_zero:
         result = {
             "global_step": trainer.global_step, "moved": moved, "tensors": len(initial), "exported": exported_same,
+            "moved_elements_frac": moved_elements / elements, "weight_dtypes": sorted(dtypes),
             "same_cache_on_all_ranks": len(set(caches)) == 1, "cursor": data.cursor,
             "same_weights_on_all_ranks": args.strategy == "ddp"
             and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]),

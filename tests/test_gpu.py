@@ -24,17 +24,26 @@ pytestmark = [
 ]
 
 
-def _fit(model_dir: Path, root: Path, *, strategy: Any = "auto", max_steps: int = 4) -> tuple[Any, pd.DataFrame]:
+def _fit(
+    model_dir: Path,
+    root: Path,
+    *,
+    strategy: Any = "auto",
+    max_steps: int = 4,
+    precision: str = "bf16-true",
+    dtype: str = "bfloat16",
+    lr: float = 1e-3,
+) -> tuple[Any, pd.DataFrame]:
     pl.seed_everything(0)
     module = ThinkTwiceModule(
-        model_name_or_path=str(model_dir), dtype="bfloat16", problems_per_batch=2, num_generations=4,
-        max_completion_length=12, learning_rate=1e-3, mini_batch_problems=1,
+        model_name_or_path=str(model_dir), dtype=dtype, problems_per_batch=2, num_generations=4,
+        max_completion_length=12, learning_rate=lr, mini_batch_problems=1,
     )  # fmt: skip
     data = ThinkTwiceDataModule(train=ProblemSource(path="procedural", num_problems=16), problems_per_batch=2)
     rollout = RolloutCallback(num_generations=4, max_completion_length=12, reward="signal_rewards.even_length",
                               reward_workers=0)  # fmt: skip
     trainer = pl.Trainer(
-        accelerator="gpu", devices=1, precision="bf16-true", strategy=strategy, max_steps=max_steps,
+        accelerator="gpu", devices=1, precision=precision, strategy=strategy, max_steps=max_steps,
         logger=pl.loggers.CSVLogger(root, name="run"), callbacks=[rollout], enable_progress_bar=False,
         enable_checkpointing=False, default_root_dir=root,
     )  # fmt: skip
@@ -50,6 +59,20 @@ def test_bf16_fit_on_cuda(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert next(module.policy.parameters()).device.type == "cuda"
     assert metrics["train/solve/loss"].notna().any() and metrics["train/refine/loss"].notna().any()
     assert metrics.filter(like="grad_norm").stack().apply(math.isfinite).all()
+
+
+def test_bf16_mixed_fit_on_cuda_keeps_fp32_weights_and_moves_them_at_lr_1e6(tmp_path: Path) -> None:
+    from thinktwice_pl.models import build_tiny_model, load_causal_lm
+
+    model_dir = build_tiny_model(tmp_path / "tied", tie_word_embeddings=True)  # every weight gets a gradient
+    initial = dict(load_causal_lm(str(model_dir)).named_parameters())
+    module, _ = _fit(model_dir, tmp_path, precision="bf16-mixed", dtype="float32", lr=1e-6, max_steps=1)
+    params = dict(module.policy.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.float32}
+    moved = sum(int((params[n].detach().cpu() != initial[n].detach()).sum()) for n in params)
+    total = sum(p.numel() for p in params.values())
+    print(f"bf16-mixed on CUDA, lr 1e-6: {moved / total:.1%} of the weights moved in one optimizer step")
+    assert moved / total > 0.9
 
 
 def test_fsdp1_fit_and_gathered_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
