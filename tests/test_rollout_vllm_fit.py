@@ -32,9 +32,9 @@ def test_fit_with_vllm_engine_and_importance_sampling(tmp_path: Path, monkeypatc
     all_rows = pd.read_csv(run / "metrics.csv").sort_values("step")
     metrics = all_rows[all_rows.filter(like="train/").notna().any(axis=1)]
     assert train_phases(all_rows) == ["solve", "refine", "solve", "refine"]
-    # tiny.yaml validates after the fourth phase: the evaluation sampled through the same vLLM engine
+    # tiny.yaml validates the base model and after the fourth phase: the evaluation sampled through the same engine
     val = all_rows[all_rows["val/avg/solve/pass@1"].notna()]
-    assert val["step"].tolist() == [3] and val["val/avg/refine/pass@1"].notna().all()
+    assert val["step"].tolist() == [0, 4] and val["val/avg/refine/pass@1"].notna().all()
     for phase in ("solve", "refine"):
         rows = metrics[metrics[f"train/{phase}/reward_mean"].notna()]
         # two optimizer steps per phase: the second one's "old" log-probs come from the trainer's extra forward;
