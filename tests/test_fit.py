@@ -17,6 +17,7 @@ from metrics_helpers import train_phases
 from thinktwice_pl.callbacks import RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.module import ThinkTwiceModule
+from thinktwice_pl.types import PhaseBatch
 
 PHASE_KEYS = [
     "reward_mean", "reward_std", "frac_zero_std_groups", "completion_len_mean", "truncated_frac", "loss",
@@ -33,6 +34,8 @@ def _fit(
     ckpt_path: str | None = None,
     refine: bool = True,
     callbacks: list[Any] | None = None,
+    data_kw: dict[str, Any] | None = None,
+    rollout_kw: dict[str, Any] | None = None,
     **module_kw: Any,
 ) -> tuple[ThinkTwiceModule, pd.DataFrame]:
     """A fit of 2 problems x 4 samples per phase, 2 optimizer steps per phase; returns the module and metrics."""
@@ -46,10 +49,14 @@ def _fit(
         **kwargs,
     )
     data = ThinkTwiceDataModule(
-        train=ProblemSource(path="procedural", num_problems=16), problems_per_batch=2, refine=refine, seed=0
+        train=ProblemSource(path="procedural", num_problems=16),
+        problems_per_batch=2,
+        refine=refine,
+        seed=0,
+        **(data_kw or {}),
     )
-    rollout = RolloutCallback(num_generations=4, max_completion_length=12, reward="signal_rewards.even_length",
-                              reward_workers=0)  # fmt: skip
+    rollout = RolloutCallback(**{"num_generations": 4, "max_completion_length": 12, "reward_workers": 0,
+                                 "reward": "signal_rewards.even_length", **(rollout_kw or {})})  # fmt: skip
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
@@ -164,3 +171,37 @@ def test_geometry_errors_name_the_flags() -> None:
         ThinkTwiceModule(problems_per_batch=6, mini_batch_problems=4)
     with pytest.raises(ValueError, match="num_generations"):
         ThinkTwiceModule(num_generations=1)
+
+
+class _PhaseRecorder(pl.Callback):
+    """Keeps each phase batch as the module trained on it."""
+
+    def __init__(self) -> None:
+        self.batches: list[PhaseBatch] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.batches.append(batch)
+
+
+def test_wrong_first_refine_phase_reviews_bases_of_the_whole_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # problems with an even gold answer have only right answers, the others about half wrong: wrong_first then gives
+    # both refine prompts of such a pair to the problem with wrong answers
+    recorder = _PhaseRecorder()
+    _, metrics = _fit(tiny_model_dir, tmp_path, max_steps=16, callbacks=[recorder],
+                      data_kw={"refine_selection": "wrong_first"},
+                      rollout_kw={"reward": "signal_rewards.even_answers_right"})  # fmt: skip
+    assert train_phases(metrics) == ["solve", "refine"] * 4
+    refines = [b for b in recorder.batches if b.phase == "refine"]
+    twice = [b for b in refines if len({p.id for p in b.problems}) < len(b.problems)]
+    assert twice, "no pair had a problem without wrong answers next to one with several"
+    for batch in refines:
+        assert batch.bases is not None and batch.rollouts is not None
+        assert [p.id for p in batch.problems] == [b.problem_id for b in batch.bases]
+        groups = [batch.rollouts.rollouts[g * 4 : (g + 1) * 4] for g in range(2)]  # G = 4 refinements per base
+        for base, group in zip(batch.bases, groups, strict=True):
+            assert {(r.problem_id, r.base_text, r.base_correct) for r in group} == {
+                (base.problem_id, base.completion_text, base.correct)}  # fmt: skip
+        row = metrics[metrics["step"] == batch.index].iloc[0]
+        assert row["train/refine/base_correct_frac"] == sum(b.correct for b in batch.bases) / 2
+    for batch in twice:
+        assert not any(b.correct for b in batch.bases) and len({b.completion_text for b in batch.bases}) == 2

@@ -90,6 +90,8 @@ class PhaseBatch:
 
     `index` counts phase batches from the start of training (solve and refine each count one);
     `pair` counts problem batches. The rollout callback fills `rollouts` before the training step.
+    In a refine batch it first sets `bases` and then `problems[i]` to the problem of `bases[i]`: with
+    ``wrong_first`` / ``balanced`` selection a problem may appear several times and another not at all.
     """
 
     phase: Phase
@@ -97,7 +99,7 @@ class PhaseBatch:
     index: int
     pair: int
     epoch: int
-    bases: list[Rollout] | None = None  # refine phase: the chosen solve answer for each problem
+    bases: list[Rollout] | None = None  # refine phase: the solve answer reviewed by each prompt
     rollouts: RolloutBatch | None = None
     extras: dict[str, object] = field(default_factory=dict)
 

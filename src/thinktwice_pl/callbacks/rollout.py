@@ -1,8 +1,9 @@
 """RolloutCallback: sample and score each phase's completions before its training step.
 
-Solve phase: one chat per problem. Refine phase: for each problem, the data module picks one of
-the cached solve answers (after the solve step's update), and the chat holds that answer plus the
-review instruction. After each step the callback hands the solve rollouts to the data module's
+Solve phase: one chat per problem. Refine phase: the data module picks B of the cached solve
+answers (`select_bases`: with the paper's ``uniform`` selection one per problem), and each chat
+holds its problem, that answer and the review instruction; the refinements are sampled after the
+solve step's update. After each step the callback hands the solve rollouts to the data module's
 cache and syncs the engine's weights with the updated policy.
 """
 
@@ -110,6 +111,9 @@ class RolloutCallback(Callback):
         _show_phase(trainer, batch)
         if batch.phase == "refine":
             batch.bases = trainer.datamodule.bases_for(batch)
+            # refine prompt i reviews bases[i]: wrong_first / balanced may give a problem several bases and another none
+            by_id = {p.id: p for p in batch.problems}
+            batch.problems = [by_id[base.problem_id] for base in batch.bases]
         batch.rollouts = self.rollout(pl_module, batch)
 
     def on_train_batch_end(
