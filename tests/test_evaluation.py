@@ -3,6 +3,7 @@ documented key from real tiny-model runs (Trainer and CLI, checkpoint and plain 
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -19,7 +20,7 @@ from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule, eval_batches
 from thinktwice_pl.metrics import pass_at_k
 from thinktwice_pl.module import ThinkTwiceModule
 from thinktwice_pl.prompts import DEFAULT_REFINE_INSTRUCTION
-from thinktwice_pl.rollout import SamplingConfig
+from thinktwice_pl.rollout import HFRolloutEngine, SamplingConfig
 from thinktwice_pl.types import Completion, Problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,3 +240,35 @@ def test_eval_batches_give_every_rank_the_same_number_of_batches() -> None:
 def test_refine_prompt_holds_the_review_instruction() -> None:
     # the scripted engine recognises refine prompts by this text; it must stay in the default instruction
     assert "carefully review your previous solution" in DEFAULT_REFINE_INSTRUCTION
+
+
+def test_evaluation_truncates_long_refine_prompts_as_training_does(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lengths: list[list[int]] = []
+
+    class RecordingEngine(HFRolloutEngine):
+        def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+            lengths.append([len(p) for p in prompts])
+            return super().generate(prompts, n, sampling)
+
+    def validate(max_prompt_length: int) -> None:
+        module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2,
+                                  mini_batch_problems=None)  # fmt: skip
+        data = ThinkTwiceDataModule(problems_per_batch=2, val={"sums": ProblemSource(num_problems=3, difficulty=0)},
+                                    eval_problems_per_batch=3)  # fmt: skip
+        rollout = RolloutCallback(engine=RecordingEngine(), max_prompt_length=max_prompt_length, reward_workers=0)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                             callbacks=[rollout, Evaluation(num_samples=2, max_completion_length=8)])  # fmt: skip
+        trainer.validate(module, datamodule=data)
+
+    # tiny tokenizer: "What is a + b?" solve prompts take 66 tokens, their refine prompts over 200
+    with caplog.at_level(logging.WARNING, logger="thinktwice_pl.callbacks"):
+        validate(200)
+    # sampled answers, greedy answers, then one greedy call for the 3 x 2 + 3 refinements: all cut to 200 tokens
+    assert lengths == [[66] * 3, [66] * 3, [200] * 9]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("9 of 9 refine prompts are longer than rollout.max_prompt_length=200" in m for m in messages) == 1
+    assert sum("val evaluation, rank 0: 9 of 9 refine prompts were longer" in m for m in messages) == 1
+    with pytest.raises(ValueError, match=r"solve prompt of problem .* has 66 tokens > rollout.max_prompt_length=50"):
+        validate(50)

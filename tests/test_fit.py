@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from metrics_helpers import train_phases
 from thinktwice_pl.callbacks import RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.module import ThinkTwiceModule
-from thinktwice_pl.types import PhaseBatch
+from thinktwice_pl.prompts import encode_chat, refine_messages
+from thinktwice_pl.types import PhaseBatch, Problem
 
 PHASE_KEYS = [
     "reward_mean", "reward_std", "frac_zero_std_groups", "completion_len_mean", "truncated_frac", "loss",
@@ -205,3 +207,38 @@ def test_wrong_first_refine_phase_reviews_bases_of_the_whole_batch(tiny_model_di
         assert row["train/refine/base_correct_frac"] == sum(b.correct for b in batch.bases) / 2
     for batch in twice:
         assert not any(b.correct for b in batch.bases) and len({b.completion_text for b in batch.bases}) == 2
+
+
+def test_max_prompt_length_truncates_refine_prompts_on_the_left_and_refuses_long_solve_prompts() -> None:
+    problems = [Problem("short", "q", "1"), Problem("long", "q", "1")]
+    callback = RolloutCallback(max_prompt_length=3)
+    ids, cut = callback.fit_prompts([[1, 2], [1, 2, 3, 4, 5]], problems, "refine")
+    assert ids == [[1, 2], [3, 4, 5]] and cut == [1]  # the last 3 tokens: the end of the chat stays
+    with pytest.raises(ValueError, match=r"solve prompt of problem 'long' has 5 tokens > rollout.max_prompt_length=3"):
+        callback.fit_prompts([[1, 2], [1, 2, 3, 4, 5]], problems, "solve")
+    assert RolloutCallback().fit_prompts([[1, 2, 3, 4, 5]], problems[:1], "solve") == ([[1, 2, 3, 4, 5]], [])
+
+
+def test_fit_with_long_refine_prompts_truncates_counts_and_warns_once(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # with the tiny tokenizer solve prompts take at most 121 tokens, refine prompts over 230
+    recorder = _PhaseRecorder()
+    with caplog.at_level(logging.WARNING, logger="thinktwice_pl.callbacks.rollout"):
+        module, metrics = _fit(tiny_model_dir, tmp_path, max_steps=8, callbacks=[recorder],
+                               rollout_kw={"max_prompt_length": 200})  # fmt: skip
+    assert train_phases(metrics) == ["solve", "refine", "solve", "refine"]
+    assert metrics["train/refine/truncated_prompts"].dropna().tolist() == [2.0, 2.0]  # both prompts of each phase
+    warnings = [r.getMessage() for r in caplog.records if "rollout.max_prompt_length" in r.getMessage()]
+    assert len(warnings) == 1 and "2 of 2 refine prompts" in warnings[0], warnings
+    tokenizer = module.tokenizer
+    for batch in recorder.batches:
+        assert batch.rollouts is not None
+        if batch.phase == "solve":
+            assert all(len(r.prompt_ids) < 200 for r in batch.rollouts.rollouts)
+            continue
+        assert batch.bases is not None
+        for g, (problem, base) in enumerate(zip(batch.problems, batch.bases, strict=True)):
+            full = encode_chat(refine_messages(problem.prompt_text, base.completion_text, tokenizer), tokenizer)
+            assert len(full) > 200
+            assert batch.rollouts.rollouts[g * 4].prompt_ids == full[-200:]  # the last 200 tokens were trained on

@@ -72,6 +72,7 @@ class RolloutBatch:
     generate_s: float = 0.0
     score_s: float = 0.0
     reward_errors: int = 0
+    truncated_prompts: int = 0  # prompts longer than rollout.max_prompt_length that kept only their last tokens
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or len(self.rollouts) % self.group_size:

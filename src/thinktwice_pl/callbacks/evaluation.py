@@ -88,6 +88,7 @@ class Evaluation(Callback):
         self._started = 0.0
         self._pass: dict[str, tuple[PassAtK, PassAtK]] = {}  # benchmark -> (solve, refine)
         self._transitions = Transitions()
+        self._truncated_prompts = self._refine_prompts = 0
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -132,6 +133,7 @@ class Evaluation(Callback):
             self._own_scorer = rollout.scorer is None
         self._pass = {}
         self._transitions = Transitions().to(pl_module.device)
+        self._truncated_prompts = self._refine_prompts = 0  # this rank's, in this evaluation
         self._started = time.perf_counter()
 
     # ------------------------------------------------------------------------------ one batch
@@ -141,11 +143,12 @@ class Evaluation(Callback):
         if not isinstance(batch, EvalBatch):
             raise TypeError(f"expected an EvalBatch from ThinkTwiceDataModule, got {type(batch).__name__}")
         rollout = rollout_callback(trainer)
-        engine, tokenizer, n = rollout.engine, pl_module.tokenizer, self.num_samples
+        engine, n = rollout.engine, self.num_samples
+        tokenizer: Any = pl_module.tokenizer
         problems = batch.problems
         solve_texts = [render_chat(solve_messages(p.prompt_text, rollout.solve_prompt_suffix), tokenizer)
                        for p in problems]  # fmt: skip
-        solve_ids = [tokenize_rendered(text, tokenizer) for text in solve_texts]
+        solve_ids, _ = rollout.fit_prompts([tokenize_rendered(t, tokenizer) for t in solve_texts], problems, "solve")
         seed = phase_seed(self.seed, batch.index, pl_module.global_rank)
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
 
@@ -161,6 +164,18 @@ class Evaluation(Callback):
 
         refine_in = [refine_prompt(i, a) for i, group in enumerate(samples) for a in group]  # [P * n], problem-major
         base_in = [refine_prompt(i, a) for i, a in enumerate(bases)]  # [P]
+        # as in training, a refine prompt over rollout.max_prompt_length keeps its last tokens
+        owners = [problems[i] for i, group in enumerate(samples) for _ in group] + problems[: len(bases)]
+        fitted, cut = rollout.fit_prompts([ids for _, ids in refine_in + base_in], owners, "refine")
+        texts = [text for text, _ in refine_in + base_in]
+        for j in cut:
+            texts[j] = tokenizer.decode(fitted[j], skip_special_tokens=False)
+        fitted_in = list(zip(texts, fitted, strict=True))
+        refine_in, base_in = fitted_in[: len(refine_in)], fitted_in[len(refine_in) :]
+        self._truncated_prompts += len(cut)
+        self._refine_prompts += len(fitted)
+        if cut:
+            rollout.warn_truncated(len(cut), len(fitted), f"the {batch.benchmark} evaluation's summary line")
         if self.refine_sampling.temperature == 0:  # one greedy call for both kinds of refinement
             out = engine.generate([ids for _, ids in refine_in + base_in], 1, greedy)
             refined, base_refined = [g[0] for g in out[: len(refine_in)]], [g[0] for g in out[len(refine_in) :]]
@@ -207,6 +222,10 @@ class Evaluation(Callback):
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> None:
         if not self._pass:  # no benchmarks configured (fit without data.val)
             return
+        if self._truncated_prompts:
+            log.warning("%s evaluation, rank %d: %d of %d refine prompts were longer than rollout.max_prompt_length=%s "
+                        "and kept only their last tokens", split, trainer.global_rank, self._truncated_prompts,
+                        self._refine_prompts, rollout_callback(trainer).max_prompt_length)  # fmt: skip
         metrics = eval_metrics(self._pass, self._transitions if self.transitions else None, split)
         metrics[f"perf/{split}_s"] = time.perf_counter() - self._started  # wall time of the whole evaluation
         # During fit the loggers get one row at the phase step, like the training rows (Lightning would write it

@@ -28,7 +28,7 @@ from thinktwice_pl.prompts import (
 )
 from thinktwice_pl.rewards import RewardScorer
 from thinktwice_pl.rollout import HFRolloutEngine, RolloutEngine, SamplingConfig
-from thinktwice_pl.types import PhaseBatch, Rollout, RolloutBatch
+from thinktwice_pl.types import Phase, PhaseBatch, Problem, Rollout, RolloutBatch
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,10 @@ class RolloutCallback(Callback):
         top_p: nucleus sampling threshold (1.0 = off).
         top_k: top-k sampling (None = off).
         max_completion_length: most new tokens per completion.
-        max_prompt_length: longest allowed prompt in tokens (refine prompts hold the earlier answer);
-            a longer prompt is an error naming the problem. None = no limit.
+        max_prompt_length: longest prompt in tokens (refine prompts hold the earlier answer). A longer refine
+            prompt keeps its last max_prompt_length tokens (left truncation, as the reference code; counted in
+            train/refine/truncated_prompts, in evaluation too); a longer solve prompt is an error naming the
+            problem. None = no limit.
         reward: math_verify (default), boxed (last \\boxed{} string match, the reference grader) or
             a dotted path to a TRL-style function ``fn(prompts, completions, **columns)``.
         reward_timeout_s: per-completion grading deadline; a timeout scores 0 and is counted.
@@ -84,6 +86,7 @@ class RolloutCallback(Callback):
         self.refine_instruction = refine_instruction
         self.seed = seed
         self.scorer: RewardScorer | None = None
+        self._warned_truncation = False
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -133,7 +136,7 @@ class RolloutCallback(Callback):
         shares are gathered, so every rank holds the whole phase (the refine cache and the logged metrics
         are the same everywhere; the module trains each rank on its share).
         """
-        tokenizer = pl_module.tokenizer
+        tokenizer: Any = pl_module.tokenizer
         trainer = pl_module._trainer
         world = trainer.world_size if trainer is not None else 1
         share = rank_slice(len(batch.problems), pl_module.global_rank, world)
@@ -150,14 +153,9 @@ class RolloutCallback(Callback):
             ]  # fmt: skip
         prompt_texts = [render_chat(chat, tokenizer) for chat in chats]
         prompt_ids = [tokenize_rendered(text, tokenizer) for text in prompt_texts]
-        if self.max_prompt_length is not None:
-            for problem, ids in zip(problems, prompt_ids, strict=True):
-                if len(ids) > self.max_prompt_length:
-                    raise ValueError(
-                        f"{batch.phase} prompt of problem {problem.id!r} has {len(ids)} tokens > "
-                        f"rollout.max_prompt_length={self.max_prompt_length}: raise it (refine prompts hold the "
-                        "problem, an earlier answer of up to max_completion_length tokens and the instruction)"
-                    )
+        prompt_ids, truncated = self.fit_prompts(prompt_ids, problems, batch.phase)
+        for i in truncated:  # the grader sees the prompt the policy saw
+            prompt_texts[i] = tokenizer.decode(prompt_ids[i], skip_special_tokens=False)
         sampling = SamplingConfig(
             temperature=self.sampling.temperature, top_p=self.sampling.top_p, top_k=self.sampling.top_k,
             max_new_tokens=self.sampling.max_new_tokens,
@@ -195,8 +193,47 @@ class RolloutCallback(Callback):
             log.warning("%d of %d %s completions could not be graded (scored 0), e.g. %s",
                         scores.num_errors, len(completions), batch.phase, first)  # fmt: skip
         local = RolloutBatch(rollouts, self.num_generations, generate_s=generate_s, score_s=score_s,
-                             reward_errors=scores.num_errors)  # fmt: skip
-        return _gather(local) if world > 1 else local
+                             reward_errors=scores.num_errors, truncated_prompts=len(truncated))  # fmt: skip
+        phase = _gather(local) if world > 1 else local
+        if phase.truncated_prompts and pl_module.global_rank == 0:
+            self.warn_truncated(phase.truncated_prompts, len(batch.problems), "train/refine/truncated_prompts")
+        return phase
+
+    def fit_prompts(
+        self, prompt_ids: list[list[int]], problems: list[Problem], phase: Phase
+    ) -> tuple[list[list[int]], list[int]]:
+        """Applies ``max_prompt_length``: a longer refine prompt keeps its last ``max_prompt_length`` tokens (left
+        truncation: the start of the problem goes first, the answer under review and the instruction stay), as in
+        the reference code; a longer solve prompt is an error naming the problem (it would lose its beginning).
+
+        Returns:
+            The prompts (truncated where needed) and the indices of the truncated ones.
+        """
+        limit = self.max_prompt_length
+        if limit is None:
+            return prompt_ids, []
+        too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > limit]
+        if too_long and phase == "solve":
+            i = too_long[0]
+            raise ValueError(
+                f"the solve prompt of problem {problems[i].id!r} has {len(prompt_ids[i])} tokens > "
+                f"rollout.max_prompt_length={limit} ({len(too_long)} of {len(prompt_ids)} prompts of this batch): "
+                "raise rollout.max_prompt_length or leave such problems out of the data (solve prompts are never "
+                "truncated; refine prompts, which hold an earlier answer, keep their last tokens)"
+            )
+        return [ids[-limit:] if len(ids) > limit else ids for ids in prompt_ids], too_long
+
+    def warn_truncated(self, count: int, total: int, counted_in: str) -> None:
+        """Warns once per run that refine prompts were left-truncated, naming the flag."""
+        if self._warned_truncation:
+            return
+        self._warned_truncation = True
+        log.warning(
+            "%d of %d refine prompts are longer than rollout.max_prompt_length=%d and keep only their last %d tokens "
+            "(the start of the problem is cut, as in the reference code); counted in %s. Raise "
+            "rollout.max_prompt_length to keep them whole. (Warned once per run.)",
+            count, total, self.max_prompt_length, self.max_prompt_length, counted_in,
+        )  # fmt: skip
 
 
 def phase_seed(seed: int, index: int, rank: int = 0) -> int:
@@ -215,6 +252,7 @@ def _gather(local: RolloutBatch) -> RolloutBatch:
         [r for share in shares for r in share.rollouts], local.group_size,
         generate_s=max(share.generate_s for share in shares), score_s=max(share.score_s for share in shares),
         reward_errors=sum(share.reward_errors for share in shares),
+        truncated_prompts=sum(share.truncated_prompts for share in shares),
     )  # fmt: skip
 
 
