@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -242,22 +243,29 @@ def test_refine_prompt_holds_the_review_instruction() -> None:
     assert "carefully review your previous solution" in DEFAULT_REFINE_INSTRUCTION
 
 
+class RecordingEngine(HFRolloutEngine):
+    """The HF engine, keeping the prompts of every generate call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[list[int]]] = []
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        self.calls.append(prompts)
+        return super().generate(prompts, n, sampling)
+
+
 def test_evaluation_truncates_long_refine_prompts_as_training_does(
     tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    lengths: list[list[int]] = []
-
-    class RecordingEngine(HFRolloutEngine):
-        def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
-            lengths.append([len(p) for p in prompts])
-            return super().generate(prompts, n, sampling)
+    engine = RecordingEngine()
 
     def validate(max_prompt_length: int) -> None:
         module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2,
                                   mini_batch_problems=None)  # fmt: skip
         data = ThinkTwiceDataModule(problems_per_batch=2, val={"sums": ProblemSource(num_problems=3, difficulty=0)},
                                     eval_problems_per_batch=3)  # fmt: skip
-        rollout = RolloutCallback(engine=RecordingEngine(), max_prompt_length=max_prompt_length, reward_workers=0)
+        rollout = RolloutCallback(engine=engine, max_prompt_length=max_prompt_length, reward_workers=0)
         trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
                              callbacks=[rollout, Evaluation(num_samples=2, max_completion_length=8)])  # fmt: skip
         trainer.validate(module, datamodule=data)
@@ -266,9 +274,47 @@ def test_evaluation_truncates_long_refine_prompts_as_training_does(
     with caplog.at_level(logging.WARNING, logger="thinktwice_pl.callbacks"):
         validate(200)
     # sampled answers, greedy answers, then one greedy call for the 3 x 2 + 3 refinements: all cut to 200 tokens
-    assert lengths == [[66] * 3, [66] * 3, [200] * 9]
+    assert [[len(p) for p in prompts] for prompts in engine.calls] == [[66] * 3, [66] * 3, [200] * 9]
     messages = [r.getMessage() for r in caplog.records]
     assert sum("9 of 9 refine prompts are longer than rollout.max_prompt_length=200" in m for m in messages) == 1
     assert sum("val evaluation, rank 0: 9 of 9 refine prompts were longer" in m for m in messages) == 1
     with pytest.raises(ValueError, match=r"solve prompt of problem .* has 66 tokens > rollout.max_prompt_length=50"):
         validate(50)
+
+
+def test_remove_system_prompt_reaches_training_and_evaluation_prompts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from test_prompts import OLMO3_LIKE
+
+    from thinktwice_pl.models import CHATML_TEMPLATE, load_tokenizer
+
+    model_dir = tmp_path / "olmo3-like"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer.chat_template = OLMO3_LIKE  # inserts a default system turn into a chat without one
+    tokenizer.save_pretrained(model_dir)
+
+    def fit(remove: bool) -> list[str]:
+        engine = RecordingEngine()
+        module = ThinkTwiceModule(model_name_or_path=str(model_dir), problems_per_batch=2, num_generations=2,
+                                  mini_batch_problems=2, max_completion_length=8)  # fmt: skip
+        data = ThinkTwiceDataModule(train=ProblemSource(num_problems=4), problems_per_batch=2,
+                                    val={"arith": ProblemSource(num_problems=2, difficulty=0)})  # fmt: skip
+        rollout = RolloutCallback(engine=engine, num_generations=2, max_completion_length=8, reward_workers=0,
+                                  remove_system_prompt=remove)  # fmt: skip
+        trainer = pl.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, logger=False,
+                             callbacks=[rollout, Evaluation(num_samples=2, max_completion_length=8)],
+                             enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                             num_sanity_val_steps=0)  # fmt: skip
+        trainer.fit(module, datamodule=data)
+        # solve, refine, then validation: sampled answers, greedy answers, refinements
+        assert len(engine.calls) == 5, len(engine.calls)
+        return [tokenizer.decode(ids) for prompts in engine.calls for ids in prompts]
+
+    kept = fit(remove=False)
+    assert all(p.startswith("<|im_start|>system\nYou are a helpful function-calling AI assistant.") for p in kept)
+    removed = fit(remove=True)
+    assert all(p.startswith("<|im_start|>user\n") and "<|im_start|>system" not in p for p in removed)
+    assert sum("carefully review your previous solution" in p for p in removed) == 2 + 2 * 2 + 2  # refine prompts
+    tokenizer.chat_template = "<|im_start|>system\nAlways here.<|im_end|>\n" + CHATML_TEMPLATE  # cannot be cut out
+    with pytest.raises(ValueError, match=r"rollout\.remove_system_prompt is set but the chat template writes"):
+        RolloutCallback(remove_system_prompt=True).check_chat_template(tokenizer)  # on_fit_start: before any work

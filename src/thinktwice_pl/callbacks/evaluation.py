@@ -14,7 +14,8 @@ wall time. ``<split>`` is ``val`` (``thinktwice validate`` and validation during
 (``thinktwice test``).
 
 Generation goes through the engine of the `RolloutCallback` (HF or vLLM alike), prompts and grading
-use its prompt texts and grader, so evaluation measures the same task the policy is trained on.
+use its prompt texts, chat rendering (``remove_system_prompt``), prompt limit and grader, so
+evaluation measures the same task the policy is trained on.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class Evaluation(Callback):
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rollout = rollout_callback(trainer)
         if trainer.state.fn != "fit" and not self._engine_ready:  # fit: the rollout callback set the engine up
+            rollout.check_chat_template(pl_module.tokenizer)
             rollout.engine.setup(pl_module.policy, pl_module.tokenizer)
             rollout.engine.sync_weights(pl_module.policy)  # weights of --ckpt_path, loaded after configure_model
             self._engine_ready = True
@@ -146,8 +148,8 @@ class Evaluation(Callback):
         engine, n = rollout.engine, self.num_samples
         tokenizer: Any = pl_module.tokenizer
         problems = batch.problems
-        solve_texts = [render_chat(solve_messages(p.prompt_text, rollout.solve_prompt_suffix), tokenizer)
-                       for p in problems]  # fmt: skip
+        solve_texts = [render_chat(solve_messages(p.prompt_text, rollout.solve_prompt_suffix), tokenizer,
+                                   rollout.remove_system_prompt) for p in problems]  # fmt: skip
         solve_ids, _ = rollout.fit_prompts([tokenize_rendered(t, tokenizer) for t in solve_texts], problems, "solve")
         seed = phase_seed(self.seed, batch.index, pl_module.global_rank)
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
@@ -159,7 +161,7 @@ class Evaluation(Callback):
         def refine_prompt(i: int, answer: Completion) -> tuple[str, list[int]]:
             chat = refine_messages(problems[i].prompt_text, answer.text, tokenizer, rollout.solve_prompt_suffix,
                                    rollout.refine_instruction)  # fmt: skip
-            text = render_chat(chat, tokenizer)
+            text = render_chat(chat, tokenizer, rollout.remove_system_prompt)
             return text, tokenize_rendered(text, tokenizer)
 
         refine_in = [refine_prompt(i, a) for i, group in enumerate(samples) for a in group]  # [P * n], problem-major

@@ -16,11 +16,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
 
 from thinktwice_pl.data import rank_slice
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,
     DEFAULT_SOLVE_SUFFIX,
+    default_system_turn,
     refine_messages,
     render_chat,
     solve_messages,
@@ -53,6 +55,10 @@ class RolloutCallback(Callback):
         reward_workers: grader processes (0 = grade in the training process).
         solve_prompt_suffix: instruction appended to each problem (METHOD.md section 2 default).
         refine_instruction: the review instruction of the refine turn (METHOD.md section 2 default).
+        remove_system_prompt: leave out the system turn that the chat template inserts into a chat without one
+            (Olmo-3, Qwen2.5, SmolLM2 templates do; the reference code removes it for Olmo-3), in training and
+            evaluation prompts alike. A no-op for templates without a default system prompt; an error at start-up
+            when the template's system turn cannot be cut out.
         seed: base seed of the per-phase sampling seeds (a resumed run draws the same samples).
     """
 
@@ -70,6 +76,7 @@ class RolloutCallback(Callback):
         reward_workers: int = 2,
         solve_prompt_suffix: str = DEFAULT_SOLVE_SUFFIX,
         refine_instruction: str = DEFAULT_REFINE_INSTRUCTION,
+        remove_system_prompt: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -84,6 +91,7 @@ class RolloutCallback(Callback):
         self.reward_workers = reward_workers
         self.solve_prompt_suffix = solve_prompt_suffix
         self.refine_instruction = refine_instruction
+        self.remove_system_prompt = remove_system_prompt
         self.seed = seed
         self.scorer: RewardScorer | None = None
         self._warned_truncation = False
@@ -95,6 +103,7 @@ class RolloutCallback(Callback):
             raise TypeError("RolloutCallback needs the ThinkTwiceDataModule (data:) to serve phase batches")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_chat_template(pl_module.tokenizer)
         self.engine.setup(pl_module.policy, pl_module.tokenizer)
         self.scorer = RewardScorer(self.reward, timeout_s=self.reward_timeout_s, num_workers=self.reward_workers)
 
@@ -127,6 +136,17 @@ class RolloutCallback(Callback):
         self.engine.sync_weights(pl_module.policy)
         batch.extras["sync_s"] = time.perf_counter() - start  # logged with the phase's metrics by the module
 
+    def check_chat_template(self, tokenizer: Any) -> None:
+        """With ``remove_system_prompt``: fails now if the template's default system turn cannot be cut out, and
+        says what is left out."""
+        if not self.remove_system_prompt:
+            return
+        found = default_system_turn(tokenizer)
+        if found is None:
+            rank_zero_info("rollout.remove_system_prompt: the chat template inserts no system prompt, nothing to cut")
+        else:
+            rank_zero_info(f"rollout.remove_system_prompt: prompts leave out the template's system turn {found[1]!r}")
+
     # ------------------------------------------------------------------------------ rollouts
 
     def rollout(self, pl_module: pl.LightningModule, batch: PhaseBatch) -> RolloutBatch:
@@ -151,7 +171,7 @@ class RolloutCallback(Callback):
                                 self.refine_instruction)
                 for p, base in zip(problems, bases, strict=True)
             ]  # fmt: skip
-        prompt_texts = [render_chat(chat, tokenizer) for chat in chats]
+        prompt_texts = [render_chat(chat, tokenizer, self.remove_system_prompt) for chat in chats]
         prompt_ids = [tokenize_rendered(text, tokenizer) for text in prompt_texts]
         prompt_ids, truncated = self.fit_prompts(prompt_ids, problems, batch.phase)
         for i in truncated:  # the grader sees the prompt the policy saw
