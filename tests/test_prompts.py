@@ -105,12 +105,41 @@ def test_remove_system_prompt_renders_the_chat_without_the_templates_default_sys
     assert user_header == "<|im_start|>user\n"
 
 
-def test_remove_system_prompt_keeps_the_templates_bos(tiny_model_dir: Path) -> None:
+# SmolLM2-135M-Instruct's template, whose BOS token is <|im_start|>, the turn marker itself
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# Llama-3.1's template, reduced: the system turn is always written, with a date header
+LLAMA31_LIKE = (
+    "{{- bos_token }}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+    "Today Date: 26 Jul 2024\n\n{%- if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{%- set messages = messages[1:] %}{% endif %}<|eot_id|>"
+    "{%- for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{%- endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def test_remove_system_prompt_keeps_what_the_template_writes_before_the_system_turn(tiny_model_dir: Path) -> None:
+    plain = load_tokenizer(str(tiny_model_dir))
     tok = load_tokenizer(str(tiny_model_dir))
     tok.bos_token = "<|endoftext|>"
     tok.chat_template = "{{- bos_token }}" + QWEN25_LIKE
     text = render_chat(solve_messages("Q"), tok, remove_system_prompt=True)
     assert text == f"<|endoftext|><|im_start|>user\nQ {SOLVE_SUFFIX}<|im_end|>\n<|im_start|>assistant\n"
+    tok.chat_template = LLAMA31_LIKE  # a system turn that always holds a date header, empty content by default
+    text = render_chat(solve_messages("Q"), tok, remove_system_prompt=True)
+    assert text == f"<|endoftext|><|start_header_id|>user<|end_header_id|>\n\nQ {SOLVE_SUFFIX}<|eot_id|>" + (
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")  # fmt: skip
+    tok.bos_token = "<|im_start|>"  # SmolLM2: the BOS is the turn marker, nothing comes before the system turn
+    tok.chat_template = SMOLLM2
+    assert default_system_turn(tok)[0] == ""
+    for chat in (solve_messages("Q"), refine_messages("Q", "A", tok)):
+        assert render_chat(chat, tok, remove_system_prompt=True) == render_chat(chat, plain)
 
 
 def test_remove_system_prompt_is_a_no_op_for_templates_without_a_default_system_prompt(tiny_model_dir: Path) -> None:

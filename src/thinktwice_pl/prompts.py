@@ -95,8 +95,9 @@ def default_system_turn(tokenizer: Any) -> tuple[str, str, str] | None:
 
     A lone user turn renders as ``lead + system turn + user header + text ...``; an explicit system message shows
     where a system turn's text sits (``opener + text + end of turn + user header``), and a lone user turn without
-    generation prompt shows the end-of-turn marker. `lead` is the BOS text when the template writes it (kept),
-    else empty. The reference code instead drops every token before ``<|im_start|>user`` (ChatML templates only).
+    generation prompt shows the end-of-turn marker. `lead` is what the template writes before any turn (a BOS
+    text, kept), found as the part of the opener before the user header with its role renamed to system. The
+    reference code instead drops every token before ``<|im_start|>user`` (ChatML templates only, BOS included).
 
     Returns:
         ``(lead, system turn, user header)``, or None when the template inserts no system turn.
@@ -127,9 +128,10 @@ def default_system_turn(tokenizer: Any) -> tuple[str, str, str] | None:
             and len(head) >= len(opener) + len(between)
             and between.startswith(end_of_turn)
         ):
-            bos = getattr(tokenizer, "bos_token", None)
-            lead = bos if isinstance(bos, str) and bos and opener.startswith(bos) else ""
             user_header = between[len(end_of_turn) :]
+            # what the template writes before the system turn (a BOS): the opener up to the user header with its
+            # role renamed; when there is no such header, everything before the user turn goes, as in the reference
+            lead = opener[: max(0, opener.find(user_header.replace("user", "system", 1)))]
             return lead, head[len(lead) : len(head) - len(user_header)], user_header
     if "system" in head.lower():
         raise ValueError(
