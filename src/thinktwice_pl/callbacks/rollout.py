@@ -46,9 +46,9 @@ class RolloutCallback(Callback):
         top_k: top-k sampling (None = off).
         max_completion_length: most new tokens per completion.
         max_prompt_length: longest prompt in tokens (refine prompts hold the earlier answer). A longer refine
-            prompt keeps its last max_prompt_length tokens (left truncation, as the reference code; counted in
-            train/refine/truncated_prompts, in evaluation too); a longer solve prompt is an error naming the
-            problem. None = no limit.
+            prompt keeps its last max_prompt_length tokens (left truncation, as the reference code), counted in
+            train/refine/truncated_prompts (evaluation does the same and logs its count); a longer solve prompt
+            is an error naming the problem. None = no limit.
         reward: math_verify (default), boxed (last \\boxed{} string match, the reference grader) or
             a dotted path to a TRL-style function ``fn(prompts, completions, **columns)``.
         reward_timeout_s: per-completion grading deadline; a timeout scores 0 and is counted.
