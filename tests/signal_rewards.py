@@ -12,3 +12,9 @@ from typing import Any
 def even_length(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
     """1 when the completion has an even number of characters: meaningless, but varies within a group."""
     return [float(len(c) % 2 == 0) for c in completions]
+
+
+def even_answers_right(prompts: list[str], completions: list[str], answer: list[str], **columns: Any) -> list[float]:
+    """1 for every completion of a problem whose gold answer is even, else `even_length`: groups of all-right and
+    of mixed answers side by side."""
+    return [1.0 if int(gold) % 2 == 0 else float(len(c) % 2 == 0) for c, gold in zip(completions, answer, strict=True)]

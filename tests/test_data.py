@@ -6,6 +6,7 @@ import io
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -227,34 +228,93 @@ def test_single_digit_problems_are_arithmetically_right():
 # ------------------------------------------------------------------------------------------------ base selection
 
 
-def test_uniform_selection_dedupes_texts():
+def picks(groups: list[list[Rollout]], mode: str, seeds: int = 4000) -> Counter:
+    """How often each outcome (the chosen (problem, text) pairs, in order) comes out of `seeds` seeded selections."""
+    return Counter(
+        tuple((b.problem_id, b.completion_text) for b in select_bases(groups, mode, random.Random(seed)))  # type: ignore[arg-type]
+        for seed in range(seeds)
+    )
+
+
+def test_uniform_selection_draws_samples_not_texts():
     group = [rollout("A", 1.0), rollout("A", 1.0), rollout("A", 1.0), rollout("B", 0.0)]
-    picks = [select_bases([group], "uniform", random.Random(seed))[0].completion_text for seed in range(2000)]
-    assert 0.45 < picks.count("B") / len(picks) < 0.55  # B is one of two distinct texts, not one of four answers
-    assert select_bases([[rollout("A", 0.0)]] * 3, "uniform", random.Random(0)) == [rollout("A", 0.0)] * 3
+    counts = picks([group], "uniform")
+    assert set(counts) == {(("p", "A"),), (("p", "B"),)}
+    assert counts[(("p", "A"),)] / 4000 == pytest.approx(0.75, abs=0.03)  # 3 of 4 samples, not 1 of 2 texts
 
 
-def test_wrong_first_picks_a_wrong_answer_when_one_exists():
-    mixed = [rollout("right", 1.0), rollout("right 2", 1.0), rollout("wrong", 0.0)]
-    all_right = [rollout("r1", 1.0), rollout("r2", 1.0)]
-    for seed in range(50):
-        bases = select_bases([mixed, all_right], "wrong_first", random.Random(seed))
-        assert bases[0].completion_text == "wrong" and bases[1].correct
+def test_uniform_selection_skips_a_text_chosen_for_another_problem():
+    # q's only text is X; p sampled X three times and Y once. Visiting p then q (1/2): p takes X (3/4), q has no
+    # untaken text left, and its place goes to the batch's last untaken text, p's Y: both bases review p.
+    # Otherwise (q first, or p took Y) each problem gets one base: q X, p Y. So 3/8 against 5/8.
+    p_group = [rollout("X", 1.0, "p"), rollout("X", 1.0, "p"), rollout("X", 1.0, "p"), rollout("Y", 0.0, "p")]
+    q_group = [rollout("X", 1.0, "q")]
+    counts = picks([p_group, q_group], "uniform")
+    assert set(counts) == {(("p", "X"), ("p", "Y")), (("p", "Y"), ("q", "X"))}  # never X twice
+    assert counts[(("p", "X"), ("p", "Y"))] / 4000 == pytest.approx(3 / 8, abs=0.03)
+    # with enough distinct texts every problem gets one base, in batch order, and no text is reviewed twice
+    groups = [[rollout(f"t{(g + j) % 5}", 0.0, f"p{g}") for j in range(4)] for g in range(4)]
+    for seed in range(200):
+        bases = select_bases(groups, "uniform", random.Random(seed))
+        assert [b.problem_id for b in bases] == ["p0", "p1", "p2", "p3"]
+        assert len({b.completion_text for b in bases}) == 4
 
 
-def test_balanced_splits_mixed_groups_half_right_half_wrong():
-    mixed = [[rollout(f"r{g}", 1.0), rollout(f"w{g}", 0.0), rollout(f"w{g}b", 0.0)] for g in range(5)]
-    uniform_only = [rollout("x", 0.0), rollout("y", 0.0)]
-    counts = set()
-    for seed in range(40):
-        bases = select_bases([*mixed, uniform_only], "balanced", random.Random(seed))
-        right = sum(b.correct for b in bases[:5])
-        assert right in (2, 3)  # 5 mixed groups: floor or ceil of half get a right base
-        counts.add(right)
-        assert not bases[5].correct
-    assert counts == {2, 3}
+def test_fewer_distinct_texts_than_problems_repeat_texts_to_keep_b_prompts():
+    # the reference would refine a single prompt here; we keep B = 3 prompts (all the samples there are)
+    same = [[rollout("A", 0.0, f"p{g}")] for g in range(3)]
+    assert [(b.problem_id, b.completion_text) for b in select_bases(same, "uniform", random.Random(0))] == [
+        ("p0", "A"), ("p1", "A"), ("p2", "A")]  # fmt: skip
+    # two problems, one text: the first place is distinct, the second repeats the text on any unchosen sample
+    counts = picks([[rollout("A", 0.0, "p"), rollout("A", 0.0, "p")], [rollout("A", 0.0, "q")] * 2], "uniform")
+    assert set(counts) == {(("p", "A"), ("q", "A")), (("p", "A"), ("p", "A")), (("q", "A"), ("q", "A"))}
+    for mode in ("wrong_first", "balanced"):
+        assert len(select_bases(same, mode, random.Random(1))) == 3  # type: ignore[arg-type]
+
+
+def test_wrong_first_takes_wrong_bases_for_the_whole_batch_before_any_right_one():
+    g0 = [rollout("w0a", 0.0, "g0"), rollout("w0b", 0.0, "g0"), rollout("r0", 1.0, "g0")]
+    g1 = [rollout("r1a", 1.0, "g1"), rollout("r1b", 1.0, "g1")]  # all right
+    g2 = [rollout("w2", 0.0, "g2"), rollout("r2", 1.0, "g2")]
+    for seed in range(100):
+        bases = select_bases([g0, g1, g2], "wrong_first", random.Random(seed))
+        # g0 and g2 get one wrong base each, the third place is g0's other wrong answer; all-right g1 gets nothing
+        # (one base per problem would have reviewed a right answer of g1)
+        assert [(b.problem_id, b.completion_text) for b in bases] == [("g0", "w0a"), ("g0", "w0b"), ("g2", "w2")]
+    # once the batch's wrong texts are used up, right samples of the whole batch fill the rest, uniformly
+    counts = picks([[rollout("w", 0.0, "p"), rollout("r", 1.0, "p")], g1], "wrong_first")
+    assert set(counts) == {(("p", "w"), ("p", "r")), (("p", "w"), ("g1", "r1a")), (("p", "w"), ("g1", "r1b"))}
+    assert counts[(("p", "w"), ("p", "r"))] / 4000 == pytest.approx(1 / 3, abs=0.03)
+
+
+def test_balanced_gives_right_bases_to_the_first_half_of_b_then_wrong_ones():
+    def mixed(name: str) -> list[Rollout]:
+        return [rollout(f"{name} right", 1.0, name), rollout(f"{name} wrong", 0.0, name)]
+
+    wrong_only = [[rollout(f"{name} wrong {j}", 0.0, name) for j in range(2)] for name in ("u0", "u1")]
+    # B = 4 with two mixed problems: B // 2 = 2 right bases, so both mixed problems get a right base (one right and
+    # one wrong per problem would be the per-problem reading); the other 2 places are drawn from the whole batch
+    for seed in range(100):
+        bases = select_bases([mixed("m0"), mixed("m1"), *wrong_only], "balanced", random.Random(seed))
+        assert len(bases) == 4 and len({b.completion_text for b in bases}) == 4
+        assert {"m0 right", "m1 right"} <= {b.completion_text for b in bases}
+    # four mixed problems: two right bases, two wrong ones, one per problem, which ones is random
+    seen = set()
+    for seed in range(100):
+        bases = select_bases([mixed(f"m{g}") for g in range(4)], "balanced", random.Random(seed))
+        assert [b.problem_id for b in bases] == ["m0", "m1", "m2", "m3"]
+        assert sum(b.correct for b in bases) == 2
+        seen.add(tuple(b.correct for b in bases))
+    assert len(seen) == 6  # every choice of 2 of the 4 problems occurs
     with pytest.raises(ValueError, match="unknown base selection"):
-        select_bases([uniform_only], "best", random.Random(0))  # type: ignore[arg-type]
+        select_bases(wrong_only, "best", random.Random(0))  # type: ignore[arg-type]
+
+
+def test_selection_depends_only_on_the_rng_state():
+    groups = [[rollout(f"{g}-{j}", float(j % 2), f"p{g}") for j in range(4)] for g in range(6)]
+    for mode in ("uniform", "wrong_first", "balanced"):
+        first = select_bases(groups, mode, random.Random("thinktwice-bases-0-3"))  # type: ignore[arg-type]
+        assert select_bases(groups, mode, random.Random("thinktwice-bases-0-3")) == first  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ phase batches

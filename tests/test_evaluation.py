@@ -3,8 +3,10 @@ documented key from real tiny-model runs (Trainer and CLI, checkpoint and plain 
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -248,14 +250,16 @@ def test_refine_prompt_holds_the_review_instruction() -> None:
 
 
 class RecordingEngine(HFRolloutEngine):
-    """The HF engine, recording (n, temperature) of every generate call."""
+    """The HF engine, recording the prompts and the (n, temperature) of every generate call."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: list[tuple[int, float]] = []
+        self.calls: list[list[list[int]]] = []
+        self.settings: list[tuple[int, float]] = []
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
-        self.calls.append((n, sampling.temperature))
+        self.calls.append(prompts)
+        self.settings.append((n, sampling.temperature))
         return super().generate(prompts, n, sampling)
 
 
@@ -287,8 +291,8 @@ def test_greedy_validation_from_step_0_keeps_the_best_checkpoint(tiny_model_dir:
         ((val_rows["val/a/solve/greedy_acc"] + val_rows["val/b/solve/greedy_acc"]) / 2).tolist()
     )  # the macro mean over benchmarks
     assert not [c for c in metrics.columns if "pass@" in c], "greedy-only validation reports no pass@k"
-    assert 0.7 not in {t for _, t in engine.calls}, "validation must not sample (the eval temperature is 0.7)"
-    assert {n for n, t in engine.calls if t == 0.0} == {1}  # greedy answers and refinements
+    assert 0.7 not in {t for _, t in engine.settings}, "validation must not sample (the eval temperature is 0.7)"
+    assert {n for n, t in engine.settings if t == 0.0} == {1}  # greedy answers and refinements
 
     scores = val_rows.loc[[2, 4, 6], "val/avg/solve/greedy_acc"]
     best_step = int(scores.idxmax())  # the first of the best: a tie does not replace the kept checkpoint
@@ -296,3 +300,70 @@ def test_greedy_validation_from_step_0_keeps_the_best_checkpoint(tiny_model_dir:
     assert Path(best.best_model_path).name == f"best-step={best_step}.ckpt"  # no checkpoint of the base model
     last = tmp_path / "ckpt" / "last.ckpt"
     assert last.is_symlink() and last.resolve().name == "latest-step=6.ckpt"
+
+
+def test_evaluation_truncates_long_refine_prompts_as_training_does(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = RecordingEngine()
+
+    def validate(max_prompt_length: int) -> None:
+        module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2,
+                                  mini_batch_problems=None)  # fmt: skip
+        data = ThinkTwiceDataModule(problems_per_batch=2, val={"sums": ProblemSource(num_problems=3, difficulty=0)},
+                                    eval_problems_per_batch=3)  # fmt: skip
+        rollout = RolloutCallback(engine=engine, max_prompt_length=max_prompt_length, reward_workers=0)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                             callbacks=[rollout, Evaluation(num_samples=2, max_completion_length=8)])  # fmt: skip
+        trainer.validate(module, datamodule=data)
+
+    # tiny tokenizer: "What is a + b?" solve prompts take 66 tokens, their refine prompts over 200
+    with caplog.at_level(logging.WARNING, logger="thinktwice_pl.callbacks"):
+        validate(200)
+    # sampled answers, greedy answers, then one greedy call for the 3 x 2 + 3 refinements: all cut to 200 tokens
+    assert [[len(p) for p in prompts] for prompts in engine.calls] == [[66] * 3, [66] * 3, [200] * 9]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("9 of 9 refine prompts are longer than rollout.max_prompt_length=200" in m for m in messages) == 1
+    assert sum("val evaluation, rank 0: 9 of 9 refine prompts were longer" in m for m in messages) == 1
+    with pytest.raises(ValueError, match=r"solve prompt of problem .* has 66 tokens > rollout.max_prompt_length=50"):
+        validate(50)
+
+
+def test_remove_system_prompt_reaches_training_and_evaluation_prompts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from test_prompts import OLMO3_LIKE
+
+    from thinktwice_pl.models import CHATML_TEMPLATE, load_tokenizer
+
+    model_dir = tmp_path / "olmo3-like"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer.chat_template = OLMO3_LIKE  # inserts a default system turn into a chat without one
+    tokenizer.save_pretrained(model_dir)
+
+    def fit(remove: bool) -> list[str]:
+        engine = RecordingEngine()
+        module = ThinkTwiceModule(model_name_or_path=str(model_dir), problems_per_batch=2, num_generations=2,
+                                  mini_batch_problems=2, max_completion_length=8)  # fmt: skip
+        data = ThinkTwiceDataModule(train=ProblemSource(num_problems=4), problems_per_batch=2,
+                                    val={"arith": ProblemSource(num_problems=2, difficulty=0)})  # fmt: skip
+        rollout = RolloutCallback(engine=engine, num_generations=2, max_completion_length=8, reward_workers=0,
+                                  remove_system_prompt=remove)  # fmt: skip
+        trainer = pl.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, logger=False,
+                             callbacks=[rollout, Evaluation(num_samples=2, max_completion_length=8)],
+                             enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                             num_sanity_val_steps=0)  # fmt: skip
+        trainer.fit(module, datamodule=data)
+        # validation of the base model, solve, refine, validation again; each validation makes 3 calls: sampled
+        # answers, greedy answers, refinements
+        assert len(engine.calls) == 3 + 2 + 3, len(engine.calls)
+        return [tokenizer.decode(ids) for prompts in engine.calls for ids in prompts]
+
+    kept = fit(remove=False)
+    assert all(p.startswith("<|im_start|>system\nYou are a helpful function-calling AI assistant.") for p in kept)
+    removed = fit(remove=True)
+    assert all(p.startswith("<|im_start|>user\n") and "<|im_start|>system" not in p for p in removed)
+    # refine prompts: 2 in training, 2 x 2 sampled + 2 greedy answers refined in each of the 2 validations
+    assert sum("carefully review your previous solution" in p for p in removed) == 2 + 2 * (2 * 2 + 2)
+    tokenizer.chat_template = "<|im_start|>system\nAlways here.<|im_end|>\n" + CHATML_TEMPLATE  # cannot be cut out
+    with pytest.raises(ValueError, match=r"rollout\.remove_system_prompt is set but the chat template writes"):
+        RolloutCallback(remove_system_prompt=True).check_chat_template(tokenizer)  # on_fit_start: before any work

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from metrics_helpers import train_phases
 from thinktwice_pl.callbacks import RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.module import ThinkTwiceModule
+from thinktwice_pl.prompts import encode_chat, refine_messages
+from thinktwice_pl.types import PhaseBatch, Problem
 
 PHASE_KEYS = [
     "reward_mean", "reward_std", "frac_zero_std_groups", "completion_len_mean", "truncated_frac", "loss",
@@ -33,6 +36,8 @@ def _fit(
     ckpt_path: str | None = None,
     refine: bool = True,
     callbacks: list[Any] | None = None,
+    data_kw: dict[str, Any] | None = None,
+    rollout_kw: dict[str, Any] | None = None,
     **module_kw: Any,
 ) -> tuple[ThinkTwiceModule, pd.DataFrame]:
     """A fit of 2 problems x 4 samples per phase, 2 optimizer steps per phase; returns the module and metrics."""
@@ -46,10 +51,14 @@ def _fit(
         **kwargs,
     )
     data = ThinkTwiceDataModule(
-        train=ProblemSource(path="procedural", num_problems=16), problems_per_batch=2, refine=refine, seed=0
+        train=ProblemSource(path="procedural", num_problems=16),
+        problems_per_batch=2,
+        refine=refine,
+        seed=0,
+        **(data_kw or {}),
     )
-    rollout = RolloutCallback(num_generations=4, max_completion_length=12, reward="signal_rewards.even_length",
-                              reward_workers=0)  # fmt: skip
+    rollout = RolloutCallback(**{"num_generations": 4, "max_completion_length": 12, "reward_workers": 0,
+                                 "reward": "signal_rewards.even_length", **(rollout_kw or {})})  # fmt: skip
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
@@ -194,3 +203,72 @@ def test_non_finite_gradient_skips_the_step_and_the_run_goes_on(tiny_model_dir: 
     assert steps == {3}, "AdamW stepped 3 of the 4 optimizer steps (no moment or weight-decay update on the skip)"
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
     assert metrics["train/solve/grad_norm"].dropna().map(math.isfinite).all()  # the mean over applied steps
+
+
+class _PhaseRecorder(pl.Callback):
+    """Keeps each phase batch as the module trained on it."""
+
+    def __init__(self) -> None:
+        self.batches: list[PhaseBatch] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.batches.append(batch)
+
+
+def test_wrong_first_refine_phase_reviews_bases_of_the_whole_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # problems with an even gold answer have only right answers, the others about half wrong: wrong_first then gives
+    # both refine prompts of such a pair to the problem with wrong answers
+    recorder = _PhaseRecorder()
+    _, metrics = _fit(tiny_model_dir, tmp_path, max_steps=16, callbacks=[recorder],
+                      data_kw={"refine_selection": "wrong_first"},
+                      rollout_kw={"reward": "signal_rewards.even_answers_right"})  # fmt: skip
+    assert train_phases(metrics) == ["solve", "refine"] * 4
+    refines = [b for b in recorder.batches if b.phase == "refine"]
+    twice = [b for b in refines if len({p.id for p in b.problems}) < len(b.problems)]
+    assert twice, "no pair had a problem without wrong answers next to one with several"
+    for batch in refines:
+        assert batch.bases is not None and batch.rollouts is not None
+        assert [p.id for p in batch.problems] == [b.problem_id for b in batch.bases]
+        groups = [batch.rollouts.rollouts[g * 4 : (g + 1) * 4] for g in range(2)]  # G = 4 refinements per base
+        for base, group in zip(batch.bases, groups, strict=True):
+            assert {(r.problem_id, r.base_text, r.base_correct) for r in group} == {
+                (base.problem_id, base.completion_text, base.correct)}  # fmt: skip
+        row = metrics[metrics["step"] == batch.index].iloc[0]
+        assert row["train/refine/base_correct_frac"] == sum(b.correct for b in batch.bases) / 2
+    for batch in twice:
+        assert not any(b.correct for b in batch.bases) and len({b.completion_text for b in batch.bases}) == 2
+
+
+def test_max_prompt_length_truncates_refine_prompts_on_the_left_and_refuses_long_solve_prompts() -> None:
+    problems = [Problem("short", "q", "1"), Problem("long", "q", "1")]
+    callback = RolloutCallback(max_prompt_length=3)
+    ids, cut = callback.fit_prompts([[1, 2], [1, 2, 3, 4, 5]], problems, "refine")
+    assert ids == [[1, 2], [3, 4, 5]] and cut == [1]  # the last 3 tokens: the end of the chat stays
+    with pytest.raises(ValueError, match=r"solve prompt of problem 'long' has 5 tokens > rollout.max_prompt_length=3"):
+        callback.fit_prompts([[1, 2], [1, 2, 3, 4, 5]], problems, "solve")
+    assert RolloutCallback().fit_prompts([[1, 2, 3, 4, 5]], problems[:1], "solve") == ([[1, 2, 3, 4, 5]], [])
+
+
+def test_fit_with_long_refine_prompts_truncates_counts_and_warns_once(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # with the tiny tokenizer solve prompts take at most 121 tokens, refine prompts over 230
+    recorder = _PhaseRecorder()
+    with caplog.at_level(logging.WARNING, logger="thinktwice_pl.callbacks.rollout"):
+        module, metrics = _fit(tiny_model_dir, tmp_path, max_steps=8, callbacks=[recorder],
+                               rollout_kw={"max_prompt_length": 200})  # fmt: skip
+    assert train_phases(metrics) == ["solve", "refine", "solve", "refine"]
+    assert metrics["train/refine/truncated_prompts"].dropna().tolist() == [2.0, 2.0]  # both prompts of each phase
+    warnings = [r.getMessage() for r in caplog.records if "rollout.max_prompt_length" in r.getMessage()]
+    assert len(warnings) == 1 and "2 of 2 refine prompts" in warnings[0], warnings
+    tokenizer = module.tokenizer
+    for batch in recorder.batches:
+        assert batch.rollouts is not None
+        if batch.phase == "solve":
+            assert all(len(r.prompt_ids) < 200 for r in batch.rollouts.rollouts)
+            continue
+        assert batch.bases is not None
+        for g, (problem, base) in enumerate(zip(batch.problems, batch.bases, strict=True)):
+            full = encode_chat(refine_messages(problem.prompt_text, base.completion_text, tokenizer), tokenizer)
+            assert len(full) > 200
+            assert batch.rollouts.rollouts[g * 4].prompt_ids == full[-200:]  # the last 200 tokens were trained on

@@ -1,4 +1,4 @@
-"""prompts.py through real chat templates (the tiny model's ChatML, a Qwen3-style one, SmolLM2's when present)."""
+"""prompts.py through real chat templates (the tiny model's ChatML, Qwen3-, Olmo-3-, Qwen2.5- and Gemma-style ones)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from thinktwice_pl.models import load_tokenizer
+from thinktwice_pl.models import CHATML_TEMPLATE, load_tokenizer
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,
     DEFAULT_SOLVE_SUFFIX,
+    default_system_turn,
     encode_chat,
     refine_messages,
     render_chat,
@@ -66,3 +67,111 @@ def test_a_tokenizer_without_chat_template_is_refused(tiny_model_dir: Path) -> N
     tok.chat_template = None
     with pytest.raises(ValueError, match="no chat_template"):
         render_chat(solve_messages("Q"), tok)
+
+
+# ChatML templates that insert a default system turn into a chat without one, as Olmo-3's and Qwen2.5's do
+OLMO3_LIKE = (
+    "{%- if messages|selectattr('role', 'equalto', 'system')|list|length == 0 -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful function-calling AI assistant. You do not currently have access to "
+    "any functions. <functions></functions><|im_end|>\\n' -}}{%- endif -%}"
+    "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+QWEN25_LIKE = (
+    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You "
+    "are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [OLMO3_LIKE, QWEN25_LIKE], ids=["olmo3", "qwen2.5"])
+def test_remove_system_prompt_renders_the_chat_without_the_templates_default_system_turn(
+    tiny_model_dir: Path, template: str
+) -> None:
+    plain = load_tokenizer(str(tiny_model_dir))  # ChatML without a default system prompt
+    tok = load_tokenizer(str(tiny_model_dir))
+    tok.chat_template = template
+    solve = solve_messages("What is 2 + 3?")
+    refine = refine_messages("What is 2 + 3?", "2 + 3 = 5, so \\boxed{5}.", tok)
+    assert render_chat(solve, tok).startswith("<|im_start|>system\nYou are")  # the default is there without the flag
+    for chat in (solve, refine):
+        text = render_chat(chat, tok, remove_system_prompt=True)
+        assert text == render_chat(chat, plain)  # exactly the chat without a system turn
+        assert text.startswith("<|im_start|>user\nWhat is 2 + 3?") and "system" not in text
+        assert encode_chat(chat, tok, remove_system_prompt=True) == encode_chat(chat, plain)
+    lead, system_turn, user_header = default_system_turn(tok)
+    assert lead == "" and system_turn.startswith("<|im_start|>system\n") and system_turn.endswith("<|im_end|>\n")
+    assert user_header == "<|im_start|>user\n"
+
+
+# SmolLM2-135M-Instruct's template, whose BOS token is <|im_start|>, the turn marker itself
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# Llama-3.1's template, reduced: the system turn is always written, with a date header
+LLAMA31_LIKE = (
+    "{{- bos_token }}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+    "Today Date: 26 Jul 2024\n\n{%- if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{%- set messages = messages[1:] %}{% endif %}<|eot_id|>"
+    "{%- for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{%- endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def test_remove_system_prompt_keeps_what_the_template_writes_before_the_system_turn(tiny_model_dir: Path) -> None:
+    plain = load_tokenizer(str(tiny_model_dir))
+    tok = load_tokenizer(str(tiny_model_dir))
+    tok.bos_token = "<|endoftext|>"
+    tok.chat_template = "{{- bos_token }}" + QWEN25_LIKE
+    text = render_chat(solve_messages("Q"), tok, remove_system_prompt=True)
+    assert text == f"<|endoftext|><|im_start|>user\nQ {SOLVE_SUFFIX}<|im_end|>\n<|im_start|>assistant\n"
+    tok.chat_template = LLAMA31_LIKE  # a system turn that always holds a date header, empty content by default
+    text = render_chat(solve_messages("Q"), tok, remove_system_prompt=True)
+    assert text == f"<|endoftext|><|start_header_id|>user<|end_header_id|>\n\nQ {SOLVE_SUFFIX}<|eot_id|>" + (
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")  # fmt: skip
+    tok.bos_token = "<|im_start|>"  # SmolLM2: the BOS is the turn marker, nothing comes before the system turn
+    tok.chat_template = SMOLLM2
+    assert default_system_turn(tok)[0] == ""
+    for chat in (solve_messages("Q"), refine_messages("Q", "A", tok)):
+        assert render_chat(chat, tok, remove_system_prompt=True) == render_chat(chat, plain)
+
+
+def test_remove_system_prompt_is_a_no_op_for_templates_without_a_default_system_prompt(tiny_model_dir: Path) -> None:
+    tok = load_tokenizer(str(tiny_model_dir))
+    merging = (  # Gemma-style: a system message is merged into the first user turn; none is inserted
+        "{%- if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\\n\\n' %}"
+        "{% set messages = messages[1:] %}{% else %}{% set first = '' %}{% endif %}"
+        "{%- for m in messages %}<start_of_turn>{{ m['role'] }}\n{% if loop.first %}{{ first }}{% endif %}"
+        "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    refusing = (
+        "{%- for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    for template in (tok.chat_template, merging, refusing):
+        tok.chat_template = template
+        assert default_system_turn(tok) is None
+        for chat in (solve_messages("Q"), refine_messages("Q", "A", tok)):
+            assert render_chat(chat, tok, remove_system_prompt=True) == render_chat(chat, tok)
+
+
+def test_remove_system_prompt_refuses_a_system_turn_it_cannot_cut_out(tiny_model_dir: Path) -> None:
+    tok = load_tokenizer(str(tiny_model_dir))
+    # a fixed system turn that an explicit system message does not replace
+    tok.chat_template = "<|im_start|>system\nAlways here.<|im_end|>\n" + CHATML_TEMPLATE
+    with pytest.raises(ValueError, match=r"rollout.remove_system_prompt is set but the chat template writes"):
+        render_chat(solve_messages("Q"), tok, remove_system_prompt=True)
+    assert render_chat(solve_messages("Q"), tok).startswith("<|im_start|>system\nAlways here.")  # flag off: as is
+    # a default system prompt that changes with the chat: the probe's does not match the refine chat's
+    tok.chat_template = QWEN25_LIKE.replace("You are", "You see ' + (messages|length|string) + ' turns. You are", 1)
+    assert render_chat(solve_messages("Q"), tok).startswith("<|im_start|>system\nYou see 1 turns. You are Qwen")
+    assert render_chat(solve_messages("Q"), tok, remove_system_prompt=True).startswith("<|im_start|>user\n")
+    with pytest.raises(ValueError, match=r"rollout.remove_system_prompt is set but this prompt does not start with"):
+        render_chat(refine_messages("Q", "A", tok), tok, remove_system_prompt=True)

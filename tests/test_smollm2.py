@@ -50,6 +50,9 @@ def test_smollm2_template_renders_the_solve_prompt(smollm2_dir: Path) -> None:
     text = render_chat(solve_messages("What is 2 + 3?"), tok)
     assert text.startswith("<|im_start|>system\n")  # SmolLM2's template adds its default system prompt
     assert text.endswith(f"<|im_start|>user\nWhat is 2 + 3? {DEFAULT_SOLVE_SUFFIX}<|im_end|>\n<|im_start|>assistant\n")
+    # rollout.remove_system_prompt: the same chat without SmolLM2's default system turn
+    without = render_chat(solve_messages("What is 2 + 3?"), tok, remove_system_prompt=True)
+    assert without == text[text.index("<|im_start|>user\n") :]
 
 
 def test_one_thinktwice_pair_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:

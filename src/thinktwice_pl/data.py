@@ -7,7 +7,7 @@ This module owns the data side of that loop:
 - `ProblemSource` / `load_problems`: a local ``.jsonl``/``.json``/``.parquet`` file, a hub dataset
   or generated arithmetic (``"procedural"``), validated row by row at load time. The gold answer of
   a full reference solution is the content of its last ``\\boxed{}`` (METHOD.md section 4).
-- `select_bases`: which solve answer of each group becomes the base of the refine prompt.
+- `select_bases`: which B solve answers of the batch become the bases of the B refine prompts.
 - `ThinkTwiceDataModule`: serves problem batch ``p`` as ``solve`` then ``refine`` (solve only when
   ``refine=False``: the GRPO baseline) and caches the solve rollouts that the refine phase needs.
 
@@ -475,40 +475,88 @@ def _problem(seed: int, difficulty: int, index: int, text: str, answer: int) -> 
 
 
 def select_bases(groups: list[list[Rollout]], mode: BaseSelection, rng: random.Random) -> list[Rollout]:
-    """Picks one solve answer per group to place in that problem's refine prompt (METHOD.md section 1).
+    """Picks the B = ``len(groups)`` solve answers whose reviews make up the refine phase (METHOD.md section 1).
 
-    Choices are made among distinct completion texts, so a text sampled several times is not favoured.
+    The rules of the ThinkTwice reference code (``select_reflection_indices``), which picks B bases for the batch as
+    a whole, not one per problem. Draws are over samples, not texts: a text sampled 3 times out of G is 3 times as
+    likely as one sampled once. A text chosen once (for any problem) is not chosen again. Problems are visited in a
+    random order, so which of two problems sharing a text gets it is random.
+
+    - ``uniform`` (the paper): every problem gets one of its samples whose text is not taken yet. A problem whose
+      texts are all taken gets none: its place goes to a sample drawn from the whole batch (untaken texts only), so
+      another problem gets a second base. Rare, except on tasks with very short answers.
+    - ``wrong_first``: every problem with a wrong sample gets one wrong base; the remaining places take more wrong
+      samples from the whole batch (several per problem), and right samples only once no wrong text is left. A
+      problem whose samples are all right gets a base only then.
+    - ``balanced``: of the problems with both right and wrong samples (in random order) the first B // 2 get a right
+      base and the next B - B // 2 a wrong one (so with at most B / 2 such problems all of them get a right base);
+      the remaining places are drawn from the whole batch as in ``uniform``.
+
+    Ours, not the reference's: when the batch holds fewer than B distinct texts (the reference then refines fewer
+    prompts), the last places go to samples not chosen yet, drawn uniformly, repeating texts, so that every refine
+    phase has B prompts (rank shares and mini-batches are counted in prompts).
 
     Args:
-        groups: the G solve rollouts of each problem.
-        mode: ``uniform`` (the paper: any answer, right or wrong), ``wrong_first`` (a wrong answer when the
-            group has one), ``balanced`` (of the groups with both right and wrong answers, half get a right
-            base and half a wrong one; the others uniform).
+        groups: the G solve rollouts of each of the B problems, in batch order.
+        mode: ``uniform``, ``wrong_first`` or ``balanced``.
         rng: source of randomness; the same state gives the same choice.
 
     Returns:
-        One rollout per group, in group order.
+        B rollouts in batch order (by problem, then by sample); ``bases[i].problem_id`` names the problem whose
+        refine prompt holds ``bases[i]``. A problem may appear several times and another not at all (see above).
     """
     if mode not in ("uniform", "wrong_first", "balanced"):
         raise ValueError(f"unknown base selection {mode!r}; use uniform, wrong_first or balanced")
     for g, group in enumerate(groups):
         if not group:
             raise ValueError(f"group {g} has no solve rollouts to choose a base from")
+    want = len(groups)
+    chosen: list[tuple[int, int]] = []  # (group, sample) slots
+    taken: set[str] = set()  # texts already chosen
 
-    def pick(candidates: list[Rollout]) -> Rollout:
-        text = rng.choice(list(dict.fromkeys(r.completion_text for r in candidates)))
-        return next(r for r in candidates if r.completion_text == text)
+    def shuffled(items: list[Any]) -> list[Any]:
+        return rng.sample(items, len(items))
 
+    def take(g: int, j: int) -> None:
+        chosen.append((g, j))
+        taken.add(groups[g][j].completion_text)
+
+    def one_each(problems: list[int], right: bool | None) -> None:
+        """One sample of each problem (right or wrong ones only, unless None) whose text is not taken yet."""
+        for g in problems:
+            if len(chosen) == want:
+                return
+            candidates = [j for j, r in enumerate(groups[g]) if right is None or r.correct == right]
+            j = next((j for j in shuffled(candidates) if groups[g][j].completion_text not in taken), None)
+            if j is not None:
+                take(g, j)
+
+    def fill(right: bool | None, distinct: bool = True) -> None:
+        """Samples of the whole batch (right or wrong ones only, unless None) until B are chosen."""
+        slots = [(g, j) for g, group in enumerate(groups) for j, r in enumerate(group)
+                 if (right is None or r.correct == right) and (g, j) not in chosen]  # fmt: skip
+        for g, j in shuffled(slots):
+            if len(chosen) == want:
+                return
+            if not distinct or groups[g][j].completion_text not in taken:
+                take(g, j)
+
+    problems = shuffled(list(range(want)))
     if mode == "uniform":
-        return [pick(group) for group in groups]
-    if mode == "wrong_first":
-        return [pick([r for r in group if not r.correct] or group) for group in groups]
-    mixed = [g for g, group in enumerate(groups) if len({r.correct for r in group}) == 2]
-    num_right = len(mixed) // 2 + (len(mixed) % 2 if rng.random() < 0.5 else 0)  # odd count: floor or ceil
-    right = set(rng.sample(mixed, num_right))
-    return [
-        pick([r for r in group if r.correct == (g in right)] if g in mixed else group) for g, group in enumerate(groups)
-    ]
+        one_each(problems, None)
+        fill(None)
+    elif mode == "wrong_first":
+        one_each([g for g in problems if any(not r.correct for r in groups[g])], False)
+        fill(False)
+        fill(True)
+    else:
+        mixed = [g for g in problems if len({r.correct for r in groups[g]}) == 2]
+        half = want // 2
+        one_each(mixed[:half], True)
+        one_each(mixed[half:want], False)
+        fill(None)
+    fill(None, distinct=False)  # ours: fewer than B distinct texts in the whole batch
+    return [groups[g][j] for g, j in sorted(chosen)]
 
 
 # ---------------------------------------------------------------------------------------------- data module
@@ -541,8 +589,9 @@ class ThinkTwiceDataModule(LightningDataModule):
             problems_per_batch: problems per batch (B); each phase samples B * num_generations completions.
                 An epoch is floor(num_problems / B) batches; the remainder is left out of that epoch.
             refine: serve every problem batch a second time for the refine phase; false gives the GRPO baseline.
-            refine_selection: which solve answer becomes the base of the refine prompt: ``uniform`` (the paper),
-                ``wrong_first`` or ``balanced`` (ablations, see `select_bases`).
+            refine_selection: which B solve answers of the batch become the bases of the B refine prompts:
+                ``uniform`` (the paper: one sample of each problem, right or wrong), ``wrong_first`` or ``balanced``
+                (ablations that pick for the batch as a whole, as the reference code does; see `select_bases`).
             shuffle: a fresh problem order each epoch, seeded by (seed, epoch); false keeps the source order.
             seed: seed of the epoch orders and of the base selection.
             val: named validation benchmarks (``name: source``), evaluated during fit and by ``thinktwice validate``;
@@ -714,9 +763,11 @@ class ThinkTwiceDataModule(LightningDataModule):
         self._cursor += 1
 
     def bases_for(self, batch: PhaseBatch) -> list[Rollout]:
-        """The solve answer of each problem of refine `batch` to place in its prompt (one per problem, in order).
+        """The B solve answers to review in refine `batch` (`select_bases` with ``refine_selection``).
 
-        The choice is seeded by (seed, pair), so it is the same after a resume.
+        ``bases[i].problem_id`` is the problem of refine prompt i: with ``uniform`` nearly always the batch's problems
+        in order, with ``wrong_first`` / ``balanced`` a problem may get several bases and another none. The choice is
+        seeded by (seed, pair), so it is the same after a resume.
         """
         if batch.phase != "refine":
             raise ValueError(f"bases_for needs a refine batch; phase batch {batch.index} is a {batch.phase} batch")

@@ -587,6 +587,7 @@ class ThinkTwiceModule(pl.LightningModule):
                 metrics["is_capped_frac"] = totals["is_capped"] / totals["sampler_tokens"]
         if phase == "refine":
             metrics.update(refine_signals(rollouts))
+            metrics["truncated_prompts"] = float(rb.truncated_prompts)  # left-truncated to rollout.max_prompt_length
         if totals["tokens"] == 0:  # nothing was forwarded (all advantages 0): token statistics are undefined
             for key in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "kl", "entropy"):
                 metrics[key] = float("nan")

@@ -61,8 +61,88 @@ def refine_messages(
     ]
 
 
-def render_chat(messages: list[Message], tokenizer: Any) -> str:
-    """Apply the chat template with the generation prompt; ``enable_thinking=False`` where the template reads it."""
+def render_chat(messages: list[Message], tokenizer: Any, remove_system_prompt: bool = False) -> str:
+    """Apply the chat template with the generation prompt; ``enable_thinking=False`` where the template reads it.
+
+    With `remove_system_prompt` the system turn that the template inserts into a chat without one (Olmo-3,
+    Qwen2.5, SmolLM2 do) is left out, as the reference code's ``remove_system_prompt`` does for Olmo-3; a no-op for
+    templates that insert none. See `default_system_turn`.
+    """
+    text = _apply_template(messages, tokenizer, add_generation_prompt=True)
+    if not remove_system_prompt:
+        return text
+    found = default_system_turn(tokenizer)
+    if found is None:
+        return text
+    lead, system_turn, user_header = found
+    rest = text[len(lead) :]
+    if not (text.startswith(lead) and rest.startswith(system_turn + user_header)):
+        raise ValueError(
+            f"rollout.remove_system_prompt is set but this prompt does not start with the chat template's default "
+            f"system turn {system_turn!r} followed by a user turn (it starts {text[:200]!r}); the template varies its "
+            "default system prompt, so it cannot be cut out: unset rollout.remove_system_prompt or give the tokenizer "
+            "a template without a default system prompt"
+        )
+    return lead + rest[len(system_turn) :]
+
+
+_PROBE_SYSTEM = "ThinkTwiceProbeSystemText"
+_PROBE_USER = "ThinkTwiceProbeUserText"
+
+
+def default_system_turn(tokenizer: Any) -> tuple[str, str, str] | None:
+    """The system turn a chat template inserts when a chat has no system message, found from probe chats.
+
+    A lone user turn renders as ``lead + system turn + user header + text ...``; an explicit system message shows
+    where a system turn's text sits (``opener + text + end of turn + user header``), and a lone user turn without
+    generation prompt shows the end-of-turn marker. `lead` is what the template writes before any turn (a BOS
+    text, kept), found as the part of the opener before the user header with its role renamed to system. The
+    reference code instead drops every token before ``<|im_start|>user`` (ChatML templates only, BOS included).
+
+    Returns:
+        ``(lead, system turn, user header)``, or None when the template inserts no system turn.
+
+    Raises:
+        ValueError: the template writes something before the user turn that names a system role but does not have
+            the shape of a removable system turn.
+    """
+    from jinja2 import TemplateError
+
+    user = [{"role": "user", "content": _PROBE_USER}]
+    plain = _apply_template(user, tokenizer, add_generation_prompt=True)
+    head = plain[: plain.index(_PROBE_USER)]  # lead + [system turn] + user header
+    try:
+        with_system = _apply_template([{"role": "system", "content": _PROBE_SYSTEM}, *user], tokenizer,
+                                      add_generation_prompt=True)  # fmt: skip
+    except TemplateError:  # e.g. "System role not supported"
+        with_system = ""
+    if _PROBE_SYSTEM in with_system and _PROBE_USER in with_system:
+        at = with_system.index(_PROBE_SYSTEM)
+        opener = with_system[:at]  # lead + system header
+        between = with_system[at + len(_PROBE_SYSTEM) : with_system.index(_PROBE_USER)]  # end of turn + user header
+        closed = _apply_template(user, tokenizer, add_generation_prompt=False)
+        end_of_turn = closed[closed.index(_PROBE_USER) + len(_PROBE_USER) :]
+        if (
+            head.startswith(opener)
+            and head.endswith(between)
+            and len(head) >= len(opener) + len(between)
+            and between.startswith(end_of_turn)
+        ):
+            user_header = between[len(end_of_turn) :]
+            # what the template writes before the system turn (a BOS): the opener up to the user header with its
+            # role renamed; when there is no such header, everything before the user turn goes, as in the reference
+            lead = opener[: max(0, opener.find(user_header.replace("user", "system", 1)))]
+            return lead, head[len(lead) : len(head) - len(user_header)], user_header
+    if "system" in head.lower():
+        raise ValueError(
+            f"rollout.remove_system_prompt is set but the chat template writes {head!r} before the user's text, "
+            "which names a system role yet is not a system turn that can be cut out (an explicit system message "
+            "does not take its place); unset rollout.remove_system_prompt or edit tokenizer.chat_template"
+        )
+    return None
+
+
+def _apply_template(messages: list[Message], tokenizer: Any, *, add_generation_prompt: bool) -> str:
     template = tokenizer.chat_template
     if not template:
         raise ValueError(
@@ -72,7 +152,9 @@ def render_chat(messages: list[Message], tokenizer: Any) -> str:
     kwargs: dict[str, Any] = {}
     if isinstance(template, str) and "enable_thinking" in template:
         kwargs["enable_thinking"] = False
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs))
+    return str(
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    )
 
 
 def tokenize_rendered(text: str, tokenizer: Any) -> list[int]:
@@ -80,6 +162,6 @@ def tokenize_rendered(text: str, tokenizer: Any) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_chat(messages: list[Message], tokenizer: Any) -> list[int]:
+def encode_chat(messages: list[Message], tokenizer: Any, remove_system_prompt: bool = False) -> list[int]:
     """Render and tokenize a chat."""
-    return tokenize_rendered(render_chat(messages, tokenizer), tokenizer)
+    return tokenize_rendered(render_chat(messages, tokenizer, remove_system_prompt), tokenizer)

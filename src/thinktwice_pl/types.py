@@ -76,6 +76,7 @@ class RolloutBatch:
     generate_s: float = 0.0
     score_s: float = 0.0
     reward_errors: int = 0
+    truncated_prompts: int = 0  # prompts longer than rollout.max_prompt_length that kept only their last tokens
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or len(self.rollouts) % self.group_size:
@@ -94,6 +95,8 @@ class PhaseBatch:
 
     `index` counts phase batches from the start of training (solve and refine each count one);
     `pair` counts problem batches. The rollout callback fills `rollouts` before the training step.
+    In a refine batch it first sets `bases` and then `problems[i]` to the problem of `bases[i]`: with
+    ``wrong_first`` / ``balanced`` selection a problem may appear several times and another not at all.
     """
 
     phase: Phase
@@ -101,7 +104,7 @@ class PhaseBatch:
     index: int
     pair: int
     epoch: int
-    bases: list[Rollout] | None = None  # refine phase: the chosen solve answer for each problem
+    bases: list[Rollout] | None = None  # refine phase: the solve answer reviewed by each prompt
     rollouts: RolloutBatch | None = None
     extras: dict[str, object] = field(default_factory=dict)
 

@@ -16,7 +16,8 @@ cheaper settings than test (``val_num_samples``; 0 = the greedy pass only, as th
 and during fit it also runs once before the first phase, so every validation curve starts at the base model.
 
 Generation goes through the engine of the `RolloutCallback` (HF or vLLM alike), prompts and grading
-use its prompt texts and grader, so evaluation measures the same task the policy is trained on.
+use its prompt texts, chat rendering (``remove_system_prompt``), prompt limit and grader, so
+evaluation measures the same task the policy is trained on.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class Evaluation(Callback):
         self._split: Split = "val"
         self._pass: dict[str, tuple[PassAtK, PassAtK]] = {}  # benchmark -> (solve, refine)
         self._greedy: dict[str, Transitions] = {}  # benchmark -> greedy answer / greedy refinement outcomes
+        self._truncated_prompts = self._refine_prompts = 0
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -168,6 +170,7 @@ class Evaluation(Callback):
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> None:
         rollout = rollout_callback(trainer)
         if trainer.state.fn != "fit" and not self._engine_ready:  # fit: the rollout callback set the engine up
+            rollout.check_chat_template(pl_module.tokenizer)
             rollout.engine.setup(pl_module.policy, pl_module.tokenizer,
                                  compute_dtype(str(trainer.precision), pl_module.policy))  # fmt: skip
             rollout.engine.sync_weights(pl_module.policy)  # weights of --ckpt_path, loaded after configure_model
@@ -178,6 +181,7 @@ class Evaluation(Callback):
             self._own_scorer = rollout.scorer is None
         self._split = split
         self._pass, self._greedy = {}, {}
+        self._truncated_prompts = self._refine_prompts = 0  # this rank's, in this evaluation
         self._started = time.perf_counter()
 
     # ------------------------------------------------------------------------------ one batch
@@ -187,11 +191,12 @@ class Evaluation(Callback):
         if not isinstance(batch, EvalBatch):
             raise TypeError(f"expected an EvalBatch from ThinkTwiceDataModule, got {type(batch).__name__}")
         rollout = rollout_callback(trainer)
-        engine, tokenizer, n = rollout.engine, pl_module.tokenizer, self.num_samples_for(self._split)
+        engine, n = rollout.engine, self.num_samples_for(self._split)
+        tokenizer: Any = pl_module.tokenizer
         problems = batch.problems
-        solve_texts = [render_chat(solve_messages(p.prompt_text, rollout.solve_prompt_suffix), tokenizer)
-                       for p in problems]  # fmt: skip
-        solve_ids = [tokenize_rendered(text, tokenizer) for text in solve_texts]
+        solve_texts = [render_chat(solve_messages(p.prompt_text, rollout.solve_prompt_suffix), tokenizer,
+                                   rollout.remove_system_prompt) for p in problems]  # fmt: skip
+        solve_ids, _ = rollout.fit_prompts([tokenize_rendered(t, tokenizer) for t in solve_texts], problems, "solve")
         seed = phase_seed(self.seed, batch.index, pl_module.global_rank)
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
 
@@ -202,11 +207,23 @@ class Evaluation(Callback):
         def refine_prompt(i: int, answer: Completion) -> tuple[str, list[int]]:
             chat = refine_messages(problems[i].prompt_text, answer.text, tokenizer, rollout.solve_prompt_suffix,
                                    rollout.refine_instruction)  # fmt: skip
-            text = render_chat(chat, tokenizer)
+            text = render_chat(chat, tokenizer, rollout.remove_system_prompt)
             return text, tokenize_rendered(text, tokenizer)
 
         refine_in = [refine_prompt(i, a) for i, group in enumerate(samples) for a in group]  # [P * n], problem-major
         base_in = [refine_prompt(i, a) for i, a in enumerate(bases)]  # [P]
+        # as in training, a refine prompt over rollout.max_prompt_length keeps its last tokens
+        owners = [problems[i] for i, group in enumerate(samples) for _ in group] + problems[: len(bases)]
+        fitted, cut = rollout.fit_prompts([ids for _, ids in refine_in + base_in], owners, "refine")
+        texts = [text for text, _ in refine_in + base_in]
+        for j in cut:
+            texts[j] = tokenizer.decode(fitted[j], skip_special_tokens=False)
+        fitted_in = list(zip(texts, fitted, strict=True))
+        refine_in, base_in = fitted_in[: len(refine_in)], fitted_in[len(refine_in) :]
+        self._truncated_prompts += len(cut)
+        self._refine_prompts += len(fitted)
+        if cut:
+            rollout.warn_truncated(len(cut), len(fitted), f"the {batch.benchmark} evaluation's summary line")
         if self.refine_sampling.temperature == 0 or not refine_in:  # one greedy call for both kinds of refinement
             out = engine.generate([ids for _, ids in refine_in + base_in], 1, greedy)
             refined, base_refined = [g[0] for g in out[: len(refine_in)]], [g[0] for g in out[len(refine_in) :]]
@@ -255,6 +272,10 @@ class Evaluation(Callback):
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> None:
         if not self._pass and not self._greedy:  # no benchmarks configured (fit without data.val)
             return
+        if self._truncated_prompts:
+            log.warning("%s evaluation, rank %d: %d of %d refine prompts were longer than rollout.max_prompt_length=%s "
+                        "and kept only their last tokens", split, trainer.global_rank, self._truncated_prompts,
+                        self._refine_prompts, rollout_callback(trainer).max_prompt_length)  # fmt: skip
         metrics = eval_metrics(self._pass, self._greedy, split)
         metrics[f"perf/{split}_s"] = time.perf_counter() - self._started  # wall time of the whole evaluation
         # During fit the loggers get one row at the phase step, like the training rows (Lightning would write it

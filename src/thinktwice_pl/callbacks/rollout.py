@@ -1,8 +1,9 @@
 """RolloutCallback: sample and score each phase's completions before its training step.
 
-Solve phase: one chat per problem. Refine phase: for each problem, the data module picks one of
-the cached solve answers (after the solve step's update), and the chat holds that answer plus the
-review instruction. After each step the callback hands the solve rollouts to the data module's
+Solve phase: one chat per problem. Refine phase: the data module picks B of the cached solve
+answers (`select_bases`: with the paper's ``uniform`` selection one per problem), and each chat
+holds its problem, that answer and the review instruction; the refinements are sampled after the
+solve step's update. After each step the callback hands the solve rollouts to the data module's
 cache and syncs the engine's weights with the updated policy.
 """
 
@@ -15,12 +16,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
 
 from thinktwice_pl.data import rank_slice
 from thinktwice_pl.models import compute_dtype
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,
     DEFAULT_SOLVE_SUFFIX,
+    default_system_turn,
     refine_messages,
     render_chat,
     solve_messages,
@@ -28,7 +31,7 @@ from thinktwice_pl.prompts import (
 )
 from thinktwice_pl.rewards import RewardScorer
 from thinktwice_pl.rollout import HFRolloutEngine, RolloutEngine, SamplingConfig
-from thinktwice_pl.types import PhaseBatch, Rollout, RolloutBatch
+from thinktwice_pl.types import Phase, PhaseBatch, Problem, Rollout, RolloutBatch
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +46,20 @@ class RolloutCallback(Callback):
         top_p: nucleus sampling threshold (1.0 = off).
         top_k: top-k sampling (None = off).
         max_completion_length: most new tokens per completion.
-        max_prompt_length: longest allowed prompt in tokens (refine prompts hold the earlier answer);
-            a longer prompt is an error naming the problem. None = no limit.
+        max_prompt_length: longest prompt in tokens (refine prompts hold the earlier answer). A longer refine
+            prompt keeps its last max_prompt_length tokens (left truncation, as the reference code), counted in
+            train/refine/truncated_prompts (evaluation does the same and logs its count); a longer solve prompt
+            is an error naming the problem. None = no limit.
         reward: math_verify (default), boxed (last \\boxed{} string match, the reference grader) or
             a dotted path to a TRL-style function ``fn(prompts, completions, **columns)``.
         reward_timeout_s: per-completion grading deadline; a timeout scores 0 and is counted.
         reward_workers: grader processes (0 = grade in the training process).
         solve_prompt_suffix: instruction appended to each problem (METHOD.md section 2 default).
         refine_instruction: the review instruction of the refine turn (METHOD.md section 2 default).
+        remove_system_prompt: leave out the system turn that the chat template inserts into a chat without one
+            (Olmo-3, Qwen2.5, SmolLM2 templates do; the reference code removes it for Olmo-3), in training and
+            evaluation prompts alike. A no-op for templates without a default system prompt; an error at start-up
+            when the template's system turn cannot be cut out.
         seed: base seed of the per-phase sampling seeds (a resumed run draws the same samples).
     """
 
@@ -68,6 +77,7 @@ class RolloutCallback(Callback):
         reward_workers: int = 2,
         solve_prompt_suffix: str = DEFAULT_SOLVE_SUFFIX,
         refine_instruction: str = DEFAULT_REFINE_INSTRUCTION,
+        remove_system_prompt: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -82,8 +92,10 @@ class RolloutCallback(Callback):
         self.reward_workers = reward_workers
         self.solve_prompt_suffix = solve_prompt_suffix
         self.refine_instruction = refine_instruction
+        self.remove_system_prompt = remove_system_prompt
         self.seed = seed
         self.scorer: RewardScorer | None = None
+        self._warned_truncation = False
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -92,9 +104,11 @@ class RolloutCallback(Callback):
             raise TypeError("RolloutCallback needs the ThinkTwiceDataModule (data:) to serve phase batches")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.engine.setup(
-            pl_module.policy, pl_module.tokenizer, compute_dtype(str(trainer.precision), pl_module.policy)
-        )
+        self.check_chat_template(pl_module.tokenizer)
+        dtype = compute_dtype(
+            str(trainer.precision), pl_module.policy
+        )  # bf16 under bf16-mixed: sample like the trainer
+        self.engine.setup(pl_module.policy, pl_module.tokenizer, dtype)
         self.scorer = RewardScorer(self.reward, timeout_s=self.reward_timeout_s, num_workers=self.reward_workers)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -113,6 +127,9 @@ class RolloutCallback(Callback):
         _show_phase(trainer, batch)
         if batch.phase == "refine":
             batch.bases = trainer.datamodule.bases_for(batch)
+            # refine prompt i reviews bases[i]: wrong_first / balanced may give a problem several bases and another none
+            by_id = {p.id: p for p in batch.problems}
+            batch.problems = [by_id[base.problem_id] for base in batch.bases]
         batch.rollouts = self.rollout(pl_module, batch)
 
     def on_train_batch_end(
@@ -123,6 +140,17 @@ class RolloutCallback(Callback):
         self.engine.sync_weights(pl_module.policy)
         batch.extras["sync_s"] = time.perf_counter() - start  # logged with the phase's metrics by the module
 
+    def check_chat_template(self, tokenizer: Any) -> None:
+        """With ``remove_system_prompt``: fails now if the template's default system turn cannot be cut out, and
+        says what is left out."""
+        if not self.remove_system_prompt:
+            return
+        found = default_system_turn(tokenizer)
+        if found is None:
+            rank_zero_info("rollout.remove_system_prompt: the chat template inserts no system prompt, nothing to cut")
+        else:
+            rank_zero_info(f"rollout.remove_system_prompt: prompts leave out the template's system turn {found[1]!r}")
+
     # ------------------------------------------------------------------------------ rollouts
 
     def rollout(self, pl_module: pl.LightningModule, batch: PhaseBatch) -> RolloutBatch:
@@ -132,7 +160,7 @@ class RolloutCallback(Callback):
         shares are gathered, so every rank holds the whole phase (the refine cache and the logged metrics
         are the same everywhere; the module trains each rank on its share).
         """
-        tokenizer = pl_module.tokenizer
+        tokenizer: Any = pl_module.tokenizer
         trainer = pl_module._trainer
         world = trainer.world_size if trainer is not None else 1
         share = rank_slice(len(batch.problems), pl_module.global_rank, world)
@@ -147,16 +175,11 @@ class RolloutCallback(Callback):
                                 self.refine_instruction)
                 for p, base in zip(problems, bases, strict=True)
             ]  # fmt: skip
-        prompt_texts = [render_chat(chat, tokenizer) for chat in chats]
+        prompt_texts = [render_chat(chat, tokenizer, self.remove_system_prompt) for chat in chats]
         prompt_ids = [tokenize_rendered(text, tokenizer) for text in prompt_texts]
-        if self.max_prompt_length is not None:
-            for problem, ids in zip(problems, prompt_ids, strict=True):
-                if len(ids) > self.max_prompt_length:
-                    raise ValueError(
-                        f"{batch.phase} prompt of problem {problem.id!r} has {len(ids)} tokens > "
-                        f"rollout.max_prompt_length={self.max_prompt_length}: raise it (refine prompts hold the "
-                        "problem, an earlier answer of up to max_completion_length tokens and the instruction)"
-                    )
+        prompt_ids, truncated = self.fit_prompts(prompt_ids, problems, batch.phase)
+        for i in truncated:  # the grader sees the prompt the policy saw
+            prompt_texts[i] = tokenizer.decode(prompt_ids[i], skip_special_tokens=False)
         sampling = SamplingConfig(
             temperature=self.sampling.temperature, top_p=self.sampling.top_p, top_k=self.sampling.top_k,
             max_new_tokens=self.sampling.max_new_tokens,
@@ -194,8 +217,47 @@ class RolloutCallback(Callback):
             log.warning("%d of %d %s completions could not be graded (scored 0), e.g. %s",
                         scores.num_errors, len(completions), batch.phase, first)  # fmt: skip
         local = RolloutBatch(rollouts, self.num_generations, generate_s=generate_s, score_s=score_s,
-                             reward_errors=scores.num_errors)  # fmt: skip
-        return _gather(local) if world > 1 else local
+                             reward_errors=scores.num_errors, truncated_prompts=len(truncated))  # fmt: skip
+        phase = _gather(local) if world > 1 else local
+        if phase.truncated_prompts and pl_module.global_rank == 0:
+            self.warn_truncated(phase.truncated_prompts, len(batch.problems), "train/refine/truncated_prompts")
+        return phase
+
+    def fit_prompts(
+        self, prompt_ids: list[list[int]], problems: list[Problem], phase: Phase
+    ) -> tuple[list[list[int]], list[int]]:
+        """Applies ``max_prompt_length``: a longer refine prompt keeps its last ``max_prompt_length`` tokens (left
+        truncation: the start of the problem goes first, the answer under review and the instruction stay), as in
+        the reference code; a longer solve prompt is an error naming the problem (it would lose its beginning).
+
+        Returns:
+            The prompts (truncated where needed) and the indices of the truncated ones.
+        """
+        limit = self.max_prompt_length
+        if limit is None:
+            return prompt_ids, []
+        too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > limit]
+        if too_long and phase == "solve":
+            i = too_long[0]
+            raise ValueError(
+                f"the solve prompt of problem {problems[i].id!r} has {len(prompt_ids[i])} tokens > "
+                f"rollout.max_prompt_length={limit} ({len(too_long)} of {len(prompt_ids)} prompts of this batch): "
+                "raise rollout.max_prompt_length or leave such problems out of the data (solve prompts are never "
+                "truncated; refine prompts, which hold an earlier answer, keep their last tokens)"
+            )
+        return [ids[-limit:] if len(ids) > limit else ids for ids in prompt_ids], too_long
+
+    def warn_truncated(self, count: int, total: int, counted_in: str) -> None:
+        """Warns once per run that refine prompts were left-truncated, naming the flag."""
+        if self._warned_truncation:
+            return
+        self._warned_truncation = True
+        log.warning(
+            "%d of %d refine prompts are longer than rollout.max_prompt_length=%d and keep only their last %d tokens "
+            "(the start of the problem is cut, as in the reference code); counted in %s. Raise "
+            "rollout.max_prompt_length to keep them whole. (Warned once per run.)",
+            count, total, self.max_prompt_length, self.max_prompt_length, counted_in,
+        )  # fmt: skip
 
 
 def phase_seed(seed: int, index: int, rank: int = 0) -> int:
@@ -214,6 +276,7 @@ def _gather(local: RolloutBatch) -> RolloutBatch:
         [r for share in shares for r in share.rollouts], local.group_size,
         generate_s=max(share.generate_s for share in shares), score_s=max(share.score_s for share in shares),
         reward_errors=sum(share.reward_errors for share in shares),
+        truncated_prompts=sum(share.truncated_prompts for share in shares),
     )  # fmt: skip
 
 
