@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from thinktwice_pl.graders import _safe_for_sympy
 from thinktwice_pl.rewards import (
     RewardScorer,
     ScoreResult,
@@ -24,6 +25,9 @@ from thinktwice_pl.rewards import (
 
 MARKER = "reward_helpers.marker_reward"  # tests/reward_helpers.py, on sys.path via pytest's rootdir insertion
 PATHOLOGICAL = r"so the answer is \boxed{(10^{100})!}"  # sympy keeps comparing it with 5 for far longer than 1 s
+# Passes every guard of the paper's grader (two letters, one-digit powers), then sympy.simplify of (x) - (this)
+# takes about 8 s: only the deadline stops it (the reference, which has no deadline in fast mode, would wait).
+SLOW_SIMPLIFY = r"so \boxed{\frac{(x+1)^9(y+2)^9(x+y)^9-(x+2)^9(y+1)^9(x-y)^9}{(x+3)^9(y+3)^9}}"
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +43,12 @@ def marker_scorer():
         (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
         (r"\boxed{x^{2} + \sqrt{\frac{a}{b}}}", r"x^{2} + \sqrt{\frac{a}{b}}"),
         (r"first \boxed{1}, then \boxed{2}", "2"),
-        (r"\boxed{1} and \fbox{7}", "7"),
+        (r"\fbox{7}", "7"),
+        (r"\boxed{1} and \fbox{7}", "1"),  # \fbox only counts when there is no \boxed at all
         (r"\boxed {\{1,2\}}", r"\{1,2\}"),
         (r"\boxed{}", ""),
         ("the answer is 42", None),
-        (r"\boxed{1} then \boxed{2", None),
+        (r"\boxed{1} then \boxed{2", None),  # the last box is cut off: no answer, not the earlier box
         (r"\boxed{\frac{1}{2}", None),
     ],
 )
@@ -51,12 +56,17 @@ def test_extract_last_boxed(text, expected):
     assert extract_last_boxed(text) == expected
 
 
+SELF_CORRECTION = "First \\boxed{13}, after checking the final answer is \\boxed{14}."
+
+
 @pytest.mark.parametrize(
     ("completion", "gold"),
     [
         (r"so \boxed{42}", "42"),
-        ("the answer is 42", "42"),  # no box: math-verify reads the last number
+        ("the answer is 42", "42"),  # no box: math-verify reads the last number (the CPU quickstart relies on it)
         (r"\boxed{42} wait, 7 is not it", "42"),  # the box wins over a later number
+        (SELF_CORRECTION, "14"),  # the last box alone; math-verify on the whole text reads the set {13, 14}
+        (r"\boxed{1} then \boxed{2}", "2"),
         (r"\boxed{\frac{1}{2}}", "1/2"),
         (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
         (r"\boxed{0.5}", r"\frac12"),
@@ -67,8 +77,11 @@ def test_extract_last_boxed(text, expected):
         (r"\boxed{90^\circ}", "90"),
         (r"\boxed{1000}", "1,000"),
         (r"\boxed{(1, 2)}", "(1,2)"),
+        (r"\boxed{\{1, 2\}}", r"\{1,2\}"),  # one box holding a set is still a set
         (r"\boxed{3}", "x=3"),
+        (r"\boxed{x = 3}", "3"),
         (r"\boxed{-3}", r"\boxed{-3}"),  # an already boxed gold
+        (r"\boxed{-3}", r"so $x = \boxed{-3}$."),  # a full solution as gold: its last box
     ],
 )
 def test_math_verify_reward_accepts(completion, gold):
@@ -81,9 +94,12 @@ def test_math_verify_reward_accepts(completion, gold):
         (r"\boxed{x^2+2}", "x^2+1"),
         ("the answer is 41", "42"),
         ("no number at all", "42"),
-        (r"42, but \boxed{7}", "42"),
+        (r"42, but \boxed{7}", "42"),  # the box is the answer, not an earlier number
+        (SELF_CORRECTION, "13"),  # the corrected answer counts, not the first one
         (r"\boxed{0.33}", r"\frac13"),
-        (r"\boxed{1} then \boxed{2}", "2"),  # math-verify 0.9 reads two boxes as the set {1, 2}
+        (r"\boxed{13} so the answer is \boxed{14", "14"),  # cut off in the last box: 0, even with a closed box before
+        (r"\boxed{13} so the answer is \boxed{14", "13"),
+        (r"so \boxed{", "0"),
         ("", "0"),
     ],
 )
@@ -96,43 +112,191 @@ def test_math_verify_reward_batch_keeps_order():
     assert math_verify_reward(completions, ["1", "2", "3"]) == [1.0, 0.0, 1.0]
 
 
+# Golds with currency, units, \text{} and degrees. Before the fix a "\$" made the gold look math-delimited and it
+# did not parse at all; each must parse now, accept the right answer and reject a wrong one.
 @pytest.mark.parametrize(
-    ("completion", "gold", "expected"),
+    ("gold", "right", "wrong"),
     [
-        (r"so \boxed{42}.", "42", 1.0),
-        (r"\boxed{41}", "42", 0.0),
-        ("the answer is 42", "42", 0.0),  # no box
-        (r"\boxed{42", "42", 0.0),  # unbalanced box
-        (r"\boxed{ 4 2 }", "42", 1.0),
-        (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", 1.0),
-        (r"\boxed{\frac12}", r"\frac{1}{2}", 1.0),
-        (r"\boxed{\left(1, 2\right)}", "(1,2)", 1.0),
-        (r"\boxed{90^\circ}", "90", 1.0),
-        (r"\boxed{90^{\circ}}", "90", 1.0),
-        (r"\boxed{3.}", "3", 1.0),
-        (r"\boxed{10\%}", "10", 1.0),
-        (r"\boxed{1,000}", "1000", 1.0),
-        (r"\boxed{5\!000}", "5000", 1.0),
-        (r"\boxed{x = 5}", "5", 1.0),
-        (r"\boxed{\text{(B)}}", "(B)", 1.0),
-        (r"\boxed{(B)}", "(C)", 0.0),
-        (r"\boxed{1} then \boxed{2}", "2", 1.0),  # last box wins
-        (r"\boxed{2}", r"\boxed{2}", 1.0),
-        # SymPy fallback
-        (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
-        (r"\boxed{-\frac{3}{4}}", "-0.75", 1.0),
-        (r"\boxed{1+x^2}", "x^2+1", 1.0),
-        (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", 1.0),
-        (r"\boxed{\pi/2}", r"\frac{\pi}{2}", 1.0),
-        (r"\boxed{2^{10}}", "1024", 1.0),
-        (r"\boxed{0.33}", r"\frac{1}{3}", 0.0),
-        (r"\boxed{x+1}", "x+2", 0.0),
-        (r"\boxed{9^{9^{9^{9}}}}", "5", 0.0),  # refused by the fallback, not evaluated
-        (r"\boxed{__import__('os').getpid()}", "1", 0.0),  # never reaches sympify
+        (r"\$18.90", "18.9", "18.80"),
+        (r"\$1,000", "1000", "100"),
+        (r"\$\frac{1}{2}", "0.5", "2"),
+        (r"10\text{ cm}", "10", "100"),
+        (r"5\text{ m}^2", "5", "25"),
+        (r"\text{5 dollars}", "5", "6"),  # math-verify alone reads "5dollars"
+        (r"\text{(C)}", "(C)", "(D)"),
+        (r"\text{(C)}", r"\text{C}", "(B)"),
+        (r"30^\circ", "30", "60"),
+        (r"90^{\circ}", r"90^\circ", "45"),
+        (r"25\%", "25", "26"),
+        (r"25\%", "0.25", "0.26"),  # math-verify takes a percent as either form
+        (r"1\frac{1}{2}", r"\frac{3}{2}", r"\frac{1}{2}"),
+        (r"1\frac{1}{2}", "1.5", "2"),
+        (r"\text{Monday}", r"\text{Monday}", r"\text{Tuesday}"),
     ],
 )
-def test_boxed_reward(completion, gold, expected):
-    assert boxed_reward([completion], [gold]) == [expected]
+def test_math_verify_reward_parses_golds_with_units_currency_and_text(gold, right, wrong):
+    assert math_verify_reward([rf"so \boxed{{{right}}}.", rf"so \boxed{{{wrong}}}."], [gold, gold]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("gold", "message"),
+    [
+        ("\\", "math-verify cannot parse the gold answer"),  # math-verify parses a lone backslash to nothing
+        ("", "math-verify cannot parse the gold answer"),
+        (r"so \boxed{5", "unclosed"),  # a solution whose box is cut off
+    ],
+)
+def test_math_verify_reward_unusable_gold_raises(gold, message):
+    with pytest.raises(ValueError, match=message) as info:
+        math_verify_reward([r"\boxed{5}"], [gold])
+    assert repr(gold) in str(info.value)
+
+
+# Inputs the paper's grader must refuse before SymPy or eval sees them (all score 0).
+GUARDED_CASES = [
+    (r"\boxed{9^{9^{9^{9}}}}", "5", 0.0, "refused by the guards, not evaluated"),
+    (r"\boxed{(10^{100})!}", "x", 0.0, "factorial of a huge number: refused"),
+    (r"\boxed{99999!}", "x", 0.0, "factorials of at most three digits"),
+    (r"\boxed{__import__('os').getpid()}", "1", 0.0, "never reaches eval"),
+    (r"\boxed{x.n()}", "x", 0.0, "no attribute access"),
+]
+# The paper's grader (METHOD.md section 5). Each row: completion, gold, expected reward, and why when not obvious.
+PAPER_GRADER_CASES = [
+    # boxes
+    (r"so \boxed{42}.", "42", 1.0, ""),
+    ("The answer is 42.", "42", 0.0, "no box scores 0 whatever the text says"),
+    (r"so the answer is \boxed{4", "42", 0.0, "an unclosed box (cut off) scores 0"),
+    (r"\boxed{42} wait, the answer is \boxed{4", "42", 0.0, "the last box is cut off; an earlier box does not count"),
+    (SELF_CORRECTION, "14", 1.0, "two boxes: the last counts"),
+    (SELF_CORRECTION, "13", 0.0, "two boxes: the first does not count"),
+    (r"\boxed{1} and \fbox{2}", "1", 1.0, r"\fbox only when there is no \boxed"),
+    (r"\fbox{2}", "2", 1.0, "a lone \\fbox counts (the reference's remove_boxed only strips \\boxed: 0 there)"),
+    (r"\boxed{\frac{1}{\sqrt{2}}}", r"\frac{\sqrt{2}}{2}", 1.0, "nested braces; SymPy: 1/sqrt(2) = sqrt(2)/2"),
+    (r"\boxed{\left\{1,2\right\}}", r"\{1,2\}", 1.0, r"nested and escaped braces; \left/\right dropped"),
+    (r"\boxed{41}", "42", 0.0, "wrong number"),
+    (r"\boxed{ 4 2 }", "42", 1.0, "spaces are removed"),
+    (r"\boxed{42}", r"\boxed{42}", 1.0, "a boxed gold is reduced to its last box"),
+    (r"\boxed{42}", r"We get $x = \boxed{42}$.", 1.0, "a full solution as gold: its last box"),
+    # units
+    (r"\boxed{10}", r"10\text{ cm}", 1.0, "a trailing \\text{} unit is dropped"),
+    (r"\boxed{10\text{ cm}}", "10", 1.0, ""),
+    (r"\boxed{10 \text{ inches}}", "10", 1.0, ""),
+    (r"\boxed{10 cm}", "10", 1.0, "unit words are dropped"),
+    (r"\boxed{5\text{ m}^2}", "5", 1.0, ""),
+    (r"\boxed{11\text{ cm}}", r"10\text{ cm}", 0.0, "same unit, wrong number"),
+    # currency
+    (r"\boxed{18.90}", r"\$18.90", 1.0, ""),
+    (r"\boxed{\$18.90}", "18.90", 1.0, ""),
+    (r"\boxed{18.9}", r"\$18.90", 1.0, "SymPy: 18.90 - 18.9 = 0"),
+    (r"\boxed{1000}", r"\$1,000", 1.0, "thousands separators are dropped"),
+    (r"\boxed{18.80}", r"\$18.90", 0.0, ""),
+    # degrees
+    (r"\boxed{30}", r"30^\circ", 1.0, ""),
+    (r"\boxed{30^{\circ}}", "30", 1.0, ""),
+    (r"\boxed{30 degrees}", "30", 1.0, ""),
+    (r"\boxed{60^\circ}", r"30^\circ", 0.0, ""),
+    # percent
+    (r"\boxed{25}", r"25\%", 1.0, ""),
+    (r"\boxed{25\%}", "25", 1.0, ""),
+    (r"\boxed{0.25}", r"25\%", 0.0, "a percent is compared as its number, 25, not 0.25"),
+    # mixed numbers, dfrac, a/b
+    (r"\boxed{\frac{3}{2}}", r"1\frac{1}{2}", 1.0, "mixed number: 1 1/2 is read 1+1/2"),
+    (r"\boxed{1.5}", r"1\frac{1}{2}", 1.0, ""),
+    (r"\boxed{7\frac{3}{4}}", "7.75", 1.0, ""),
+    (r"\boxed{\frac{1}{2}}", r"1\frac{1}{2}", 0.0, ""),
+    (r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}", 1.0, ""),
+    (r"\boxed{\tfrac34}", r"\frac{3}{4}", 1.0, ""),
+    (r"\boxed{3/4}", r"\frac{3}{4}", 1.0, "an integer a/b is \\frac{a}{b}"),
+    (r"\boxed{\frac{3}{4}}", "3/4", 1.0, ""),
+    (r"\boxed{0.75}", r"\frac{3}{4}", 1.0, "SymPy: 3/4 - 0.75 = 0"),
+    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0, ""),
+    (r"\boxed{\frac{6}{8}}", r"\frac{3}{4}", 0.0, "an unreduced fraction is wrong: two a/b must be identical"),
+    (r"\boxed{6/8}", "3/4", 0.0, "same rule in plain text"),
+    (r"\boxed{0.33}", r"\frac{1}{3}", 0.0, ""),
+    (r"\boxed{\frac{4}{2}}", "2", 0.0, "an integer gold needs an integer answer"),
+    (r"\boxed{\sqrt{4}}", "2", 0.0, "same rule: sqrt(4) is not written as an integer"),
+    (r"\boxed{2.0}", "2", 1.0, "5.0 is the integer 5"),
+    (r"\boxed{2^{10}}", "1024", 0.0, "an integer gold needs an integer answer"),
+    # symbolic
+    (r"\boxed{\frac{\sqrt{5}+1}{2}}", r"\frac{1+\sqrt{5}}{2}", 1.0, "SymPy; the reference reads the gold 1+sqrt(5)/2"),
+    (r"\boxed{1+\frac{\sqrt{5}}{2}}", r"\frac{1+\sqrt{5}}{2}", 0.0, "a different number (the reference says 1)"),
+    (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", 1.0, ""),
+    (r"\boxed{\pi/2}", r"\frac{\pi}{2}", 1.0, ""),
+    (r"\boxed{(x+1)^2}", "x^2+2x+1", 1.0, "SymPy"),
+    (r"\boxed{x+1}", "x+2", 0.0, ""),
+    (r"\boxed{x = 5}", "5", 1.0, "a short 'x =' prefix is dropped"),
+    (r"\boxed{\sqrt[3]{2}}", r"\sqrt{2}", 0.0, "the root's degree counts (pylatexenc drops it for the reference)"),
+    (r"\boxed{52}", r"\binom{5}{2}", 0.0, "an unknown macro stays (pylatexenc deletes it: 52 for the reference)"),
+    (r"\boxed{c+b}", "a+b", 1.0, "the reference's single-letter unit words: a false positive kept for fidelity"),
+    # intervals and tuples
+    (r"\boxed{(1,2)}", "(1, 2)", 1.0, ""),
+    (r"\boxed{\left(1, \frac{1}{2}\right)}", "(1,0.5)", 1.0, "element by element, SymPy on each"),
+    (r"\boxed{(2,1)}", "(1,2)", 0.0, "order matters"),
+    (r"\boxed{[1,2]}", "(1,2)", 0.0, "brackets must match"),
+    (r"\boxed{(1,2]}", "(1,2)", 0.0, "an interval's closing bracket counts"),
+    (r"\boxed{(1,2,3)}", "(1,2)", 0.0, "element count must match"),
+    (r"\boxed{[2, 5)}", "[2,5)", 1.0, ""),
+    (r"\boxed{(-\infty, 3]}", r"\left(-\infty,3\right]", 1.0, ""),
+    # text answers
+    (r"\boxed{\text{(C)}}", "(C)", 1.0, ""),
+    (r"\boxed{C}", r"\text{(C)}", 1.0, "a single bracketed element is that element"),
+    (r"\boxed{(D)}", r"\text{(C)}", 0.0, ""),
+    (r"\boxed{\text{Monday}}", "monday", 1.0, "text is compared in lower case"),
+    *GUARDED_CASES,
+]
+
+
+@pytest.mark.parametrize(("completion", "gold", "expected", "why"), PAPER_GRADER_CASES)
+def test_boxed_reward(completion, gold, expected, why):
+    assert boxed_reward([completion], [gold]) == [expected], why
+
+
+def test_boxed_reward_refuses_guarded_inputs_at_once():
+    """Guarded inputs are refused, not timed out: under a 2 s deadline each is graded 0 without an error."""
+    completions, golds = [c for c, *_ in GUARDED_CASES], [g for _, g, *_ in GUARDED_CASES]
+    result = RewardScorer("boxed", timeout_s=2.0, num_workers=0).score(["p"] * len(golds), completions, golds)
+    assert result.rewards == [0.0] * len(golds) and result.num_errors == 0
+
+
+@pytest.mark.parametrize(
+    ("expr", "safe"),
+    [
+        ("(x+1)^2-(x^2+2x+1)", True),
+        ("(1/2)^2", True),  # a power of a small bracket is fine
+        ("sqrt(2)/2+pi", True),  # sqrt is not counted as letters; p and i are two
+        ("x^2.5+2^x+x^-1", True),
+        ("9^9*99999999^9", True),  # one-digit powers of any number: at most a few thousand digits
+        ("abc", False),  # three unknown letters
+        ("2^10", False),  # multi-digit power
+        ("9^9^9", False),  # power tower
+        ("3^-9^9", False),  # the same through a minus sign
+        ("2^(10)", False),
+        ("(((((((9^9)^9)^9)^9)^9)^9)^9)^9", False),  # 9^(9^8): tens of millions of digits computed in C
+        ("(5!)!", False),
+        ("1000!", False),
+        ("x.n()", False),  # attribute access
+        ("__import__('os')", False),  # outside the character whitelist
+        ("1" * 301, False),  # too long
+    ],
+)
+def test_paper_grader_sympy_guard(expr, safe):
+    assert _safe_for_sympy(expr) is safe
+
+
+@pytest.mark.parametrize(
+    ("gold", "message"),
+    [
+        ("", "empty once normalised"),
+        ("   ", "empty once normalised"),
+        (r"\text{ }", "empty once normalised"),
+        (r"\boxed{}", "empty once normalised"),
+        (r"the answer is \boxed{5", "unclosed"),
+    ],
+)
+def test_boxed_reward_unusable_gold_raises(gold, message):
+    with pytest.raises(ValueError, match=message) as info:
+        boxed_reward([r"\boxed{5}"], [gold])
+    assert repr(gold) in str(info.value) and "fix it in the data" in str(info.value)
 
 
 def test_builtin_reward_fns_follow_the_trl_contract():
@@ -167,7 +331,7 @@ def test_resolve_reward_bad_spec(spec):
 def test_import_does_not_pull_heavy_packages():
     code = (
         "import sys, thinktwice_pl.rewards; "
-        "bad = [m for m in ('torch', 'vllm', 'bitsandbytes', 'math_verify') if m in sys.modules]; "
+        "bad = [m for m in ('torch', 'vllm', 'bitsandbytes', 'math_verify', 'sympy') if m in sys.modules]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -216,13 +380,28 @@ def test_scorer_validates_arguments():
 
 def test_scorer_workers_math_verify_mixed_batch():
     completions = [r"\boxed{42}", PATHOLOGICAL, "the answer is 7", "no number", r"\boxed{\frac{1}{2}}", r"\boxed{3}"]
-    answers = ["42", "5", "7", "3", "0.5", "4"]
+    completions += [SELF_CORRECTION, r"\boxed{13}, no: \boxed{14", r"\boxed{18.9}", r"\boxed{5}"]
+    answers = ["42", "5", "7", "3", "0.5", "4", "14", "13", r"\$18.90", "\\"]
     with RewardScorer("math_verify", timeout_s=1.0, num_workers=2) as scorer:
-        result = scorer.score(["p"] * 6, completions, answers)
-        assert result.rewards == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
-        assert result.errors == [None, "timeout after 1.0s", None, None, None, None]
+        result = scorer.score(["p"] * 10, completions, answers)
+        assert result.rewards == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+        assert result.errors[:9] == [None, "timeout after 1.0s"] + [None] * 7
+        assert "cannot parse the gold answer" in result.errors[9]  # counted, not a silent 0
         many = scorer.score(["p"] * 40, [rf"\boxed{{{i}}}" for i in range(40)], [str(i % 20) for i in range(40)])
         assert many.rewards == [1.0] * 20 + [0.0] * 20 and many.num_errors == 0
+
+
+def test_scorer_workers_boxed_mixed_batch():
+    completions = [r"\boxed{42}", SLOW_SIMPLIFY, "The answer is 42.", r"so \boxed{4", SELF_CORRECTION]
+    completions += [r"\boxed{18.9}", r"\boxed{1\frac{1}{2}}", r"\boxed{\frac{6}{8}}", r"\boxed{5}"]
+    answers = ["42", "x", "42", "42", "14", r"\$18.90", "1.5", r"\frac34", ""]
+    with RewardScorer("boxed", timeout_s=1.0, num_workers=1) as scorer:
+        result = scorer.score(["p"] * 9, completions, answers)
+        assert result.rewards == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+        assert result.errors[:8] == [None, "timeout after 1.0s"] + [None] * 6  # no box / cut off: 0, not errors
+        assert "empty once normalised" in result.errors[8]
+        again = scorer.score(["p"] * 2, [r"\boxed{0.75}", r"\boxed{(2,1)}"], [r"\frac{3}{4}", "(1,2)"])
+        assert again.rewards == [1.0, 0.0] and again.num_errors == 0  # the worker outlived the timeout
 
 
 def test_scorer_workers_grade_each_item_with_its_prompt_and_answer(marker_scorer):
@@ -271,10 +450,16 @@ def test_scorer_close_pickle_and_no_leaked_workers():
     assert children() <= before
 
 
-def test_unparseable_gold_is_an_error_not_a_silent_zero():
-    with pytest.raises(ValueError, match="cannot parse the gold answer"):
-        math_verify_reward([r"\boxed{5}"], ["\\"])  # math-verify parses a lone backslash to nothing
-    with RewardScorer("math_verify", timeout_s=5.0, num_workers=0) as scorer:
-        result = scorer.score(["p", "p"], [r"\boxed{5}", r"\boxed{5}"], ["5", "\\"])
+@pytest.mark.parametrize(("reward", "message"), [("math_verify", "cannot parse the gold answer"), ("boxed", "empty")])
+def test_unusable_gold_is_an_error_not_a_silent_zero(reward, message):
+    with RewardScorer(reward, timeout_s=5.0, num_workers=0) as scorer:
+        result = scorer.score(["p", "p"], [r"\boxed{5}", r"\boxed{5}"], ["5", ""])
     assert result.rewards == [1.0, 0.0]
-    assert result.errors[0] is None and "cannot parse the gold answer" in result.errors[1]
+    assert result.errors[0] is None and message in result.errors[1]
+
+
+def test_rewards_reexports_the_graders():
+    from thinktwice_pl import graders, rewards
+
+    for name in ("boxed_reward", "math_verify_reward", "extract_last_boxed"):
+        assert getattr(rewards, name) is getattr(graders, name)

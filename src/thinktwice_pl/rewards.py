@@ -1,10 +1,11 @@
-"""Binary math rewards (METHOD.md section 5) and a scorer that never hangs or crashes training.
+"""Reward callables and a scorer that never hangs or crashes training (METHOD.md section 5).
 
-Two graders: :func:`math_verify_reward` (default; math-verify, robust on LaTeX forms and unboxed answers) and
-:func:`boxed_reward` (the reference code: last ``\\boxed{}`` vs gold after light normalisation, then SymPy).
-Reward callables follow the TRL contract ``fn(prompts, completions, **columns) -> list[float | None]`` with the
-gold answers in ``columns["answer"]``; :func:`resolve_reward` maps a config string to one. :class:`RewardScorer`
-grades item by item under a per-item deadline, in spawned worker processes or in the calling process.
+The graders live in :mod:`thinktwice_pl.graders` and are re-exported here: :func:`boxed_reward` (``boxed``, the
+paper's last-box grader, used by the paper recipes) and :func:`math_verify_reward` (``math_verify``, the default,
+for small models that never box). Reward callables follow the TRL contract
+``fn(prompts, completions, **columns) -> list[float | None]`` with the gold answers in ``columns["answer"]``;
+:func:`resolve_reward` maps a config string to one. :class:`RewardScorer` grades item by item under a per-item
+deadline, in spawned worker processes or in the calling process.
 
 This module imports neither torch nor vLLM; math-verify and SymPy are imported lazily.
 """
@@ -12,7 +13,6 @@ This module imports neither torch nor vLLM; math-verify and SymPy are imported l
 from __future__ import annotations
 
 import atexit
-import functools
 import importlib
 import itertools
 import logging
@@ -21,7 +21,6 @@ import multiprocessing as mp
 import numbers
 import os
 import queue
-import re
 import signal
 import threading
 import time
@@ -32,163 +31,27 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
+from thinktwice_pl.graders import boxed_reward, extract_last_boxed, math_verify_reward
+
+__all__ = [
+    "RewardScorer",
+    "ScoreResult",
+    "boxed_reward",
+    "boxed_reward_fn",
+    "extract_last_boxed",
+    "math_verify_reward",
+    "math_verify_reward_fn",
+    "resolve_reward",
+]
+
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., list[Any]]
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_MV_TIMEOUT_S = 5  # math-verify's own per-call alarm, used only when no outer deadline is active
-_DEADLINE_ACTIVE = False  # True while _deadline() holds SIGALRM: math-verify must not re-arm (and cancel) it
 _MAX_CHUNK = 8  # items per worker task; bounds the wait when an item ignores the in-worker alarm
-
-
-def _drop_mv_timeout_notice(record: logging.LogRecord) -> bool:
-    # math-verify logs "Timeout is disabled ... provide the logic yourself" when we pass None: we do, under _deadline.
-    return not (_DEADLINE_ACTIVE and record.getMessage().startswith("Timeout is disabled"))
-
-
-for _name in ("math_verify.parser", "math_verify.grader"):
-    logging.getLogger(_name).addFilter(_drop_mv_timeout_notice)
 
 
 class _GradeTimeout(BaseException):
     """Raised by the SIGALRM handler; a BaseException so that graders' ``except Exception`` cannot swallow it."""
-
-
-def extract_last_boxed(text: str) -> str | None:
-    """Return the content of the last ``\\boxed{...}`` or ``\\fbox{...}`` in ``text``.
-
-    Args:
-        text: A model completion.
-
-    Returns:
-        The content between the balanced braces (nested and escaped braces handled), or None when there is no
-        box or the last box is not closed.
-    """
-    starts = list(_BOX_RE.finditer(text))
-    if not starts:
-        return None
-    begin = i = starts[-1].end()
-    depth = 1
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        depth += (ch == "{") - (ch == "}")
-        if depth == 0:
-            return text[begin:i]
-        i += 1
-    return None
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_gold(answer: str, timeout: int | None) -> tuple[Any, ...]:
-    from math_verify import parse
-
-    # A bare gold ("\\frac{1}{2}", "x^2+1") only parses as LaTeX inside math delimiters.
-    text = answer if ("$" in answer or "\\boxed" in answer) else f"${answer}$"
-    return tuple(parse(text, parsing_timeout=timeout) or parse(answer, parsing_timeout=timeout))
-
-
-def math_verify_reward(completions: list[str], answers: list[str]) -> list[float]:
-    """Grade completions with math-verify: ``verify(parse(gold), parse(completion))``.
-
-    The completion is parsed with math-verify's defaults (boxed answers first, else the last LaTeX or plain
-    number); the gold is parsed inside ``$...$``. Runs in-process; math-verify's ``signal.alarm`` timeouts are
-    used only in the main thread outside a :class:`RewardScorer` deadline.
-
-    Args:
-        completions: Model outputs.
-        answers: Gold final answers, one per completion (plain strings such as ``"42"`` or ``"\\frac{1}{2}"``).
-
-    Returns:
-        1.0 for a correct answer, else 0.0.
-    """
-    from math_verify import parse, verify
-
-    in_main = threading.current_thread() is threading.main_thread()
-    timeout = _MV_TIMEOUT_S if in_main and not _DEADLINE_ACTIVE else None
-    out = []
-    for completion, answer in zip(completions, answers, strict=True):
-        gold = list(_parse_gold(str(answer), timeout))
-        if not gold:  # a data problem, not a wrong answer: surfaces as a counted grader error
-            raise ValueError(
-                f"math-verify cannot parse the gold answer {answer!r}; fix it in the data or use another grader"
-            )
-        pred = parse(completion, parsing_timeout=timeout)
-        ok = bool(pred) and verify(gold, pred, timeout_seconds=timeout)
-        out.append(1.0 if ok else 0.0)
-    return out
-
-
-def _normalize(s: str) -> str:
-    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}", r"\1", s.strip())
-    for token in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "$", "\\%", "%"):
-        s = s.replace(token, "")
-    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = re.sub(r"\s+", "", s).rstrip(".")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
-    m = re.fullmatch(r"[a-zA-Z]=(.+)", s)
-    return m.group(1) if m else s
-
-
-_TOKEN_RE = re.compile(r"\d+(?:\.\d+)?|sqrt|pi|[a-z]|\*\*|[-+*/()]")
-
-
-def _to_sympy(s: str) -> Any:
-    """Parse a small numeric/polynomial LaTeX answer with SymPy, or return None (never evaluates arbitrary code)."""
-    for _ in range(5):
-        s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
-        s = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", s)
-    s = s.replace("\\pi", "pi").replace("\\cdot", "*").replace("\\times", "*")
-    s = re.sub(r"\^\{(\d{1,2})\}", r"^\1", s).replace("^", "**").replace("{", "(").replace("}", ")")
-    tokens = _TOKEN_RE.findall(s)
-    if not s or len(s) > 60 or "".join(tokens) != s or re.search(r"\*\*(?!\d{1,2}(?![\d.*]))", s):
-        return None  # unknown syntax, too long, or an exponent that could be astronomically large
-    expr = ""
-    for prev, tok in zip([None, *tokens], tokens):
-        implicit = prev is not None and (prev[0].isalnum() or prev == ")") and prev != "sqrt"
-        expr += ("*" if implicit and (tok[0].isalnum() or tok == "(") else "") + tok
-    import sympy
-
-    try:
-        return sympy.sympify(expr)
-    except Exception:
-        return None
-
-
-def boxed_reward(completions: list[str], answers: list[str]) -> list[float]:
-    """The reference grader: last ``\\boxed{}`` content vs gold, normalised string match, then SymPy equality.
-
-    Normalisation strips spaces, ``\\left``/``\\right``, thin spaces, ``$``, ``%``, a trailing ``.``, degree signs,
-    ``\\text{}`` wrappers, thousands separators and a leading ``x=``; ``\\dfrac`` becomes ``\\frac``. Units are not
-    handled. A completion without a box scores 0.0.
-
-    Args:
-        completions: Model outputs.
-        answers: Gold final answers (bare or boxed).
-
-    Returns:
-        1.0 for a correct answer, else 0.0.
-    """
-    out = []
-    for completion, answer in zip(completions, answers, strict=True):
-        pred, gold = extract_last_boxed(completion), str(answer)
-        gold = extract_last_boxed(gold) or gold
-        ok = False
-        if pred is not None:
-            pred, gold = _normalize(pred), _normalize(gold)
-            ok = pred == gold
-            if not ok and (a := _to_sympy(pred)) is not None and (b := _to_sympy(gold)) is not None:
-                try:
-                    ok = bool(__import__("sympy").simplify(a - b) == 0)
-                except Exception:
-                    ok = False
-        out.append(1.0 if ok else 0.0)
-    return out
 
 
 def _completion_text(c: Any) -> str:
@@ -240,13 +103,12 @@ def resolve_reward(spec: str) -> RewardFn:
             f"cannot resolve reward {spec!r} ({type(e).__name__}: {e}); set rollout.reward to math_verify, boxed, "
             "or an importable dotted path (package.module.function or package.module:function)"
         ) from e
-    return fn
+    return fn  # type: ignore[no-any-return]  # checked callable above
 
 
 @contextmanager
 def _deadline(seconds: float) -> Iterator[None]:
     """Raise :class:`_GradeTimeout` after ``seconds`` of wall time; a no-op outside the main thread."""
-    global _DEADLINE_ACTIVE
     if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -258,7 +120,7 @@ def _deadline(seconds: float) -> Iterator[None]:
 
     old_handler = signal.signal(signal.SIGALRM, handler)
     outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
-    start, _DEADLINE_ACTIVE = time.monotonic(), True
+    start = time.monotonic()
     try:
         yield
     finally:
@@ -267,7 +129,6 @@ def _deadline(seconds: float) -> Iterator[None]:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old_handler)
-            _DEADLINE_ACTIVE = False
             if outer > 0:  # re-arm a caller's pending timer
                 signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
 
@@ -296,14 +157,21 @@ def _grade_one(fn: RewardFn, prompt: str, completion: str, answer: str, timeout_
 
 
 _WORKER_FNS: dict[str, RewardFn] = {}
+# One item per built-in grader that reaches its slow first-use path (math-verify's first LaTeX parse; SymPy's
+# import, parse and simplify), graded at worker start so that the deadlines measure grading only.
+_WARM_UP: dict[str, tuple[Callable[[list[str], list[str]], list[float]], str, str]] = {
+    "math_verify": (math_verify_reward, "$\\frac{1}{2}$", "0.5"),
+    "boxed": (boxed_reward, "\\boxed{1.5}", "\\frac{3}{2}"),
+}
 
 
 def _worker_init(spec: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _WORKER_FNS[spec] = resolve_reward(spec)
-        if spec == "math_verify":
-            math_verify_reward(["$\\frac{1}{2}$"], ["0.5"])  # pay the first-parse cost before deadlines run
+        if spec in _WARM_UP:
+            grader, completion, answer = _WARM_UP[spec]
+            grader([completion], [answer])
     except Exception:
         logger.exception("reward worker could not resolve %r", spec)
 
@@ -322,7 +190,12 @@ def _worker_grade(spec: str, timeout_s: float, items: list[tuple[str, str, str]]
 
 
 _LIVE_SCORERS: weakref.WeakSet[RewardScorer] = weakref.WeakSet()
-atexit.register(lambda: [s.close() for s in list(_LIVE_SCORERS)])
+
+
+@atexit.register
+def _close_live_scorers() -> None:
+    for scorer in list(_LIVE_SCORERS):
+        scorer.close()
 
 
 @dataclass
@@ -401,7 +274,8 @@ class RewardScorer:
         size = max(1, min(_MAX_CHUNK, math.ceil(len(items) / self.num_workers)))
         todo = deque(list(range(i, min(i + size, len(items)))) for i in range(0, len(items), size))
         while todo:
-            pool, done = self._get_pool(), queue.SimpleQueue()
+            pool = self._get_pool()
+            done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
             inflight: dict[int, tuple[list[int], float]] = {}
             while todo or inflight:
                 while todo and len(inflight) < self.num_workers:

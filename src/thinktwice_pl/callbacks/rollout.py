@@ -50,8 +50,9 @@ class RolloutCallback(Callback):
             prompt keeps its last max_prompt_length tokens (left truncation, as the reference code), counted in
             train/refine/truncated_prompts (evaluation does the same and logs its count); a longer solve prompt
             is an error naming the problem. None = no limit.
-        reward: math_verify (default), boxed (last \\boxed{} string match, the reference grader) or
-            a dotted path to a TRL-style function ``fn(prompts, completions, **columns)``.
+        reward: math_verify (default; math-verify on the last \\boxed{}, or on the whole text when nothing is
+            boxed), boxed (the paper's grader: last \\boxed{} vs gold, Hendrycks-MATH normalisation then SymPy;
+            no box scores 0) or a dotted path to a TRL-style function ``fn(prompts, completions, **columns)``.
         reward_timeout_s: per-completion grading deadline; a timeout scores 0 and is counted.
         reward_workers: grader processes (0 = grade in the training process).
         solve_prompt_suffix: instruction appended to each problem (METHOD.md section 2 default).
