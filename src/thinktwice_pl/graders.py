@@ -1,7 +1,7 @@
 """The two binary graders of METHOD.md section 5 and the last-box rule they share.
 
-Both read the LAST ``\\boxed{}`` of a completion (``\\fbox{}`` only when there is no ``\\boxed``), because a
-refinement that corrects itself ("first \\boxed{13}, after checking \\boxed{14}") means the last one.
+Both read the LAST ``\\boxed{}`` of a completion, because a refinement that corrects itself ("first \\boxed{13},
+after checking \\boxed{14}") means the last one (math-verify also reads ``\\fbox{}`` when there is no ``\\boxed``).
 
 - :func:`boxed_reward`, the paper's grader (the reference's Hendrycks-MATH grader in its fast mode): no box or an
   unclosed box scores 0, so unboxed and truncated answers earn nothing. The box content and the gold are equal
@@ -13,9 +13,9 @@ refinement that corrects itself ("first \\boxed{13}, after checking \\boxed{14}"
   reference uses pylatexenc, which is not a dependency here) that parenthesises compound fraction parts
   (pylatexenc writes ``\\frac{1+\\sqrt5}{2}`` as ``1+√(5)/2``), keeps the degree of ``\\sqrt[n]{}`` and keeps
   unknown macros instead of deleting them (``\\binom{5}{2}`` is not ``52``); SymPy only evaluates expressions
-  that pass a character whitelist and guards against huge powers and factorials, on top of the reference's; a
-  lone ``\\fbox{}`` and ``\\boxed {x}`` count (the reference scores them 0). On 25,630 answer/gold pairs of MATH
-  forms the two graders differ only in these cases.
+  that pass a character whitelist and guards against huge powers and factorials, on top of the reference's. On
+  25,630 answer/gold pairs of MATH forms the two graders differ only in these cases. The box is read exactly as
+  the reference reads it (`reference_last_box`: only the last ``\\boxed{``; ``\\fbox`` and ``\\boxed {x}`` score 0).
 - :func:`math_verify_reward`, for small models that never box (the CPU quickstart): math-verify on the last box's
   content alone, 0 for an unclosed last box, and math-verify on the whole text (its last number) without a box.
 
@@ -63,6 +63,25 @@ def extract_last_boxed(text: str) -> str | None:
         if depth == 0:
             return text[begin:i]
         i += 1
+    return None
+
+
+def reference_last_box(text: str) -> str | None:
+    """The box rule of the paper's grader, exactly as the reference code reads it: the content of the last
+    ``\\boxed`` when it opens its brace at once (``\\boxed{``), braces counted as written (escaped ones too).
+
+    ``\\fbox{}``, ``\\boxed {x}`` (a space) and a last ``\\boxed`` that is cut off all give None (score 0 there),
+    even when an earlier box is complete: the reference looks only at the last ``\\boxed``.
+    """
+    start = text.rfind("\\boxed")
+    if start < 0 or not text.startswith("\\boxed{", start):
+        return None
+    begin = start + len("\\boxed{")
+    depth = 1
+    for i in range(begin, len(text)):
+        depth += (text[i] == "{") - (text[i] == "}")
+        if depth == 0:
+            return text[begin:i]
     return None
 
 
@@ -564,7 +583,7 @@ def boxed_reward(completions: list[str], answers: list[str]) -> list[float]:
     out = []
     for completion, answer in zip(completions, answers, strict=True):
         gold_first, gold_second = _gold_forms(str(answer))
-        given = extract_last_boxed(completion)
+        given = reference_last_box(completion)
         ok = given is not None and (
             _hendrycks_normalize(given) == gold_first or _second_pass_equal(gold_second, _second_normalize(given))
         )
