@@ -40,7 +40,7 @@ def _rss_bytes() -> int:
 def _build_model(out: Path, args: argparse.Namespace) -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from thinktwice_pl.models import build_tiny_model
+    from thinktwice_pl.builtin_models import build_tiny_model
 
     build_tiny_model(out)  # for its tokenizer; the model is replaced below
     config = Qwen3Config(
@@ -70,6 +70,7 @@ def _rollouts(args: argparse.Namespace) -> list:
 
 
 def _run_variant(args: argparse.Namespace) -> dict[str, float]:
+    from thinktwice_pl.batching import plan_phase
     from thinktwice_pl.grpo import group_advantages, policy_loss
     from thinktwice_pl.module import ThinkTwiceModule
 
@@ -102,9 +103,12 @@ def _run_variant(args: argparse.Namespace) -> dict[str, float]:
         module._trainer = SimpleNamespace(world_size=1, global_rank=0, strategy=None)
         module.manual_backward = lambda loss: loss.backward()
         opt = SimpleNamespace(zero_grad=lambda set_to_none: None, step=lambda: None)  # the step's memory, not Adam's
+        module.optimizers = lambda: opt
         n = len(rollouts)
-        module._optimizer_step(opt, rollouts, list(range(n)), 2, advantages, torch.ones(n, dtype=torch.bool),
-                               set(range(n)), {})  # fmt: skip
+        lengths = [(len(r.prompt_ids), len(r.completion_ids)) for r in rollouts]
+        plan = plan_phase(lengths, 2, [True] * n, [True] * n, mini_batch_groups=None, micro_batch_size=None,
+                          max_tokens=args.max_tokens_per_microbatch)  # fmt: skip
+        module._optimizer_step(rollouts, plan.steps[0], advantages, {})
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before

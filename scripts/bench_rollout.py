@@ -24,8 +24,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from thinktwice_pl.builtin_models import resolve_model_path
 from thinktwice_pl.data import procedural_problem
-from thinktwice_pl.models import load_causal_lm, load_tokenizer, resolve_model_path
+from thinktwice_pl.models import load_causal_lm, load_tokenizer
 from thinktwice_pl.prompts import encode_chat, solve_messages
 from thinktwice_pl.rollout import HFRolloutEngine, SamplingConfig
 

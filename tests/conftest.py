@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen2 + ChatML tokenizer on disk (built in about a second, once per session)."""
-    from thinktwice_pl.models import build_tiny_model
+    from thinktwice_pl.builtin_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 

@@ -80,9 +80,11 @@ def test_preset_misuse_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
         load_problems(ProblemSource(preset="aime"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("champ_dataset") is not None, reason="champ-dataset is installed")
-def test_champ_without_the_package_names_the_install() -> None:
-    with pytest.raises(ImportError, match="pip install champ-dataset"):
+def test_champ_without_the_package_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from thinktwice_pl import optional
+
+    monkeypatch.setattr(optional.CHAMP, "available", False)  # as if champ-dataset were not installed
+    with pytest.raises(ImportError, match=r"data source 'champ' needs a package .* pip install champ-dataset"):
         load_problems(ProblemSource(path="champ"))
 
 

@@ -85,7 +85,7 @@ def test_fsdp2_bf16_mixed_keeps_fp32_shards_and_trains_at_lr_1e6(tmp_path: Path)
     """The paper's precision under FSDP2 (METHOD.md section 4): fp32 sharded weights and AdamW state, bf16 compute
     (MixedPrecisionPolicy: bf16 gathers, fp32 gradient reduction). At lr 1e-6 one phase of 2 optimizer steps moves
     almost every weight; in bf16 almost none would move (tests/test_precision.py)."""
-    from thinktwice_pl.models import build_tiny_model
+    from thinktwice_pl.builtin_models import build_tiny_model
 
     model = build_tiny_model(tmp_path / "tied", tie_word_embeddings=True)  # every weight gets a gradient
     result = _launch("fsdp2", model, tmp_path / "run", 2, None, "--precision", "bf16-mixed", "--lr", "1e-6")

@@ -58,6 +58,9 @@ class ScriptedEngine:
     def wake_up(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
         self.calls.append((len(prompts), n, sampling))
         out = []
@@ -332,7 +335,8 @@ def test_evaluation_truncates_long_refine_prompts_as_training_does(
 def test_remove_system_prompt_reaches_training_and_evaluation_prompts(tiny_model_dir: Path, tmp_path: Path) -> None:
     from test_prompts import OLMO3_LIKE
 
-    from thinktwice_pl.models import CHATML_TEMPLATE, load_tokenizer
+    from thinktwice_pl.builtin_models import CHATML_TEMPLATE
+    from thinktwice_pl.models import load_tokenizer
 
     model_dir = tmp_path / "olmo3-like"
     shutil.copytree(tiny_model_dir, model_dir)

@@ -19,7 +19,7 @@ from thinktwice_pl.callbacks import RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.module import ThinkTwiceModule
 from thinktwice_pl.prompts import encode_chat, refine_messages
-from thinktwice_pl.types import PhaseBatch, Problem
+from thinktwice_pl.types import PhaseBatch
 
 PHASE_KEYS = [
     "reward_mean", "reward_std", "frac_zero_std_groups", "completion_len_mean", "truncated_frac", "loss",
@@ -237,16 +237,6 @@ def test_wrong_first_refine_phase_reviews_bases_of_the_whole_batch(tiny_model_di
         assert row["train/refine/base_correct_frac"] == sum(b.correct for b in batch.bases) / 2
     for batch in twice:
         assert not any(b.correct for b in batch.bases) and len({b.completion_text for b in batch.bases}) == 2
-
-
-def test_max_prompt_length_truncates_refine_prompts_on_the_left_and_refuses_long_solve_prompts() -> None:
-    problems = [Problem("short", "q", "1"), Problem("long", "q", "1")]
-    callback = RolloutCallback(max_prompt_length=3)
-    ids, cut = callback.fit_prompts([[1, 2], [1, 2, 3, 4, 5]], problems, "refine")
-    assert ids == [[1, 2], [3, 4, 5]] and cut == [1]  # the last 3 tokens: the end of the chat stays
-    with pytest.raises(ValueError, match=r"solve prompt of problem 'long' has 5 tokens > rollout.max_prompt_length=3"):
-        callback.fit_prompts([[1, 2], [1, 2, 3, 4, 5]], problems, "solve")
-    assert RolloutCallback().fit_prompts([[1, 2, 3, 4, 5]], problems[:1], "solve") == ([[1, 2, 3, 4, 5]], [])
 
 
 def test_fit_with_long_refine_prompts_truncates_counts_and_warns_once(

@@ -62,7 +62,8 @@ def test_bf16_fit_on_cuda(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_bf16_mixed_fit_on_cuda_keeps_fp32_weights_and_moves_them_at_lr_1e6(tmp_path: Path) -> None:
-    from thinktwice_pl.models import build_tiny_model, load_causal_lm
+    from thinktwice_pl.builtin_models import build_tiny_model
+    from thinktwice_pl.models import load_causal_lm
 
     model_dir = build_tiny_model(tmp_path / "tied", tie_word_embeddings=True)  # every weight gets a gradient
     initial = dict(load_causal_lm(str(model_dir)).named_parameters())

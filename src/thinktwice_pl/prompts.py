@@ -3,12 +3,16 @@
 The solve chat is one user turn: the problem, a space, then the solve instruction. The refine chat
 adds the model's own earlier answer as an assistant turn (plain text, its end-of-turn marker
 removed) and the review instruction as a third user turn. Both texts are configurable; the defaults
-are the exact strings of the ThinkTwice reference code.
+are the exact strings of the ThinkTwice reference code. `build_prompts` makes the token ids of either
+kind for training and evaluation alike, with the prompt limit applied.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+from thinktwice_pl.types import Phase, Problem
 
 DEFAULT_SOLVE_SUFFIX = (
     "Solve the following math problem step by step. Put your final answer inside \\boxed{}, "
@@ -165,3 +169,56 @@ def tokenize_rendered(text: str, tokenizer: Any) -> list[int]:
 def encode_chat(messages: list[Message], tokenizer: Any, remove_system_prompt: bool = False) -> list[int]:
     """Render and tokenize a chat."""
     return tokenize_rendered(render_chat(messages, tokenizer, remove_system_prompt), tokenizer)
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How prompts are written (the rollout callback's settings, shared by training and evaluation)."""
+
+    solve_suffix: str = DEFAULT_SOLVE_SUFFIX
+    refine_instruction: str = DEFAULT_REFINE_INSTRUCTION
+    remove_system_prompt: bool = False
+    max_prompt_length: int | None = None
+
+
+@dataclass
+class Prompts:
+    """Rendered prompts: the texts the grader sees, the token ids the policy sees, and which were truncated."""
+
+    texts: list[str]
+    ids: list[list[int]]
+    truncated: list[int]  # indices of refine prompts that kept only their last max_prompt_length tokens
+
+
+def build_prompts(
+    problems: list[Problem], tokenizer: Any, settings: PromptSettings, reviewed: list[str] | None = None
+) -> Prompts:
+    """Solve prompts of `problems`, or with `reviewed` (the earlier answer under review for each problem) refine
+    prompts, rendered and tokenized.
+
+    A refine prompt longer than ``max_prompt_length`` keeps its last tokens (left truncation: the start of the
+    problem goes first, the answer under review and the instruction stay), as in the reference code; its text is
+    then the decoded kept tokens. A longer solve prompt is an error naming the problem: it would lose its start.
+    """
+    phase: Phase = "solve" if reviewed is None else "refine"
+    if reviewed is None:
+        chats = [solve_messages(p.prompt_text, settings.solve_suffix) for p in problems]
+    else:
+        chats = [refine_messages(p.prompt_text, answer, tokenizer, settings.solve_suffix, settings.refine_instruction)
+                 for p, answer in zip(problems, reviewed, strict=True)]  # fmt: skip
+    texts = [render_chat(chat, tokenizer, settings.remove_system_prompt) for chat in chats]
+    ids = [tokenize_rendered(text, tokenizer) for text in texts]
+    limit = settings.max_prompt_length
+    too_long = [i for i, row in enumerate(ids) if limit is not None and len(row) > limit]
+    if too_long and phase == "solve":
+        i = too_long[0]
+        raise ValueError(
+            f"the solve prompt of problem {problems[i].id!r} has {len(ids[i])} tokens > "
+            f"rollout.max_prompt_length={limit} ({len(too_long)} of {len(ids)} prompts of this batch): "
+            "raise rollout.max_prompt_length or leave such problems out of the data (solve prompts are never "
+            "truncated; refine prompts, which hold an earlier answer, keep their last tokens)"
+        )
+    for i in too_long:
+        ids[i] = ids[i][-limit:]  # type: ignore[index]
+        texts[i] = tokenizer.decode(ids[i], skip_special_tokens=False)  # the grader sees what the policy saw
+    return Prompts(texts, ids, too_long)

@@ -1,9 +1,10 @@
 """Reward callables and a scorer that never hangs or crashes training (METHOD.md section 5).
 
-The graders live in :mod:`thinktwice_pl.graders` and are re-exported here: :func:`boxed_reward` (``boxed``, the
-paper's last-box grader, used by the paper recipes) and :func:`math_verify_reward` (``math_verify``, the default,
-for small models that never box). Reward callables follow the TRL contract
-``fn(prompts, completions, **columns) -> list[float | None]`` with the gold answers in ``columns["answer"]``;
+The graders live in :mod:`thinktwice_pl.paper_grader` and :mod:`thinktwice_pl.graders` and are re-exported
+here: :func:`boxed_reward` (``boxed``, the paper's last-box grader, used by the paper recipes) and
+:func:`math_verify_reward` (``math_verify``, the default, for small models that never box). Reward callables
+follow the TRL contract ``fn(prompts, completions, **columns) -> list[float | None]`` with the gold answers in
+``columns["answer"]``;
 :func:`resolve_reward` maps a config string to one. :class:`RewardScorer` grades item by item under a per-item
 deadline, in spawned worker processes or in the calling process.
 
@@ -31,7 +32,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
-from thinktwice_pl.graders import boxed_reward, extract_last_boxed, math_verify_reward
+from thinktwice_pl.graders import extract_last_boxed, math_verify_reward
+from thinktwice_pl.paper_grader import boxed_reward
 
 __all__ = [
     "RewardScorer",
@@ -268,6 +270,21 @@ class RewardScorer:
                 self._logged.add(kind)
                 logger.warning("reward %r: %s (scored 0.0; later %r errors are only counted)", self.reward, err, kind)
         return ScoreResult([r for r, _ in graded], [e for _, e in graded])
+
+    def score_named(self, segments: dict[str, tuple[list[str], list[str], list[str]]]) -> dict[str, ScoreResult]:
+        """Grade several named lists of ``(prompts, completions, answers)`` in one pass over the worker pool.
+
+        Returns:
+            One `ScoreResult` per name.
+        """
+        prompts, completions, answers = ([item for seg in segments.values() for item in seg[k]] for k in range(3))
+        scored = self.score(prompts, completions, answers)
+        out, start = {}, 0
+        for name, (seg_prompts, _, _) in segments.items():
+            end = start + len(seg_prompts)
+            out[name] = ScoreResult(scored.rewards[start:end], scored.errors[start:end])
+            start = end
+        return out
 
     def _score_in_pool(self, items: list[tuple[str, str, str]]) -> list[tuple[float, str | None]]:
         results: list[tuple[float, str | None] | None] = [None] * len(items)

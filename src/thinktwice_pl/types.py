@@ -7,7 +7,7 @@ Plain dataclasses, no behaviour beyond small derived views. Tensor shapes are in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Phase = Literal["solve", "refine"]
@@ -106,7 +106,6 @@ class PhaseBatch:
     epoch: int
     bases: list[Rollout] | None = None  # refine phase: the solve answer reviewed by each prompt
     rollouts: RolloutBatch | None = None
-    extras: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass

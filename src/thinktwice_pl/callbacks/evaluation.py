@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -32,11 +33,8 @@ from lightning.pytorch.callbacks import Callback
 
 from thinktwice_pl.callbacks.rollout import RolloutCallback, phase_seed
 from thinktwice_pl.metrics import PassAtK, Transitions, default_ks, greedy_accuracies, transition_rates
-from thinktwice_pl.models import compute_dtype
-from thinktwice_pl.prompts import refine_messages, render_chat, solve_messages, tokenize_rendered
-from thinktwice_pl.rewards import RewardScorer
 from thinktwice_pl.rollout import SamplingConfig
-from thinktwice_pl.types import Completion, EvalBatch
+from thinktwice_pl.types import EvalBatch
 
 log = logging.getLogger(__name__)
 Split = Literal["val", "test"]
@@ -106,9 +104,6 @@ class Evaluation(Callback):
                                               max_new_tokens=max_completion_length)  # fmt: skip
         self.transitions = transitions
         self.seed = seed
-        self.scorer: RewardScorer | None = None
-        self._own_scorer = False
-        self._engine_ready = False
         self._started = 0.0
         self._split: Split = "val"
         self._pass: dict[str, tuple[PassAtK, PassAtK]] = {}  # benchmark -> (solve, refine)
@@ -157,28 +152,12 @@ class Evaluation(Callback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log(trainer, pl_module, "test")
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.scorer is not None and self._own_scorer:
-            self.scorer.close()
-        self.scorer = None
-        self._engine_ready = False
-
     def num_samples_for(self, split: Split) -> int:
         """n of `split`: num_samples for test, val_num_samples for validation (0 = greedy pass only)."""
         return self.val_num_samples if split == "val" else self.num_samples
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> None:
-        rollout = rollout_callback(trainer)
-        if trainer.state.fn != "fit" and not self._engine_ready:  # fit: the rollout callback set the engine up
-            rollout.check_chat_template(pl_module.tokenizer)
-            rollout.engine.setup(pl_module.policy, pl_module.tokenizer,
-                                 compute_dtype(str(trainer.precision), pl_module.policy))  # fmt: skip
-            rollout.engine.sync_weights(pl_module.policy)  # weights of --ckpt_path, loaded after configure_model
-            self._engine_ready = True
-        if self.scorer is None:  # during fit the rollout callback's grader (and its worker processes) serve
-            self.scorer = rollout.scorer or RewardScorer(rollout.reward, timeout_s=rollout.reward_timeout_s,
-                                                         num_workers=rollout.reward_workers)  # fmt: skip
-            self._own_scorer = rollout.scorer is None
+        rollout_callback(trainer).ready(trainer, pl_module)  # the engine and the grader (set up once)
         self._split = split
         self._pass, self._greedy = {}, {}
         self._truncated_prompts = self._refine_prompts = 0  # this rank's, in this evaluation
@@ -190,75 +169,43 @@ class Evaluation(Callback):
         """Generate and grade the answers, refinements and greedy pair of every problem of `batch`."""
         if not isinstance(batch, EvalBatch):
             raise TypeError(f"expected an EvalBatch from ThinkTwiceDataModule, got {type(batch).__name__}")
-        rollout = rollout_callback(trainer)
-        engine, n = rollout.engine, self.num_samples_for(self._split)
-        tokenizer: Any = pl_module.tokenizer
-        problems = batch.problems
-        solve_texts = [render_chat(solve_messages(p.prompt_text, rollout.solve_prompt_suffix), tokenizer,
-                                   rollout.remove_system_prompt) for p in problems]  # fmt: skip
-        solve_ids, _ = rollout.fit_prompts([tokenize_rendered(t, tokenizer) for t in solve_texts], problems, "solve")
+        rollout, tokenizer = rollout_callback(trainer), pl_module.tokenizer
+        n, problems = self.num_samples_for(self._split), batch.problems
         seed = phase_seed(self.seed, batch.index, pl_module.global_rank)
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
+        solve = rollout.prompts(problems, tokenizer)
+        with rollout.awake() as engine:
+            samples = engine.generate(solve.ids, n, replace(self.sampling, seed=seed)) if n else [[] for _ in problems]
+            bases = [group[0] for group in engine.generate(solve.ids, 1, greedy)] if self.transitions else []  # [P]
+            # one refinement of every sampled answer (problem-major), then of every greedy answer, as in training
+            owners = [p for p, group in zip(problems, samples, strict=True) for _ in group] + problems[: len(bases)]
+            reviewed = [c for group in samples for c in group] + bases
+            refine = rollout.prompts(owners, tokenizer, [c.text for c in reviewed])
+            m = len(owners) - len(bases)  # refinements of sampled answers
+            if self.refine_sampling.temperature == 0 or not m:  # one greedy call for both kinds of refinement
+                refined = [group[0] for group in engine.generate(refine.ids, 1, greedy)]
+            else:
+                sampled = replace(self.refine_sampling, seed=seed + 1)
+                refined = [group[0] for group in engine.generate(refine.ids[:m], 1, sampled)]
+                refined += [group[0] for group in engine.generate(refine.ids[m:], 1, greedy)] if bases else []
+        self._truncated_prompts += len(refine.truncated)
+        self._refine_prompts += len(refine.ids)
 
-        engine.wake_up()
-        samples = engine.generate(solve_ids, n, _seeded(self.sampling, seed)) if n else [[] for _ in problems]  # [P][n]
-        bases = [group[0] for group in engine.generate(solve_ids, 1, greedy)] if self.transitions else []  # [P]
-
-        def refine_prompt(i: int, answer: Completion) -> tuple[str, list[int]]:
-            chat = refine_messages(problems[i].prompt_text, answer.text, tokenizer, rollout.solve_prompt_suffix,
-                                   rollout.refine_instruction)  # fmt: skip
-            text = render_chat(chat, tokenizer, rollout.remove_system_prompt)
-            return text, tokenize_rendered(text, tokenizer)
-
-        refine_in = [refine_prompt(i, a) for i, group in enumerate(samples) for a in group]  # [P * n], problem-major
-        base_in = [refine_prompt(i, a) for i, a in enumerate(bases)]  # [P]
-        # as in training, a refine prompt over rollout.max_prompt_length keeps its last tokens
-        owners = [problems[i] for i, group in enumerate(samples) for _ in group] + problems[: len(bases)]
-        fitted, cut = rollout.fit_prompts([ids for _, ids in refine_in + base_in], owners, "refine")
-        texts = [text for text, _ in refine_in + base_in]
-        for j in cut:
-            texts[j] = tokenizer.decode(fitted[j], skip_special_tokens=False)
-        fitted_in = list(zip(texts, fitted, strict=True))
-        refine_in, base_in = fitted_in[: len(refine_in)], fitted_in[len(refine_in) :]
-        self._truncated_prompts += len(cut)
-        self._refine_prompts += len(fitted)
-        if cut:
-            rollout.warn_truncated(len(cut), len(fitted), f"the {batch.benchmark} evaluation's summary line")
-        if self.refine_sampling.temperature == 0 or not refine_in:  # one greedy call for both kinds of refinement
-            out = engine.generate([ids for _, ids in refine_in + base_in], 1, greedy)
-            refined, base_refined = [g[0] for g in out[: len(refine_in)]], [g[0] for g in out[len(refine_in) :]]
-        else:
-            refine_sampling = _seeded(self.refine_sampling, seed + 1)
-            refined = [g[0] for g in engine.generate([ids for _, ids in refine_in], 1, refine_sampling)]
-            base_refined = [g[0] for g in engine.generate([ids for _, ids in base_in], 1, greedy)] if bases else []
-        engine.sleep()
-
-        # grade everything in one call: answers, greedy answers, refinements, greedy refinements
-        prompts = [t for t in solve_texts for _ in range(n)] + solve_texts[: len(bases)]
-        prompts += [t for t, _ in refine_in] + [t for t, _ in base_in]
-        completions = [c.text for group in samples for c in group] + [c.text for c in bases]
-        completions += [c.text for c in refined] + [c.text for c in base_refined]
-        answers = [p.answer for p in problems for _ in range(n)] + [p.answer for p in problems[: len(bases)]]
-        answers += [p.answer for p in problems for _ in range(n)] + [p.answer for p in problems[: len(bases)]]
-        assert self.scorer is not None, "on_validation_start / on_test_start did not run"
-        scores = self.scorer.score(prompts, completions, answers)
-        if scores.num_errors:
-            first = next(e for e in scores.errors if e is not None)
-            log.warning("%d of %d evaluation completions of %s could not be graded (scored 0), e.g. %s",
-                        scores.num_errors, len(completions), batch.benchmark, first)  # fmt: skip
-        right = [r > 0.5 for r in scores.rewards]
-        p, b = len(problems), len(bases)
-        solve_right, base_right = right[: p * n], right[p * n : p * n + b]
-        refine_right, base_refine_right = right[p * n + b : 2 * p * n + b], right[2 * p * n + b :]
-
-        keep = [i for i in range(p) if batch.counted[i]]
+        golds = [p.answer for p in owners]
+        right = {name: [r > 0.5 for r in result.rewards] for name, result in rollout.score({
+            "answers": ([t for t in solve.texts for _ in range(n)], [c.text for c in reviewed[:m]], golds[:m]),
+            "greedy": (solve.texts[: len(bases)], [c.text for c in bases], golds[m:]),
+            "refined": (refine.texts[:m], [c.text for c in refined[:m]], golds[:m]),
+            "greedy_refined": (refine.texts[m:], [c.text for c in refined[m:]], golds[m:]),
+        }, f"{batch.benchmark} evaluation").items()}  # fmt: skip
+        keep = [i for i in range(len(problems)) if batch.counted[i]]
         if n:
             solve_metric, refine_metric = self._pass_metrics(batch.benchmark, n, pl_module)
-            solve_metric.update([sum(solve_right[i * n : (i + 1) * n]) for i in keep])
-            refine_metric.update([sum(refine_right[i * n : (i + 1) * n]) for i in keep])
+            solve_metric.update([sum(right["answers"][i * n : (i + 1) * n]) for i in keep])
+            refine_metric.update([sum(right["refined"][i * n : (i + 1) * n]) for i in keep])
         if bases:
             outcomes = self._greedy.setdefault(batch.benchmark, Transitions().to(pl_module.device))
-            outcomes.update([base_right[i] for i in keep], [base_refine_right[i] for i in keep])
+            outcomes.update([right["greedy"][i] for i in keep], [right["greedy_refined"][i] for i in keep])
         batch.evaluated = True
 
     def _pass_metrics(self, name: str, n: int, pl_module: pl.LightningModule) -> tuple[PassAtK, PassAtK]:
@@ -333,8 +280,3 @@ def phase_step(trainer: pl.Trainer) -> int:
     otherwise the trainer's global step."""
     cursor = getattr(trainer.datamodule, "cursor", None) if trainer.state.fn == "fit" else None  # type: ignore[attr-defined]
     return cursor if isinstance(cursor, int) else trainer.global_step
-
-
-def _seeded(sampling: SamplingConfig, seed: int) -> SamplingConfig:
-    return SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                          max_new_tokens=sampling.max_new_tokens, seed=seed)  # fmt: skip

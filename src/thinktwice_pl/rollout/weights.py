@@ -24,12 +24,10 @@ from typing import Any
 
 import torch
 
+from thinktwice_pl.models import base_model
+
 # submodule names that wrappers insert and that the checkpoint layout does not have
 _WRAPPER_NAMES = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
-
-
-def is_peft_model(model: Any) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def rollout_weights(model: Any, *, merge_adapters: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -40,7 +38,7 @@ def rollout_weights(model: Any, *, merge_adapters: bool = True) -> Iterator[tupl
         merge_adapters: add each active LoRA adapter's delta to its base weight (True), or yield the
             base weights only (False; for engines that apply the adapter themselves).
     """
-    base = model.get_base_model() if is_peft_model(model) else model
+    base = base_model(model)
     with _full_params(base):
         yield from _walk(base, "", merge_adapters, set())
 

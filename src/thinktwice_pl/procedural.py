@@ -1,0 +1,99 @@
+"""Generated arithmetic word problems, offline: problem i depends only on (seed, difficulty, i).
+
+Five difficulties, from bare one-digit sums (small models such as the CPU quickstart's get about a third right) to
+two-step stories; every answer is a non-negative integer.
+"""
+
+from __future__ import annotations
+
+import random
+
+from thinktwice_pl.types import Problem
+
+_NAMES = [
+    ("Mia", "she"), ("Liam", "he"), ("Ava", "she"), ("Noah", "he"), ("Emma", "she"), ("Omar", "he"),
+    ("Sofia", "she"), ("Lucas", "he"), ("Zoe", "she"), ("Ben", "he"), ("Priya", "she"), ("Kenji", "he"),
+]  # fmt: skip
+_OBJECTS = [
+    ("apple", "apples"), ("marble", "marbles"), ("pencil", "pencils"), ("sticker", "stickers"), ("book", "books"),
+    ("cookie", "cookies"), ("shell", "shells"), ("card", "cards"), ("stamp", "stamps"), ("balloon", "balloons"),
+    ("candy", "candies"), ("toy car", "toy cars"),
+]  # fmt: skip
+_CONTAINERS = ["bags", "boxes", "jars", "packs"]
+
+
+def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
+    """Generates arithmetic word problem `index`; it depends only on (seed, difficulty, index).
+
+    Args:
+        seed: generator seed.
+        difficulty: 0 bare one-digit sums ("What is 3 + 4?"), 1 single-digit add/sub stories, 2 two-digit
+            add/sub, 3 add/sub/mul/div, 4 two-step problems.
+        index: position of the problem in the set.
+
+    Returns:
+        A problem whose answer is a non-negative integer string.
+    """
+    rng = random.Random(f"thinktwice-{seed}-{difficulty}-{index}")
+    if difficulty == 0:  # small models (the CPU quickstart) need a task they sometimes get right
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        return _problem(seed, difficulty, index, f"What is {a} + {b}?", a + b)
+    (name, pronoun), (other, _) = rng.sample(_NAMES, 2)
+    one, many = rng.choice(_OBJECTS)
+    box, she = rng.choice(_CONTAINERS), pronoun.capitalize()
+    has_now, has_left = f"How many {many} does {name} have now?", f"How many {many} does {name} have left?"
+
+    def n(count: int) -> str:
+        return f"{count} {one if count == 1 else many}"
+
+    if difficulty == 4:
+        kind = rng.choice(["buy_boxes", "give_find", "share", "box_give"])
+        if kind == "buy_boxes":
+            a, b, c = rng.randint(2, 30), rng.randint(2, 6), rng.randint(2, 10)
+            text, answer = f"{name} has {n(a)}. {she} buys {b} {box} with {c} {many} in each. {has_now}", a + b * c
+        elif kind == "give_find":
+            a = rng.randint(10, 50)
+            b, c = rng.randint(1, a), rng.randint(2, 20)
+            text = f"{name} has {n(a)}. {she} gives {b} to {other} and then finds {c} more. {has_now}"
+            answer = a - b + c
+        elif kind == "share":
+            c, answer = rng.randint(2, 6), rng.randint(2, 10)
+            a = rng.randint(1, c * answer - 1)
+            text = (
+                f"{name} has {n(a)} and buys {c * answer - a} more. {she} shares them equally among {c} friends. "
+                f"How many {many} does each friend get?"
+            )
+        else:
+            a, b = rng.randint(2, 9), rng.randint(2, 12)
+            c = rng.randint(1, a * b)
+            text, answer = f"{name} buys {a} {box} of {b} {many} and gives {c} to {other}. {has_left}", a * b - c
+        return _problem(seed, difficulty, index, text, answer)
+
+    kind = rng.choice(["add", "combine", "remove", "compare"] + ["multiply", "divide"] * 2 * (difficulty == 3))
+    low, high = (1, 9) if difficulty == 1 else (10, 99)
+    a, b = sorted((rng.randint(low, high), rng.randint(low, high)), reverse=True)  # a >= b: no negative results
+    if kind == "add":
+        text, answer = f"{name} has {n(a)} and {rng.choice(['buys', 'finds', 'gets'])} {b} more. {has_now}", a + b
+    elif kind == "combine":
+        text, answer = f"{name} has {n(a)} and {other} has {n(b)}. How many {many} do they have together?", a + b
+    elif kind == "remove":
+        verb = rng.choice([f"gives {b} to {other}", f"loses {b}"])
+        text, answer = f"{name} has {n(a)}. {she} {verb}. {has_left}", a - b
+    elif kind == "compare":
+        if a == b:  # "how many more" with equal counts reads oddly
+            a, b = (a + 1, b) if a < high else (a, b - 1)
+        text = f"{name} has {n(a)} and {other} has {n(b)}. How many more {many} does {name} have than {other}?"
+        answer = a - b
+    else:
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        if kind == "multiply":
+            text = f"{name} has {a} {box} with {b} {many} in each. How many {many} does {name} have in total?"
+            answer = a * b
+        else:
+            text = f"{name} shares {a * b} {many} equally among {b} friends. How many {many} does each friend get?"
+            answer = a
+    return _problem(seed, difficulty, index, text, answer)
+
+
+def _problem(seed: int, difficulty: int, index: int, text: str, answer: int) -> Problem:
+    return Problem(f"procedural-d{difficulty}-s{seed}-{index}", text, str(answer), source="procedural")
