@@ -32,3 +32,19 @@ def _isolated_models_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch:
     """Built-in models (thinktwice:tiny) are built under a temporary THINKTWICE_HOME, not in the checkout."""
     home = tmp_path_factory.getbasetemp() / "thinktwice-home"
     monkeypatch.setenv("THINKTWICE_HOME", str(home))
+
+
+@pytest.fixture(scope="session")
+def tiny_cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``thinktwice fit --config configs/tiny.yaml`` (4 phases, validated before and after), run once per session;
+    returns its run directory (runs/tiny/version_0)."""
+    import contextlib
+
+    from thinktwice_pl.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-cli")
+    home = tmp_path_factory.getbasetemp() / "thinktwice-home"
+    with contextlib.chdir(root), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("THINKTWICE_HOME", str(home))
+        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs/tiny.yaml")])
+    return root / "runs" / "tiny" / "version_0"

@@ -79,10 +79,8 @@ def test_help_shows_argument_docs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Procedural only: how many problems to generate" in capsys.readouterr().out  # attribute docstrings
 
 
-def test_cli_fit_tiny_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.max_steps", "8"])
-    run = tmp_path / "runs" / "tiny" / "version_0"
+def test_cli_fit_tiny_config(tiny_cli_run: Path) -> None:
+    run = tiny_cli_run
     metrics = pd.read_csv(run / "metrics.csv").sort_values("step")
     assert train_phases(metrics) == ["solve", "refine", "solve", "refine"]
     val_rows = metrics[metrics["val/avg/solve/pass@1"].notna()]

@@ -198,15 +198,13 @@ def test_cli_test_on_a_plain_hf_model_directory(tiny_model_dir: Path, tmp_path: 
                                                           + row["test/mixed/solve/pass@1"]) / 2)  # fmt: skip
 
 
-def test_cli_validate_a_checkpoint_and_a_base_model(tmp_path: Path, monkeypatch) -> None:
+def test_cli_validate_a_checkpoint_and_a_base_model(tiny_cli_run: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     config = str(ROOT / "configs/tiny.yaml")
-    main(["fit", "--config", config, "--trainer.max_steps", "4"])
-    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
-    main(["validate", "--config", config, "--ckpt_path", str(ckpt)])
+    main(["validate", "--config", config, "--ckpt_path", str(tiny_cli_run / "checkpoints" / "last.ckpt")])
     main(["validate", "--config", config])  # the base model of the config (thinktwice:tiny), before training
     keys = documented_keys("val", ["arith"], [1, 2])
-    for version in ("version_1", "version_2"):
+    for version in ("version_0", "version_1"):
         metrics = pd.read_csv(tmp_path / "runs" / "tiny" / version / "metrics.csv")
         assert keys <= set(metrics.columns), version
         assert all(0 <= metrics[k].iloc[-1] <= 1 for k in keys if not math.isnan(metrics[k].iloc[-1]))

@@ -74,11 +74,19 @@ def _fit(
     return module, metrics
 
 
-def test_fit_alternates_phases_logs_metrics_and_updates_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[ThinkTwiceModule, pd.DataFrame]:
+    """One fit of 4 phases (solve, refine, solve, refine; 2 optimizer steps each), shared by the tests below."""
+    return _fit(tiny_model_dir, tmp_path_factory.mktemp("reference"), max_steps=8)
+
+
+def test_fit_alternates_phases_logs_metrics_and_updates_weights(
+    tiny_model_dir: Path, reference: tuple[ThinkTwiceModule, pd.DataFrame]
+) -> None:
     from transformers import AutoModelForCausalLM
 
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    module, metrics = _fit(tiny_model_dir, tmp_path, max_steps=8, micro_batch_size=3)
+    module, metrics = reference
     assert train_phases(metrics) == ["solve", "refine", "solve", "refine"]
     assert metrics["step"].tolist() == [0, 1, 2, 3]  # one row per phase, step = phase index
     for phase in ("solve", "refine"):
@@ -104,16 +112,14 @@ def test_grpo_baseline_serves_solve_only(tiny_model_dir: Path, tmp_path: Path) -
     assert train_phases(metrics) == ["solve", "solve"]
 
 
-def test_same_seed_same_metrics(tiny_model_dir: Path, tmp_path: Path) -> None:
-    _, first = _fit(tiny_model_dir, tmp_path / "a", max_steps=4)
-    _, second = _fit(tiny_model_dir, tmp_path / "b", max_steps=4)
-    columns = [c for c in first.columns if c.startswith("train/")]
-    pd.testing.assert_frame_equal(first[columns], second[columns])
+def test_same_seed_same_metrics(tiny_model_dir: Path, tmp_path: Path, reference) -> None:
+    _, again = _fit(tiny_model_dir, tmp_path, max_steps=4)  # the reference's first two phases, run again
+    columns = [c for c in again.columns if c.startswith("train/")]
+    pd.testing.assert_frame_equal(again[columns], reference[1][columns].iloc[:2])
 
 
-def test_resume_after_solve_step_continues_with_refine(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # continuous reference: solve, refine
-    _, continuous = _fit(tiny_model_dir, tmp_path / "continuous", max_steps=4)
+def test_resume_after_solve_step_continues_with_refine(tiny_model_dir: Path, tmp_path: Path, reference) -> None:
+    continuous = reference[1]  # solve, refine, ... without interruption
     # stop after the solve phase (2 optimizer steps), checkpointing there
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     _fit(tiny_model_dir, tmp_path / "first", max_steps=2, callbacks=[ckpt])

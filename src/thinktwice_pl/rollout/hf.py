@@ -6,6 +6,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from thinktwice_pl.models import is_quantized
 from thinktwice_pl.types import Completion, FinishReason
@@ -116,12 +117,10 @@ class HFRolloutEngine:
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         eos_ids = eos_token_ids(self.model, tok)
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # [B, P], left-padded
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [B, P]
-        for i, ids in enumerate(prompts):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[i, width - len(ids) :] = 1
+        rows = [torch.tensor(ids, dtype=torch.long) for ids in prompts]
+        input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")  # [B, P]
+        attention_mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
+        width = input_ids.shape[1]
         greedy = sampling.temperature == 0
         out = self.model.generate(
             input_ids=input_ids.to(device),
