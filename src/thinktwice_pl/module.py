@@ -173,7 +173,7 @@ class ThinkTwiceModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        hp = self.hparams
+        hp: Any = self.hparams
         path = resolve_model_path(hp.model_name_or_path)
         self.tokenizer = load_tokenizer(path)
         self.policy = load_causal_lm(
@@ -197,11 +197,11 @@ class ThinkTwiceModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         check_precision(str(self.trainer.precision))
         check_strategy(self.trainer.strategy, lora=self.lora is not None, quantized=self.quantization is not None)
-        hp = self.hparams
+        hp: Any = self.hparams
         check_divisible(hp.problems_per_batch, hp.mini_batch_problems or hp.problems_per_batch, self.trainer.world_size)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp: Any = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
         check_update_resolution(self.policy, hp.learning_rate, str(self.trainer.precision), hp.dtype)
         optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, betas=hp.betas, weight_decay=hp.weight_decay)
@@ -242,7 +242,10 @@ class ThinkTwiceModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------- training
 
     def training_step(self, batch: PhaseBatch, batch_idx: int) -> dict[str, float]:
-        hp, start = self.hparams, time.perf_counter()
+        """One phase, solve or refine (METHOD.md section 1): group advantages, the phase's optimizer steps, and its
+        metrics, which reach the callbacks as ``outputs``."""
+        hp: Any = self.hparams
+        start = time.perf_counter()
         rollouts = _rollouts_of(batch)
         rewards = torch.tensor([r.reward for r in rollouts.rollouts], dtype=torch.float32)  # [N]
         advantages = group_advantages(rewards, rollouts.group_size, hp.scale_rewards)  # [N]
@@ -272,7 +275,8 @@ class ThinkTwiceModule(pl.LightningModule):
     ) -> StepStats:
         """One optimizer step: this rank's passes, gradient clipping, AdamW. A NaN or infinite gradient norm skips
         the update (no parameter or AdamW state changes) and counts it; the step still counts for Lightning."""
-        hp, opt, world = self.hparams, self.optimizers(), self.trainer.world_size
+        hp: Any = self.hparams
+        opt, world = self.optimizers(), self.trainer.world_size
         opt.zero_grad(set_to_none=False)  # zero tensors, not None: AdamW steps every parameter, as the reference
         stats = StepStats()
         block_sync = getattr(self.trainer.strategy, "block_backward_sync", nullcontext)  # DDP: no_sync()

@@ -127,6 +127,7 @@ class VLLMRolloutEngine:
         self._lora_request: Any = None
         self._lora_id = 0
         self._can_sleep = False
+        self._weights_dtype: torch.dtype | None = None
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -150,9 +151,12 @@ class VLLMRolloutEngine:
             log.warning("rollout.engine.lora_sync=adapter but the policy has no LoRA adapter: syncing full weights")
 
         rank, world = _rank_and_world()
+        engine_dtype = self._engine_dtype(model, compute_dtype)
+        dtype = getattr(torch, engine_dtype, None)  # pushed weights are cast to it (fp32 masters -> bf16)
+        self._weights_dtype = dtype if isinstance(dtype, torch.dtype) else None
         kwargs: dict[str, Any] = {
             "model": str(path),
-            "dtype": self._engine_dtype(model, compute_dtype),
+            "dtype": engine_dtype,
             "seed": self.seed + rank,
             "tensor_parallel_size": self.tensor_parallel_size,
             "enable_prefix_caching": self.enable_prefix_caching,
@@ -245,7 +249,10 @@ class VLLMRolloutEngine:
             if self._asleep and not self._weights_awake:
                 self.llm.wake_up(tags=["weights"])
                 self._weights_awake = True
-            weights = rollout_weights(model, merge_adapters=not adapter_mode)
+            weights = (  # in the engine's dtype: vLLM would cast each tensor itself, warning every time
+                (name, t.to(self._weights_dtype) if self._weights_dtype and t.is_floating_point() else t)
+                for name, t in rollout_weights(model, merge_adapters=not adapter_mode)
+            )
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
             )
