@@ -122,7 +122,7 @@ class VLLMRolloutEngine:
         self._tied = False
         self._asleep = False
         self._weights_awake = True
-        self._needs_push = True  # the engine holds the checkpoint's weights until the first push
+        self._needs_push = True  # the engine holds dummy weights (load_format=dummy) until the first push
         self._lora_dir: Path | None = None
         self._lora_request: Any = None
         self._lora_id = 0
@@ -165,6 +165,9 @@ class VLLMRolloutEngine:
             # sampler log-probs after temperature / top-k / top-p: the distribution that was sampled from
             "logprobs_mode": "processed_logprobs",
             "generation_config": "vllm",  # ignore the checkpoint's sampling defaults (repetition_penalty, ...)
+            # no weights from disk: the policy's are pushed before the first generate (and cast to the engine's
+            # dtype; reading an fp32 checkpoint into a bf16 engine would warn for every tensor)
+            "load_format": "dummy",
             "enable_sleep_mode": self._can_sleep,
         }
         if self.max_model_len is not None:
