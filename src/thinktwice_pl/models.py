@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 
 from thinktwice_pl.batching import Collated
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.grpo import token_logprobs
 from thinktwice_pl.optional import BITSANDBYTES, require
 
@@ -44,9 +45,9 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"model.lora.rank={self.rank} must be at least 1")
+            raise UserError(f"model.lora.rank={self.rank} must be at least 1")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
+            raise UserError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
         if isinstance(self.target_modules, list) and self.target_modules == ["all-linear"]:
             self.target_modules = "all-linear"
 
@@ -64,11 +65,11 @@ class QuantizationSettings:
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in DTYPES:
-            raise ValueError(
+            raise UserError(
                 f"model.quantization.compute_dtype must be one of {list(DTYPES)}, got {self.compute_dtype!r}"
             )
         if self.quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"model.quantization.quant_type must be nf4 or fp4, got {self.quant_type!r}")
+            raise UserError(f"model.quantization.quant_type must be nf4 or fp4, got {self.quant_type!r}")
 
 
 def load_causal_lm(
@@ -91,9 +92,9 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {['auto', *DTYPES]}, got {dtype!r}")
+        raise UserError(f"model.dtype must be one of {['auto', *DTYPES]}, got {dtype!r}")
     if quantization is not None and lora is None:
-        raise ValueError("model.quantization (QLoRA) needs model.lora: 4-bit base weights cannot be trained directly")
+        raise UserError("model.quantization (QLoRA) needs model.lora: 4-bit base weights cannot be trained directly")
     kwargs: dict[str, Any] = {"dtype": "auto" if dtype == "auto" else DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -210,4 +211,7 @@ def check_supported(model: Any, path: str) -> None:
     """Refuse heads the chunked log-prob forward does not reproduce (it applies the output embedding alone)."""
     for name in ("final_logit_softcapping", "logit_scale"):
         if getattr(model.config, name, None) not in (None, 1.0):
-            raise NotImplementedError(f"{path}: models with config.{name} are not supported by the chunked head")
+            raise UserError(
+                f"model.model_name_or_path={path}: models with config.{name} are not supported (the chunked log-prob "
+                "head applies the output embedding alone); choose another model"
+            )

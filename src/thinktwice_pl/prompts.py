@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.types import Phase, Problem
 
 DEFAULT_SOLVE_SUFFIX = (
@@ -81,7 +82,7 @@ def render_chat(messages: list[Message], tokenizer: Any, remove_system_prompt: b
     lead, system_turn, user_header = found
     rest = text[len(lead) :]
     if not (text.startswith(lead) and rest.startswith(system_turn + user_header)):
-        raise ValueError(
+        raise UserError(
             f"rollout.remove_system_prompt is set but this prompt does not start with the chat template's default "
             f"system turn {system_turn!r} followed by a user turn (it starts {text[:200]!r}); the template varies its "
             "default system prompt, so it cannot be cut out: unset rollout.remove_system_prompt or give the tokenizer "
@@ -138,7 +139,7 @@ def default_system_turn(tokenizer: Any) -> tuple[str, str, str] | None:
             lead = opener[: max(0, opener.find(user_header.replace("user", "system", 1)))]
             return lead, head[len(lead) : len(head) - len(user_header)], user_header
     if "system" in head.lower():
-        raise ValueError(
+        raise UserError(
             f"rollout.remove_system_prompt is set but the chat template writes {head!r} before the user's text, "
             "which names a system role yet is not a system turn that can be cut out (an explicit system message "
             "does not take its place); unset rollout.remove_system_prompt or edit tokenizer.chat_template"
@@ -149,7 +150,7 @@ def default_system_turn(tokenizer: Any) -> tuple[str, str, str] | None:
 def _apply_template(messages: list[Message], tokenizer: Any, *, add_generation_prompt: bool) -> str:
     template = tokenizer.chat_template
     if not template:
-        raise ValueError(
+        raise UserError(
             f"tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} has no chat_template; ThinkTwice needs an "
             "instruct/chat model (or set tokenizer.chat_template before training)"
         )
@@ -212,7 +213,7 @@ def build_prompts(
     too_long = [i for i, row in enumerate(ids) if limit is not None and len(row) > limit]
     if too_long and phase == "solve":
         i = too_long[0]
-        raise ValueError(
+        raise UserError(
             f"the solve prompt of problem {problems[i].id!r} has {len(ids[i])} tokens > "
             f"rollout.max_prompt_length={limit} ({len(too_long)} of {len(ids)} prompts of this batch): "
             "raise rollout.max_prompt_length or leave such problems out of the data (solve prompts are never "

@@ -32,6 +32,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.graders import extract_last_boxed, math_verify_reward
 from thinktwice_pl.paper_grader import boxed_reward
 
@@ -101,7 +102,7 @@ def resolve_reward(spec: str) -> RewardFn:
         if not callable(fn):
             raise TypeError(f"{attr} is a {type(fn).__name__}, not callable")
     except Exception as e:
-        raise ValueError(
+        raise UserError(
             f"cannot resolve reward {spec!r} ({type(e).__name__}: {e}); set rollout.reward to math_verify, boxed, "
             "or an importable dotted path (package.module.function or package.module:function)"
         ) from e
@@ -233,7 +234,7 @@ class RewardScorer:
 
     def __init__(self, reward: str = "math_verify", timeout_s: float = 5.0, num_workers: int = 2) -> None:
         if timeout_s <= 0 or num_workers < 0:
-            raise ValueError(f"need timeout_s > 0 and num_workers >= 0, got {timeout_s} and {num_workers}")
+            raise UserError(f"need timeout_s > 0 and num_workers >= 0, got {timeout_s} and {num_workers}")
         self.reward, self.timeout_s, self.num_workers = reward, float(timeout_s), int(num_workers)
         self._fn = resolve_reward(reward)  # fail fast on a bad spec
         self._pool: Any = None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.optional import CHAMP, require
 from thinktwice_pl.procedural import procedural_problem
 from thinktwice_pl.types import Problem
@@ -66,26 +67,26 @@ class ProblemSource:
 
     def __post_init__(self) -> None:
         if not self.path:
-            raise ValueError(f"ProblemSource.path is empty; use {_ACCEPTED}")
+            raise UserError(f"ProblemSource.path is empty; use {_ACCEPTED}")
         if self.preset is not None:
             if self.preset not in PRESETS:
-                raise ValueError(f"ProblemSource.preset={self.preset!r} is unknown; use one of {', '.join(PRESETS)}")
+                raise UserError(f"ProblemSource.preset={self.preset!r} is unknown; use one of {', '.join(PRESETS)}")
             changed = [f"{name}={getattr(self, name)!r}" for name in _PRESET_FIELDS
                        if getattr(self, name) != _DEFAULTS[name]]  # fmt: skip
             if changed:
-                raise ValueError(
+                raise UserError(
                     f"ProblemSource(preset={self.preset!r}) sets path, split and the columns itself, but "
                     f"{', '.join(changed)} is also set: drop one of them (an offline copy written by "
                     "scripts/prepare_data.py is read with path: <file>.parquet and id_field: id, without a preset)"
                 )
         if self.on_bad_row not in ("error", "skip"):
-            raise ValueError(f"ProblemSource.on_bad_row={self.on_bad_row!r}; use 'error' or 'skip'")
+            raise UserError(f"ProblemSource.on_bad_row={self.on_bad_row!r}; use 'error' or 'skip'")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"ProblemSource.limit={self.limit} must be at least 1 (or unset for all problems)")
+            raise UserError(f"ProblemSource.limit={self.limit} must be at least 1 (or unset for all problems)")
         if self.num_problems < 1:
-            raise ValueError(f"ProblemSource.num_problems={self.num_problems} must be at least 1")
+            raise UserError(f"ProblemSource.num_problems={self.num_problems} must be at least 1")
         if not 0 <= self.difficulty <= 4:
-            raise ValueError(f"ProblemSource.difficulty={self.difficulty} must be 0, 1, 2, 3 or 4")
+            raise UserError(f"ProblemSource.difficulty={self.difficulty} must be 0, 1, 2, 3 or 4")
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -162,7 +163,7 @@ def load_problems(source: ProblemSource, *, flag_prefix: str = "data.train") -> 
         required["context_field"] = source.context_field
     for flag, column in required.items():
         if column not in columns:
-            raise ValueError(
+            raise UserError(
                 f"{label} has no column {column!r} (available: {', '.join(map(repr, columns)) or 'none'}); "
                 f"set {flag_prefix}.{flag} to one of them"
             )
@@ -180,12 +181,12 @@ def load_problems(source: ProblemSource, *, flag_prefix: str = "data.train") -> 
         except _BadRow as bad:
             message = f"row {row_number} of {label} {bad.what}"
             if source.on_bad_row == "error":
-                raise ValueError(f"{message} ({bad.fix}, or {flag_prefix}.on_bad_row=skip to skip such rows)") from None
+                raise UserError(f"{message} ({bad.fix}, or {flag_prefix}.on_bad_row=skip to skip such rows)") from None
             skipped[bad.what] += 1
             first_skip = first_skip or message
             continue
         if problem.id in row_of_id:
-            raise ValueError(
+            raise UserError(
                 f"rows {row_of_id[problem.id]} and {row_number} of {label} share the id {problem.id!r} "
                 f"(set {flag_prefix}.id_field to a column of unique ids, or unset it to number the rows)"
             )
@@ -197,7 +198,7 @@ def load_problems(source: ProblemSource, *, flag_prefix: str = "data.train") -> 
             f"skipped {skipped.total()} of {seen} rows of {label}: {reasons} (first: {first_skip})", stacklevel=2
         )
     if not problems:
-        raise ValueError(f"{label} holds no usable problems ({seen} rows read)")
+        raise UserError(f"{label} holds no usable problems ({seen} rows read)")
     return problems
 
 
@@ -213,19 +214,21 @@ def _open_rows(source: ProblemSource) -> tuple[str, str, list[str], Iterator[tup
     suffix = path.suffix.lower()
     if suffix in FILE_SUFFIXES or path.is_file():
         if not path.is_file():
-            raise ValueError(f"problem file {source.path!r} does not exist; use {_ACCEPTED}")
+            raise UserError(f"problem file {source.path!r} does not exist; use {_ACCEPTED}")
         if suffix not in FILE_SUFFIXES:
-            raise ValueError(f"cannot read {source.path!r} (unknown suffix {suffix!r}); use {_ACCEPTED}")
+            raise UserError(f"cannot read {source.path!r} (unknown suffix {suffix!r}); use {_ACCEPTED}")
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
             table = pq.read_table(path)
+            _require_rows(path.name, table.num_rows, source)
             return path.name, path.stem, table.column_names, enumerate(table.to_pylist(), 1)
         records = _read_json_records(path)
+        _require_rows(path.name, len(records), source)
         columns = list(dict.fromkeys(key for _, row in records if isinstance(row, dict) for key in row))
         return path.name, path.stem, columns, iter(records)
     if not path.is_dir() and (not _HUB_NAME.match(source.path) or suffix in {".csv", ".tsv", ".txt", ".gz"}):
-        raise ValueError(f"problem source {source.path!r} is neither an existing file nor a hub name; use {_ACCEPTED}")
+        raise UserError(f"problem source {source.path!r} is neither an existing file nor a hub name; use {_ACCEPTED}")
     return _open_hub(source)
 
 
@@ -236,7 +239,7 @@ def _read_json_records(path: Path) -> list[tuple[int, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path.name} is not valid JSON ({e}); use a JSON array of objects or JSON Lines") from e
+            raise UserError(f"{path.name} is not valid JSON ({e}); use a JSON array of objects or JSON Lines") from e
         return list(enumerate(data, 1))
     records: list[tuple[int, Any]] = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -255,14 +258,24 @@ def _open_hub(source: ProblemSource) -> tuple[str, str, list[str], Iterator[tupl
     try:
         dataset = datasets.load_dataset(source.path, name=source.subset, split=source.split)
     except Exception as e:
-        raise ValueError(
+        raise UserError(
             f"could not load hub dataset {source.path!r} (subset={source.subset!r}, split={source.split!r}): "
             f"{type(e).__name__}: {e}. With HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 only cached datasets load; "
             f"otherwise point the path at a local .jsonl/.json/.parquet file"
         ) from e
     name = Path(source.path).name if Path(source.path).is_dir() else source.path  # a local dataset directory
     where = ([f"subset {source.subset!r}"] if source.subset else []) + [f"split {source.split!r}"]
-    return f"{name} ({', '.join(where)})", name, list(dataset.column_names), enumerate(dataset, 1)
+    label = f"{name} ({', '.join(where)})"
+    _require_rows(label, len(dataset), source)
+    return label, name, list(dataset.column_names), enumerate(dataset, 1)
+
+
+def _require_rows(label: str, count: int, source: ProblemSource) -> None:
+    if count == 0:
+        raise UserError(
+            f"{label} has no rows: give it one problem per row, with the fields {source.problem_field!r} and "
+            f"{source.answer_field!r} (JSON Lines: one object per line)"
+        )
 
 
 def _problem_from_row(source: ProblemSource, row: Any, row_number: int, stem: str, prefix: str) -> Problem:

@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from thinktwice_pl.callbacks.rollout import RolloutCallback, phase_seed
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.metrics import PassAtK, Transitions, default_ks, greedy_accuracies, transition_rates
 from thinktwice_pl.rollout import SamplingConfig
 from thinktwice_pl.types import EvalBatch
@@ -80,17 +81,17 @@ class Evaluation(Callback):
     ) -> None:
         super().__init__()
         if num_samples < 1:
-            raise ValueError(f"eval.num_samples={num_samples} must be at least 1")
+            raise UserError(f"eval.num_samples={num_samples} must be at least 1")
         if val_num_samples is not None and val_num_samples < 0:
-            raise ValueError(f"eval.val_num_samples={val_num_samples} must be >= 0 (0 = greedy only) or unset")
+            raise UserError(f"eval.val_num_samples={val_num_samples} must be >= 0 (0 = greedy only) or unset")
         if val_num_samples == 0 and not transitions:
-            raise ValueError(
+            raise UserError(
                 "eval.val_num_samples=0 validates with the greedy pass only, which eval.transitions=false switches "
                 "off: set eval.transitions=true or eval.val_num_samples >= 1"
             )
         bad = [k for k in (ks or []) if not 1 <= k <= num_samples]
         if bad:
-            raise ValueError(f"eval.ks={ks}: pass@k needs 1 <= k <= eval.num_samples={num_samples} (got {bad})")
+            raise UserError(f"eval.ks={ks}: pass@k needs 1 <= k <= eval.num_samples={num_samples} (got {bad})")
         self.ks = list(ks) if ks else default_ks(num_samples)
         self._ks_given = bool(ks)
         self.num_samples = num_samples
