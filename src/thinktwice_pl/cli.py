@@ -1,6 +1,7 @@
 """The ``thinktwice`` command: LightningCLI with the ThinkTwice module, data module and rollout settings.
 
     thinktwice fit --config configs/tiny.yaml
+    thinktwice fit --config configs/tiny.yaml --ckpt_path last        # resume this run's newest checkpoint
     thinktwice fit --config configs/quickstart.yaml --trainer.max_steps 4
     thinktwice fit --print_config
     thinktwice validate --config configs/quickstart.yaml --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt
@@ -10,25 +11,59 @@
 Values shared by several parts are declared once and linked: ``data.problems_per_batch`` feeds the
 module's mini-batch check; ``rollout.num_generations``, ``rollout.temperature`` and
 ``rollout.max_completion_length`` feed the loss.
+
+Failures and resuming (`thinktwice_pl.resume`, `thinktwice_pl.callbacks.CrashCheckpoint`): a fit starts fresh
+unless ``--ckpt_path`` is given (a path, or ``last``: the newest checkpoint of this run's folder), and resumes into
+the version folder of its checkpoint, so ``metrics.csv`` continues. Every checkpoint is written atomically. An error
+the user can fix prints one line (``error: ...``, exit code 2); ``--debug`` or ``THINKTWICE_DEBUG=1`` shows its
+traceback. A crash prints, last, the command that resumes the run.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 import jsonargparse
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from thinktwice_pl.callbacks.crash import CrashCheckpoint
 from thinktwice_pl.callbacks.evaluation import Evaluation
 from thinktwice_pl.callbacks.rollout import RolloutCallback
+from thinktwice_pl.checkpointing import checkpoint_progress, make_checkpoints_atomic, remove_partials
 from thinktwice_pl.data import ThinkTwiceDataModule
+from thinktwice_pl.errors import DEBUG_ENV, UserError, notes_of, report
 from thinktwice_pl.module import ThinkTwiceModule
+from thinktwice_pl.resume import (
+    Continuation,
+    display_path,
+    free_name,
+    install_metrics_writer,
+    invocation,
+    resolve_last,
+    set_version,
+    trim_samples,
+    version_folder_of,
+)
 
 
 class ThinkTwiceCLI(LightningCLI):
     """LightningCLI with ``rollout:`` and ``eval:`` sections (the always-present RolloutCallback and Evaluation
-    callbacks) and linked arguments."""
+    callbacks), linked arguments, and the resume rules of `thinktwice_pl.resume`.
+
+    Args:
+        command: the command line as the user typed it (program and arguments), for the resume command printed
+            after a crash; None: ``sys.argv``. The other arguments are LightningCLI's.
+    """
+
+    def __init__(self, *args: Any, command: list[str] | None = None, **kwargs: Any) -> None:
+        self.command = command
+        self.continuation: Continuation | None = None
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RolloutCallback, "rollout")
@@ -38,18 +73,121 @@ class ThinkTwiceCLI(LightningCLI):
         parser.link_arguments("rollout.temperature", "model.temperature")
         parser.link_arguments("rollout.max_completion_length", "model.max_completion_length")
 
+    def before_fit(self) -> None:
+        """Refuse Lightning's OnExceptionCheckpoint, make checkpoints atomic, resolve ``--ckpt_path``, and pick
+        the run's version folder (the checkpoint's own when resuming)."""
+        trainer = self.trainer
+        _refuse_on_exception_checkpoint(trainer)
+        make_checkpoints_atomic(trainer.strategy)
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, CrashCheckpoint):
+                callback.command = self.command
+        ckpt = self._resolve_ckpt_path("fit")
+        if ckpt is None:
+            for logger in trainer.loggers:
+                install_metrics_writer(logger, keep=None)
+            return
+        progress = checkpoint_progress(ckpt, weights_only=self.config_init["fit"].get("weights_only"))
+        version = version_folder_of(Path(ckpt), trainer)
+        if version is None:  # a checkpoint from elsewhere: a new version folder, its rows start at its phase count
+            for logger in trainer.loggers:
+                install_metrics_writer(logger, keep=None)
+            return
+        set_version(trainer.loggers, version)
+        log_dir = Path(ckpt).resolve().parent.parent
+        self.continuation = Continuation(version, log_dir, progress)
+        for logger in trainer.loggers:
+            install_metrics_writer(logger, keep=self.continuation.keep)
+        if rank_zero_only.rank == 0:  # before a DDP launch the strategy's ranks are not set yet
+            trim_samples(log_dir / "samples.jsonl", progress.global_step)
+            remove_partials(log_dir / "checkpoints")
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, SaveConfigCallback) and (log_dir / callback.config_filename).exists():
+                callback.config_filename = free_name(log_dir, "config.resume", ".yaml")
+        # Lightning warns that the folder it is asked to continue in is not empty
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        phases = f"{progress.phases} phases, " if progress.phases is not None else ""
+        rank_zero_info(f"Resuming from {display_path(Path(ckpt))} ({phases}{progress.global_step} optimizer steps); "
+                       f"continuing in {display_path(log_dir)}")  # fmt: skip
 
-def main(args: Any = None) -> None:
+    def before_validate(self) -> None:
+        self._resolve_ckpt_path("validate")
+
+    def before_test(self) -> None:
+        self._resolve_ckpt_path("test")
+
+    def _resolve_ckpt_path(self, subcommand: str) -> str | None:
+        """``--ckpt_path``: ``last`` becomes the newest checkpoint of this run's folder (none: a fresh start, said
+        so); a path must exist; ``best`` and ``hpc`` are refused (they name checkpoints of an earlier call in the
+        same process)."""
+        config = self.config_init[subcommand]
+        ckpt = config.get("ckpt_path")
+        if ckpt is None:
+            return None
+        if ckpt in ("best", "hpc"):
+            raise UserError(f"--ckpt_path {ckpt} is not supported here; give a checkpoint path, or last")
+        if ckpt == "last":
+            found = resolve_last(self.trainer)
+            if found is None:
+                if subcommand != "fit":
+                    raise UserError("--ckpt_path last: this run's folder holds no checkpoint; give a checkpoint path")
+                rank_zero_info("--ckpt_path last: this run's folder holds no checkpoint yet; starting fresh")
+                config["ckpt_path"] = None
+                return None
+            ckpt = display_path(found)
+            rank_zero_info(f"--ckpt_path last: {ckpt}")
+        elif not os.path.exists(ckpt):
+            dangling = " (a link to a checkpoint that no longer exists)" if os.path.islink(ckpt) else ""
+            raise UserError(f"--ckpt_path {ckpt} does not exist{dangling}; give a checkpoint path, or last")
+        config["ckpt_path"] = ckpt
+        return str(ckpt)
+
+
+def _refuse_on_exception_checkpoint(trainer: Any) -> None:
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    if any(isinstance(c, OnExceptionCheckpoint) for c in trainer.callbacks):
+        raise UserError(
+            "trainer.callbacks holds lightning's OnExceptionCheckpoint, which makes every later fit with this config "
+            "resume from its file without being asked; replace it with thinktwice_pl.callbacks.CrashCheckpoint "
+            "(no arguments: it saves into the run's own checkpoints folder and prints the command that resumes)"
+        )
+
+
+def main(args: list[str] | None = None) -> None:
+    """The ``thinktwice`` console script (and ``python -m thinktwice_pl``); `args` replaces ``sys.argv[1:]``.
+
+    ``--debug`` anywhere in the arguments (or ``THINKTWICE_DEBUG=1``) prints the traceback of user errors too."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"  # also for the processes a DDP launch starts with this command line
+        if args is None:
+            sys.argv[1:] = argv
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    command = invocation(argv) if args is None else ["thinktwice", *argv]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    ThinkTwiceCLI(
-        ThinkTwiceModule,
-        ThinkTwiceDataModule,
-        seed_everything_default=0,
-        trainer_defaults={"log_every_n_steps": 1, "num_sanity_val_steps": 0},
-        save_config_kwargs={"overwrite": False},
-        args=args,
-    )
+    try:
+        ThinkTwiceCLI(
+            ThinkTwiceModule,
+            ThinkTwiceDataModule,
+            seed_everything_default=0,
+            trainer_defaults={"log_every_n_steps": 1, "num_sanity_val_steps": 0},
+            save_config_kwargs={"overwrite": False},
+            args=None if args is None else argv,  # None: LightningCLI reads sys.argv (and does not warn)
+            command=command,
+        )
+    except SystemExit as stop:  # --help, a parse error (printed by jsonargparse), Ctrl-C or SIGTERM during fit
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        for note in notes_of(stop):
+            print(note, file=sys.stderr)
+        if isinstance(stop, SIGTERMException):
+            raise SystemExit(143) from None
+        raise
+    except Exception as error:
+        raise SystemExit(report(error, debug=debug)) from None
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ class PhaseLogger(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({**metrics, "epoch": float(batch.epoch)}, step=batch.index)
+                logger.save()  # on disk after every phase: a killed run loses no row (CSVLogger keeps 100 in memory)
         self._warn(batch, metrics)
         self._write_samples(trainer, batch)
 
