@@ -34,8 +34,9 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn.utils.rnn import pad_sequence
 
 from thinktwice_pl.batching import Pass, StepPlan, collate, plan_phase
-from thinktwice_pl.builtin_models import resolve_model_path
+from thinktwice_pl.builtin_models import check_model_name_or_path, resolve_model_path
 from thinktwice_pl.callbacks.phase_log import PhaseLogger
+from thinktwice_pl.errors import OutOfMemoryInPhase, UserError, describe, is_out_of_memory
 from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_loss
 from thinktwice_pl.metrics import StepStats, phase_metrics
 from thinktwice_pl.models import (
@@ -139,7 +140,7 @@ class ThinkTwiceModule(pl.LightningModule):
         if isinstance(quantization, dict):
             quantization = QuantizationSettings(**quantization)
         if quantization is not None and lora is None:
-            raise ValueError("model.quantization (QLoRA) needs model.lora: 4-bit base weights are not trained directly")
+            raise UserError("model.quantization (QLoRA) needs model.lora: 4-bit base weights are not trained directly")
         self.lora, self.quantization = lora, quantization
         self.save_hyperparameters()
         # plain python in checkpoints: torch.load(weights_only=True), Lightning's default on resume, refuses classes
@@ -147,26 +148,28 @@ class ThinkTwiceModule(pl.LightningModule):
         self.hparams["quantization"] = dataclasses.asdict(quantization) if quantization is not None else None
         mini = mini_batch_problems or problems_per_batch
         if problems_per_batch % mini:
-            raise ValueError(
+            raise UserError(
                 f"data.problems_per_batch={problems_per_batch} is not divisible by "
                 f"model.mini_batch_problems={mini_batch_problems}: each optimizer step takes whole problems"
             )
         if num_generations < 2:
-            raise ValueError(f"rollout.num_generations={num_generations}: GRPO needs at least 2 samples per group")
+            raise UserError(f"rollout.num_generations={num_generations}: GRPO needs at least 2 samples per group")
         if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"model.micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+            raise UserError(f"model.micro_batch_size must be >= 1 or None, got {micro_batch_size}")
         if max_tokens_per_microbatch is not None and max_tokens_per_microbatch < 1:
-            raise ValueError(f"model.max_tokens_per_microbatch must be >= 1 or None, got {max_tokens_per_microbatch}")
+            raise UserError(f"model.max_tokens_per_microbatch must be >= 1 or None, got {max_tokens_per_microbatch}")
         if num_iterations < 1:
-            raise ValueError(f"model.num_iterations must be >= 1, got {num_iterations}")
+            raise UserError(f"model.num_iterations must be >= 1, got {num_iterations}")
         if importance_sampling_cap is not None and importance_sampling_cap <= 0:
-            raise ValueError(f"model.importance_sampling_cap must be > 0 or None, got {importance_sampling_cap}")
+            raise UserError(f"model.importance_sampling_cap must be > 0 or None, got {importance_sampling_cap}")
         if temperature <= 0:
-            raise ValueError(f"rollout.temperature={temperature}: training needs sampling (temperature > 0)")
+            raise UserError(f"rollout.temperature={temperature}: training needs sampling (temperature > 0)")
+        check_model_name_or_path(model_name_or_path)  # before any run folder is made, and before transformers
         self.automatic_optimization = False
         self.policy: Any = None
         self.ref_policy: Any = None
         self.tokenizer: Any = None
+        self._rows_in_pass: list[int] = []
 
     # ----------------------------------------------------------------------------------- set-up
 
@@ -175,12 +178,15 @@ class ThinkTwiceModule(pl.LightningModule):
             return
         hp: Any = self.hparams
         path = resolve_model_path(hp.model_name_or_path)
-        self.tokenizer = load_tokenizer(path)
-        self.policy = load_causal_lm(
-            path, dtype=hp.dtype, attn_implementation=hp.attn_implementation, lora=self.lora,
-            gradient_checkpointing=hp.gradient_checkpointing, disable_dropout=hp.disable_dropout,
-            quantization=self.quantization,
-        )  # fmt: skip
+        try:
+            self.tokenizer = load_tokenizer(path)
+            self.policy = load_causal_lm(
+                path, dtype=hp.dtype, attn_implementation=hp.attn_implementation, lora=self.lora,
+                gradient_checkpointing=hp.gradient_checkpointing, disable_dropout=hp.disable_dropout,
+                quantization=self.quantization,
+            )  # fmt: skip
+        except OSError as error:  # transformers: a hub name it cannot fetch, a directory without weights
+            raise UserError(f"model.model_name_or_path={hp.model_name_or_path} could not be loaded: {error}") from error
         check_supported(self.policy, path)
         if hp.beta > 0 and self.lora is None:  # frozen initial policy; kept out of checkpoints (rebuilt from the path)
             self.ref_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
@@ -209,7 +215,7 @@ class ThinkTwiceModule(pl.LightningModule):
             return optimizer
         total = self.trainer.max_steps
         if hp.lr_scheduler != "constant" and (total is None or total < 1):
-            raise ValueError(f"model.lr_scheduler={hp.lr_scheduler} needs trainer.max_steps (optimizer steps)")
+            raise UserError(f"model.lr_scheduler={hp.lr_scheduler} needs trainer.max_steps (optimizer steps)")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, hp.warmup_steps, total, hp.lr_scheduler)
         )
@@ -257,13 +263,19 @@ class ThinkTwiceModule(pl.LightningModule):
             max_tokens=hp.max_tokens_per_microbatch, num_iterations=hp.num_iterations, rank=self.global_rank,
             world_size=self.trainer.world_size,
         )  # fmt: skip
-        old = self._old_logprobs(rollouts.rollouts, plan.old_passes) if plan.needs_old else {}
         stats, scheduler = StepStats(), self.lr_schedulers()
-        for _ in range(hp.num_iterations):
-            for step in plan.steps:
-                stats += self._optimizer_step(rollouts.rollouts, step, advantages, old)
-                if scheduler is not None:
-                    scheduler.step()
+        try:
+            old = self._old_logprobs(rollouts.rollouts, plan.old_passes) if plan.needs_old else {}
+            for _ in range(hp.num_iterations):
+                for step in plan.steps:
+                    stats += self._optimizer_step(rollouts.rollouts, step, advantages, old)
+                    if scheduler is not None:
+                        scheduler.step()
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            self.optimizers().zero_grad(set_to_none=True)  # free what can be freed for the crash checkpoint
+            raise OutOfMemoryInPhase(self._out_of_memory_message(batch, rollouts.rollouts)) from error
         self.optimizers().zero_grad(set_to_none=True)  # gradients are not needed until the next phase
         stats = stats.reduced(lambda t, op: self.trainer.strategy.reduce(t, reduce_op=op), self.trainer.world_size)
         return phase_metrics(batch.phase, rollouts, stats, trained=len(plan.trained),
@@ -318,7 +330,7 @@ class ThinkTwiceModule(pl.LightningModule):
         cap = self.hparams.importance_sampling_cap
         if any(rollouts[i].sampler_logprobs is None for i in rows):
             if cap is not None:
-                raise ValueError(
+                raise UserError(
                     "model.importance_sampling_cap is set but the rollout engine reported no sampler log-probs "
                     "(HFRolloutEngine samples from the policy itself): use the vLLM engine or unset the cap"
                 )
@@ -342,10 +354,31 @@ class ThinkTwiceModule(pl.LightningModule):
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
         return float(norm)
 
+    def _out_of_memory_message(self, batch: PhaseBatch, rollouts: list[Rollout]) -> str:
+        """What ran out of memory (the phase, the pass's sequences, the longest one) and the settings that help."""
+        hp: Any = self.hparams
+        rows = self._rows_in_pass or list(range(len(rollouts)))
+        sizes = [(len(rollouts[i].prompt_ids), len(rollouts[i].completion_ids)) for i in rows]
+        prompt, completion = max(sizes, key=sum)
+        padded = len(rows) * (max(p for p, _ in sizes) + max(c for _, c in sizes))
+        share = " (this rank's share)" if self.trainer.world_size > 1 else ""
+        fixes = [f"{'set' if value is None else 'lower'} model.{name} (now {describe(value)})"
+                 for name, value in (("max_tokens_per_microbatch", hp.max_tokens_per_microbatch),
+                                     ("micro_batch_size", hp.micro_batch_size))]  # fmt: skip
+        if not hp.gradient_checkpointing:
+            fixes.append("set model.gradient_checkpointing=true")
+        fixes.append(f"shorten rollout.max_completion_length (now {hp.max_completion_length})")
+        return (
+            f"out of memory in phase {batch.index} ({batch.phase}), in a forward/backward pass of {len(rows)} of the "
+            f"phase's {len(rollouts)} sequences{share} ({padded} padded tokens; the longest {prompt + completion} "
+            f"tokens: {prompt} prompt + {completion} completion): {', '.join(fixes[:-1])}, or {fixes[-1]}"
+        )
+
     def _logprobs(
         self, rollouts: list[Rollout], rows: list[int], *, grad: bool, model: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log-probs, entropies, completion mask)`` of the completions of `rows`, each ``[n, C]``."""
+        self._rows_in_pass = rows  # named by the error when this pass runs out of memory
         batch = collate([rollouts[i].prompt_ids for i in rows], [rollouts[i].completion_ids for i in rows],
                         self.tokenizer.pad_token_id or 0)  # fmt: skip
         logprobs, entropy = completion_logprobs(

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressB
 from lightning.pytorch.utilities import rank_zero_info
 
 from thinktwice_pl.batching import rank_slice
+from thinktwice_pl.errors import OutOfMemoryInPhase, is_out_of_memory
 from thinktwice_pl.parallel import compute_dtype
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,
@@ -230,8 +231,19 @@ class RolloutCallback(Callback):
         prompts = self.prompts(problems, pl_module.tokenizer, [b.completion_text for b in bases] if bases else None)
         sampling = dataclasses.replace(self.sampling, seed=phase_seed(self.seed, batch.index, pl_module.global_rank))
         start = time.perf_counter()
-        with self.awake() as engine:
-            groups = engine.generate(prompts.ids, self.num_generations, sampling)
+        try:
+            with self.awake() as engine:
+                groups = engine.generate(prompts.ids, self.num_generations, sampling)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            raise OutOfMemoryInPhase(
+                f"out of memory in phase {batch.index} ({batch.phase}) while sampling {self.num_generations} "
+                f"completions for each of {len(prompts.ids)} prompts (the longest {max(map(len, prompts.ids))} tokens, "
+                f"up to {self.sampling.max_new_tokens} new tokens each): lower rollout.engine.init_args."
+                "max_batch_sequences (HF engine) or gpu_memory_utilization / max_num_seqs (vLLM), or shorten "
+                "rollout.max_completion_length"
+            ) from error
         generate_s, start = time.perf_counter() - start, time.perf_counter()
         g = self.num_generations
         graded = self.score({batch.phase: (
