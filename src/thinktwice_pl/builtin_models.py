@@ -69,7 +69,8 @@ def check_model_name_or_path(name_or_path: str, flag: str = "model.model_name_or
     if path.exists():
         raise UserError(f"{flag}={name_or_path} is a file; give the model directory that holds its config.json")
     from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
 
     try:
         validate_repo_id(name_or_path)

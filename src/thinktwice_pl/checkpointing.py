@@ -107,7 +107,7 @@ def make_checkpoints_atomic(strategy: Any) -> None:
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
     if isinstance(strategy, ModelParallelStrategy) and not isinstance(strategy.save_checkpoint, _AtomicShardedSave):
-        strategy.save_checkpoint = _AtomicShardedSave(strategy, strategy.save_checkpoint)
+        strategy.save_checkpoint = _AtomicShardedSave(strategy, strategy.save_checkpoint)  # type: ignore[method-assign]
 
 
 def is_partial(path: Path) -> bool:
@@ -151,6 +151,8 @@ class Progress:
     """Optimizer steps taken (Lightning's ``global_step``)."""
     phases: int | None
     """Phase batches completed (the data module's cursor); None when the checkpoint has no ThinkTwice data state."""
+    model_hparams: dict[str, Any]
+    """The module's hyper-parameters (the ``model:`` section it was trained with)."""
 
 
 def checkpoint_progress(path: str | Path, *, weights_only: bool | None = None) -> Progress:
@@ -170,7 +172,8 @@ def checkpoint_progress(path: str | Path, *, weights_only: bool | None = None) -
             f"(in {path.parent}: {', '.join(sorted(p.name for p in path.parent.glob('*.ckpt'))) or 'none'})"
         ) from error
     data = next((v for v in state.values() if isinstance(v, dict) and "cursor" in v and "fingerprint" in v), None)
-    return Progress(global_step=int(state.get("global_step", 0)), phases=int(data["cursor"]) if data else None)
+    return Progress(global_step=int(state.get("global_step", 0)), phases=int(data["cursor"]) if data else None,
+                    model_hparams=dict(state.get("hyper_parameters", {})))  # fmt: skip
 
 
 def _rename_into_place(partial: Path, final: Path) -> None:

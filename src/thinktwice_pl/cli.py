@@ -29,14 +29,14 @@ from typing import Any
 
 import jsonargparse
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from thinktwice_pl.callbacks.crash import CrashCheckpoint
 from thinktwice_pl.callbacks.evaluation import Evaluation
 from thinktwice_pl.callbacks.rollout import RolloutCallback
 from thinktwice_pl.checkpointing import checkpoint_progress, make_checkpoints_atomic, remove_partials
 from thinktwice_pl.data import ThinkTwiceDataModule
-from thinktwice_pl.errors import DEBUG_ENV, UserError, notes_of, report
+from thinktwice_pl.errors import DEBUG_ENV, UserError, describe, notes_of, report
 from thinktwice_pl.module import ThinkTwiceModule
 from thinktwice_pl.resume import (
     Continuation,
@@ -46,7 +46,6 @@ from thinktwice_pl.resume import (
     invocation,
     resolve_last,
     set_version,
-    trim_samples,
     version_folder_of,
 )
 
@@ -73,6 +72,12 @@ class ThinkTwiceCLI(LightningCLI):
         parser.link_arguments("rollout.temperature", "model.temperature")
         parser.link_arguments("rollout.max_completion_length", "model.max_completion_length")
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the ``model:`` config the user gave. (Lightning 2.5+ replaces it by the hyper-parameters stored in a
+        ``--ckpt_path`` file, reading the whole file at start-up, but not for ``last`` or a sharded directory; here
+        all resume the same way: `before_fit` warns where the config differs from the checkpoint, and a checkpoint
+        whose weights do not fit the model is refused when it loads.)"""
+
     def before_fit(self) -> None:
         """Refuse Lightning's OnExceptionCheckpoint, make checkpoints atomic, resolve ``--ckpt_path``, and pick
         the run's version folder (the checkpoint's own when resuming)."""
@@ -88,6 +93,7 @@ class ThinkTwiceCLI(LightningCLI):
                 install_metrics_writer(logger, keep=None)
             return
         progress = checkpoint_progress(ckpt, weights_only=self.config_init["fit"].get("weights_only"))
+        _warn_if_model_config_differs(progress.model_hparams, dict(self.model.hparams))
         version = version_folder_of(Path(ckpt), trainer)
         if version is None:  # a checkpoint from elsewhere: a new version folder, its rows start at its phase count
             for logger in trainer.loggers:
@@ -98,8 +104,7 @@ class ThinkTwiceCLI(LightningCLI):
         self.continuation = Continuation(version, log_dir, progress)
         for logger in trainer.loggers:
             install_metrics_writer(logger, keep=self.continuation.keep)
-        if rank_zero_only.rank == 0:  # before a DDP launch the strategy's ranks are not set yet
-            trim_samples(log_dir / "samples.jsonl", progress.global_step)
+        if getattr(rank_zero_only, "rank", 0) == 0:  # before a DDP launch the strategy's ranks are not set yet
             remove_partials(log_dir / "checkpoints")
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, SaveConfigCallback) and (log_dir / callback.config_filename).exists():
@@ -141,6 +146,17 @@ class ThinkTwiceCLI(LightningCLI):
             raise UserError(f"--ckpt_path {ckpt} does not exist{dangling}; give a checkpoint path, or last")
         config["ckpt_path"] = ckpt
         return str(ckpt)
+
+
+def _warn_if_model_config_differs(trained: dict[str, Any], ours: dict[str, Any]) -> None:
+    differ = [f"model.{key}={describe(trained[key])} (this run: {describe(ours[key])})"
+              for key in sorted(trained.keys() & ours.keys()) if trained[key] != ours[key]]  # fmt: skip
+    if differ:
+        rank_zero_warn(
+            f"the checkpoint was trained with {', '.join(differ)}; this run goes on with its own config's values "
+            "(the optimizer state, learning rate included, comes from the checkpoint). To continue the same "
+            "experiment, resume with the command line it was started with"
+        )
 
 
 def _refuse_on_exception_checkpoint(trainer: Any) -> None:

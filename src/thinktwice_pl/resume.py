@@ -10,7 +10,7 @@ A checkpoint that lies in ``<save_dir>/<name>/<version>/checkpoints/`` resumes i
   below its phase count, validation rows up to it), and the resumed run adds the rest; a row replaces an earlier
   one of the same step and kind, so every phase and every validation appears once. The file is rewritten whole
   through a temporary file and a rename at every save, one save per phase: a kill never truncates it.
-- ``samples.jsonl`` keeps the samples of the phases the checkpoint had completed.
+- ``samples.jsonl`` keeps the samples of the phases the checkpoint had completed (`PhaseLogger`).
 - the resumed run's config goes to ``config.resume<N>.yaml`` beside the original ``config.yaml``.
 
 A checkpoint from elsewhere starts a new version folder whose rows begin at the checkpoint's phase count; its
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import shlex
 import sys
@@ -127,22 +126,6 @@ class Continuation:
         return step < phases if kind == "train" else step <= phases
 
 
-def trim_samples(path: Path, global_step: int) -> None:
-    """Keep the sample records of ``samples.jsonl`` written at optimizer steps up to `global_step` (the phases a
-    checkpoint had completed); a line cut short by a kill is dropped."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and int(record.get("step", 0)) <= global_step:
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
-
-
 def free_name(folder: Path, stem: str, suffix: str) -> str:
     """``<stem>1<suffix>``, ``<stem>2<suffix>``, ...: the first that does not exist in `folder`."""
     n = 1
@@ -192,7 +175,8 @@ class MetricsWriter(ExperimentWriter):
             return
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            rows = [row for row in reader if None not in row]  # a line cut short by a kill has fewer fields
+            # a line cut short by a kill (Lightning's writer appends in place) has fewer fields: None values
+            rows = [row for row in reader if None not in row and None not in row.values()]
             self.metrics_keys = sorted(reader.fieldnames or [])
         self._rows = [row for row in rows if self._keep(row_step(row), row_kind(row))]
 
@@ -218,7 +202,7 @@ def install_metrics_writer(logger: Any, keep: KeepRow | None) -> None:
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities import rank_zero_only
 
-    if not isinstance(logger, CSVLogger) or rank_zero_only.rank != 0:
+    if not isinstance(logger, CSVLogger) or getattr(rank_zero_only, "rank", 0) != 0:
         return
     os.makedirs(logger.root_dir, exist_ok=True)
     # Lightning creates its writer on first use of `logger.experiment`; ours takes its place (Lightning < 2.7)

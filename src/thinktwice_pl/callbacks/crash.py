@@ -12,8 +12,8 @@ This callback instead:
   the ``thinktwice`` command), where ``--ckpt_path last`` finds it;
 - adds a note to the exception that ends with the exact command that resumes: the command line of the failed run
   with ``--ckpt_path <that file>``;
-- turns SIGTERM (a scheduler's polite kill) into a stop at the next phase boundary, with a crash checkpoint, instead
-  of Lightning's stop at the end of the epoch (which a scheduler's SIGKILL usually comes before).
+- after a SIGTERM (a scheduler's polite kill), which Lightning raises as an exception once the current phase is
+  done, saves that completed phase.
 
 With several processes (DDP, FSDP2) no crash checkpoint is written: saving is collective, and a rank that failed
 alone would leave the others waiting. The note then points at ``--ckpt_path last``.
@@ -21,19 +21,15 @@ alone would leave the others waiting. The note then points at ``--ckpt_path last
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from thinktwice_pl.errors import add_note
 from thinktwice_pl.resume import display_path, resolve_last, resume_command
 from thinktwice_pl.types import PhaseBatch
-
-log = logging.getLogger(__name__)
 
 
 class CrashCheckpoint(Callback):
@@ -51,10 +47,6 @@ class CrashCheckpoint(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.received_sigterm and trainer.world_size == 1:  # several processes: Lightning stops here itself
-            self._phase = None  # the previous phase is complete
-            log.warning("SIGTERM received: stopping before phase batch %s", getattr(batch, "index", batch_idx))
-            raise SIGTERMException()
         self._phase = batch if isinstance(batch, PhaseBatch) else None
         self._steps_at_phase_start = trainer.global_step
 
@@ -68,7 +60,7 @@ class CrashCheckpoint(Callback):
         if trainer.world_size > 1:
             add_note(exception, f"No crash checkpoint with {trainer.world_size} processes; {self._newest(trainer)}")
             return
-        if self._phase is not None and applied:
+        if self._phase is not None and applied and not _completed(trainer, self._phase):
             add_note(exception, f"No crash checkpoint: phase {self._phase.index} ({self._phase.phase}) had applied "
                                 f"{applied} optimizer step(s), so the state of a completed phase is gone; "
                                 f"{self._newest(trainer)}")  # fmt: skip
@@ -93,3 +85,11 @@ class CrashCheckpoint(Callback):
             return "this run has no checkpoint yet."
         return (f"the newest checkpoint of this run is {display_path(latest)}. Resume with:\n"
                 f"  {resume_command(self.command, latest)}")  # fmt: skip
+
+
+def _completed(trainer: pl.Trainer, phase: PhaseBatch) -> bool:
+    """Whether `phase` had finished when the failure came: the data module counts it done and its metrics row is
+    written (e.g. after a SIGTERM, which Lightning raises as an exception once the batch's hooks have run)."""
+    done = getattr(trainer.datamodule, "cursor", None) == phase.index + 1  # type: ignore[attr-defined]
+    logged = any(getattr(c, "last_logged", None) == phase.index for c in trainer.callbacks)  # type: ignore[attr-defined]
+    return done and logged

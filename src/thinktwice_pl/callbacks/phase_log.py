@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from thinktwice_pl.checkpointing import atomic_write_text
 from thinktwice_pl.types import PhaseBatch
 
 WARN_EVERY_PHASES = 20
@@ -35,6 +36,15 @@ class PhaseLogger(Callback):
         super().__init__()
         self.log_completions = log_completions
         self._warned_at: dict[str, int] = {}
+        self.last_logged: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resumed run in its old folder: drop the samples of the phases after the checkpoint (they are redone)."""
+        if not trainer.ckpt_path:
+            return
+        log_dir = trainer.log_dir  # on every rank: with several, it is a broadcast from rank 0
+        if trainer.is_global_zero and log_dir:
+            trim_samples(Path(log_dir) / "samples.jsonl", trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -56,6 +66,7 @@ class PhaseLogger(Callback):
                 logger.save()  # on disk after every phase: a killed run loses no row (CSVLogger keeps 100 in memory)
         self._warn(batch, metrics)
         self._write_samples(trainer, batch)
+        self.last_logged = batch.index  # CrashCheckpoint: this phase's row and samples are written
 
     def _warn(self, batch: PhaseBatch, metrics: dict[str, float]) -> None:
         """The usual causes of a run that silently learns nothing, and skipped updates."""
@@ -104,3 +115,19 @@ class PhaseLogger(Callback):
             if hasattr(experiment, "add_text"):  # TensorBoard
                 text = "\n\n---\n\n".join(f"**reward {r['reward']}**\n\n```\n{r['completion']}\n```" for r in records)
                 experiment.add_text(f"samples/{batch.phase}", text, trainer.global_step)
+
+
+def trim_samples(path: Path, global_step: int) -> None:
+    """Keep the records of a ``samples.jsonl`` written at optimizer steps up to `global_step`; a line cut short by
+    a kill is dropped. The file is replaced atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= global_step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
