@@ -235,6 +235,7 @@ class ThinkTwiceModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "state_dict" not in checkpoint:
             return
+        self._check_fits(checkpoint)
         if self.lora is not None:  # adapter-only: load the adapters, then hand Lightning the whole state
             from peft import set_peft_model_state_dict
 
@@ -244,6 +245,34 @@ class ThinkTwiceModule(pl.LightningModule):
         if self.ref_policy is not None:  # the initial policy: from the model path
             for key, value in self.ref_policy.state_dict().items():
                 checkpoint["state_dict"][f"ref_policy.{key}"] = value
+
+    def _check_fits(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, naming both models, a checkpoint whose weights do not fit this policy (another model or LoRA
+        setting), instead of torch's list of every missing key."""
+        if self.lora is not None:
+            from peft import get_peft_model_state_dict
+
+            ours = {f"policy.{k}": v for k, v in get_peft_model_state_dict(self.policy).items()}
+        else:
+            ours = {k: v for k, v in self.state_dict().items() if not k.startswith("ref_policy.")}
+        theirs = checkpoint["state_dict"]
+        missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+        shapes = [k for k in sorted(ours.keys() & theirs.keys()) if tuple(ours[k].shape) != tuple(theirs[k].shape)]
+        if not (missing or unexpected or shapes):
+            return
+        problems = [f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else "",
+                    f"{len(unexpected)} unknown (e.g. {unexpected[0]})" if unexpected else "",
+                    f"{len(shapes)} of another shape (e.g. {shapes[0]}: {tuple(theirs[shapes[0]].shape)} in the "
+                    f"checkpoint, {tuple(ours[shapes[0]].shape)} here)" if shapes else ""]  # fmt: skip
+        hp: Any = self.hparams
+        written_for = checkpoint.get("hyper_parameters", {})
+        raise UserError(
+            f"the checkpoint does not fit this model ({'; '.join(p for p in problems if p)}): it was written for "
+            f"model.model_name_or_path={written_for.get('model_name_or_path')} with model.lora="
+            f"{describe(written_for.get('lora'))}, this config loads {hp.model_name_or_path} with "
+            f"model.lora={describe(hp.lora)}; resume with the config it was trained with (config.yaml in "
+            "its run folder), or start a fresh run (without --ckpt_path)"
+        )
 
     # ----------------------------------------------------------------------------------- training
 
