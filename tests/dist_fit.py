@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from thinktwice_pl.callbacks import HFExport, RolloutCallback
+from thinktwice_pl.checkpointing import make_checkpoints_atomic
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.module import ThinkTwiceModule
 
@@ -68,6 +69,7 @@ def main() -> None:
         callbacks=[rollout, checkpoint, HFExport(dirpath=str(root / "export"))], enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=root,
     )  # fmt: skip
+    make_checkpoints_atomic(trainer.strategy)  # as the thinktwice command does: FSDP2 directories renamed into place
     trainer.fit(module, datamodule=data, ckpt_path=args.ckpt)
 
     from transformers import AutoModelForCausalLM

@@ -69,6 +69,7 @@ def test_two_process_fit_and_sharded_resume(strategy: str, tiny_model_dir: Path,
     saved = tmp_path / "full" / "ckpt" / "epoch=0-step=2.ckpt"  # after the first solve phase
     if strategy == "fsdp2":
         assert saved.is_dir() and len(list(saved.glob("*.distcp"))) == 2, "expected one shard file per rank"
+        assert (saved / "meta.pt").is_file() and not list(saved.parent.glob(".*")), "written whole, then renamed"
     else:
         assert saved.is_file()
     resumed = _launch(strategy, tiny_model_dir, tmp_path / "resumed", max_steps=4, ckpt=saved)
