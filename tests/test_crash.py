@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from thinktwice_pl.callbacks import CrashCheckpoint, RolloutCallback
+from thinktwice_pl.callbacks import CrashCheckpoint, Evaluation, RolloutCallback
 from thinktwice_pl.cli import main
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.errors import OutOfMemoryInPhase
@@ -346,3 +346,29 @@ def test_sigterm_stops_at_the_next_phase_boundary_with_a_crash_checkpoint(tiny_m
     assert info.value.__notes__ == [f"Saved the run after 3 phases, 6 optimizer steps to {crash}. Resume with:\n"
                                     f"  thinktwice fit --config my.yaml --ckpt_path {crash}"]  # fmt: skip
     assert _phase_rows(tmp_path / "run" / "version_0" / "metrics.csv") == [0, 1, 2]
+
+
+def test_a_run_that_failed_in_its_last_validation_gets_it_from_the_resumed_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], reference
+) -> None:
+    original = Evaluation.evaluate
+
+    def fails_after_the_last_phase(self: Any, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.state.fn == "fit" and trainer.datamodule.cursor == 4:
+            raise KeyError("a bug in the grader")
+        original(self, trainer, pl_module, batch, batch_idx)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Evaluation, "evaluate", fails_after_the_last_phase)
+    with pytest.raises(SystemExit) as stop:
+        main(FIT)
+    assert stop.value.code == 1  # a bug: its traceback, then the resume command
+    err = capsys.readouterr().err.rstrip("\n").split("\n")
+    crash = "runs/tiny/version_0/checkpoints/crash-step=8.ckpt"
+    assert "Traceback (most recent call last):" in err and "KeyError: 'a bug in the grader'" in err
+    assert err[-2:] == [f"Saved the run after 4 phases, 8 optimizer steps to {crash}. Resume with:",
+                        f"  {shlex.join(['thinktwice', *FIT, '--ckpt_path', crash])}"]  # fmt: skip
+    monkeypatch.setattr(Evaluation, "evaluate", original)
+    main([*FIT, "--ckpt_path", "last"])  # no phase left to train: the owed validation runs at the end of fit
+    resumed = pd.read_csv(tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv")
+    pd.testing.assert_frame_equal(_comparable(resumed), _comparable(reference))

@@ -110,25 +110,48 @@ class Evaluation(Callback):
         self._pass: dict[str, tuple[PassAtK, PassAtK]] = {}  # benchmark -> (solve, refine)
         self._greedy: dict[str, Transitions] = {}  # benchmark -> greedy answer / greedy refinement outcomes
         self._truncated_prompts = self._refine_prompts = 0
+        self._validated_at: int | None = None  # phase step of the last validation logged during fit (checkpointed)
 
     # ------------------------------------------------------------------------------ lifecycle
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Validate the base model before the first phase (logged at step 0), unless resuming or without data.val."""
+        """Validate the base model before the first phase (logged at step 0), and, when resuming, the validation the
+        interrupted run owed (`_validate_if_owed`). Never without data.val."""
+        if getattr(trainer.datamodule, "cursor", 0) == 0:  # type: ignore[attr-defined]
+            if self.validate_before_training:
+                self._run_validation(trainer)
+        else:
+            self._validate_if_owed(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run resumed after its last phase (it failed or was killed in its final validation) trains nothing and
+        skips on_train_start: its owed validation runs here."""
+        self._validate_if_owed(trainer)
+
+    def _validate_if_owed(self, trainer: pl.Trainer) -> None:
+        """Run the validation due after the phases completed so far when none was logged at that step: a run resumed
+        from a checkpoint taken before or during that validation (Lightning's loop skips it on resume)."""
+        cursor = getattr(trainer.datamodule, "cursor", 0)  # type: ignore[attr-defined]
+        if cursor > 0 and self._validated_at != cursor and validation_due(trainer, cursor):
+            self._run_validation(trainer)
+
+    def _run_validation(self, trainer: pl.Trainer) -> None:
+        """The same call as the fit loop's scheduled validation (the training epoch loop's val_check)."""
         datamodule = trainer.datamodule  # type: ignore[attr-defined]
-        if (
-            not self.validate_before_training
-            or getattr(datamodule, "cursor", 0) != 0
-            or not getattr(datamodule, "eval_sources", {}).get("val")
-            or trainer.limit_val_batches == 0
-        ):
+        if not getattr(datamodule, "eval_sources", {}).get("val") or trainer.limit_val_batches == 0:
             return
-        # the same call as the fit loop's scheduled validation (the training epoch loop's val_check)
+        stage = trainer.state.stage
         trainer.validating = True
         try:
             trainer.fit_loop.epoch_loop.val_loop.run()
         finally:
-            trainer.training = True
+            trainer.state.stage = stage
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validated_at": self._validated_at}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validated_at = state_dict.get("validated_at")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module, "val")
@@ -231,6 +254,8 @@ class Evaluation(Callback):
         fitting = trainer.state.fn == "fit"
         for key, value in metrics.items():
             pl_module.log(key, value, logger=not fitting, on_step=False, on_epoch=True)
+        if fitting:
+            self._validated_at = phase_step(trainer)
         if fitting and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=phase_step(trainer))
@@ -281,3 +306,24 @@ def phase_step(trainer: pl.Trainer) -> int:
     otherwise the trainer's global step."""
     cursor = getattr(trainer.datamodule, "cursor", None) if trainer.state.fn == "fit" else None  # type: ignore[attr-defined]
     return cursor if isinstance(cursor, int) else trainer.global_step
+
+
+def validation_due(trainer: pl.Trainer, phases: int) -> bool:
+    """Whether the fit loop validates right after `phases` phase batches: Lightning's rule (its training epoch
+    loop's ``_should_check_val_fx``) for an integer ``val_check_interval`` (every n phases, counted within the epoch
+    unless ``check_val_every_n_epoch`` is None) or for a whole epoch (``val_check_batch`` infinite)."""
+    per_epoch = getattr(trainer.datamodule, "phase_batches_per_epoch", 0)  # type: ignore[attr-defined]
+    every, n_epochs = trainer.val_check_batch, trainer.check_val_every_n_epoch
+    if (
+        phases < 1
+        or per_epoch < 1
+        or not trainer.enable_validation
+        or getattr(trainer, "_val_check_time_interval", None) is not None
+    ):
+        return False
+    epoch, done = divmod(phases - 1, per_epoch)
+    if n_epochs is not None and (epoch + 1) % n_epochs:
+        return False
+    if every == float("inf"):
+        return done + 1 == per_epoch
+    return (phases if n_epochs is None else done + 1) % int(every) == 0
