@@ -209,9 +209,6 @@ OLD_CONFIG = (
 USER_ERRORS = {  # case: (arguments after `fit --config tiny.yaml`, files to write, the last line's start)
     "model-path": (["--model.model_name_or_path", "./models/my-modle"], {},
                    "error: model.model_name_or_path=./models/my-modle is neither a local directory nor a hub name"),
-    "hub-name-offline": (["--model.model_name_or_path", "my-org/my-model"], {},
-                         "error: model.model_name_or_path=my-org/my-model is not a local directory, and it is not in "
-                         "the hub cache"),
     "empty-file": (["--data.train.path", "empty.jsonl"], {"empty.jsonl": ""},
                    "error: empty.jsonl has no rows: give it one problem per row"),
     "bad-row": (["--data.train.path", "bad.jsonl"], {"bad.jsonl": BAD_ROWS},
@@ -265,7 +262,7 @@ def test_a_user_error_is_one_line(case: str, user_error_runs) -> None:
         assert "Traceback (most recent call last)" in out
     else:
         assert "Traceback" not in out and "\n  File " not in out, out[-3000:]
-    if case in ("model-path", "hub-name-offline", "flags", "on-exception-checkpoint"):  # refused before any work
+    if case in ("model-path", "flags", "on-exception-checkpoint"):  # refused before any work
         assert not (cwd / "runs").exists()
 
 

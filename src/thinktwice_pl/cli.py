@@ -89,6 +89,7 @@ class ThinkTwiceCLI(LightningCLI):
                 callback.command = self.command
         ckpt = self._resolve_ckpt_path("fit")
         if ckpt is None:
+            self._refuse_an_occupied_version_folder()
             for logger in trainer.loggers:
                 install_metrics_writer(logger, keep=None)
             return
@@ -114,6 +115,18 @@ class ThinkTwiceCLI(LightningCLI):
         phases = f"{progress.phases} phases, " if progress.phases is not None else ""
         rank_zero_info(f"Resuming from {display_path(Path(ckpt))} ({phases}{progress.global_step} optimizer steps); "
                        f"continuing in {display_path(log_dir)}")  # fmt: skip
+
+    def _refuse_an_occupied_version_folder(self) -> None:
+        """A fresh fit into a version folder that holds a run (a fixed ``trainer.logger.init_args.version``) would
+        overwrite its files: refuse, naming the way to resume it or to start beside it."""
+        logger = self.trainer.loggers[0] if self.trainer.loggers else None
+        if logger is None or getattr(logger, "_version", None) is None or not hasattr(logger, "log_dir"):
+            return  # no logger, or a version Lightning numbers itself: always a new folder
+        if (Path(logger.log_dir) / "config.yaml").exists():
+            raise UserError(
+                f"{display_path(Path(logger.log_dir))} already holds a run (its config.yaml): resume it with "
+                "--ckpt_path last, or set trainer.logger.init_args.version to a new name (or unset it)"
+            )
 
     def before_validate(self) -> None:
         self._resolve_ckpt_path("validate")
