@@ -72,7 +72,12 @@ class ProblemSource:
     num_problems: int = 1024
     """Procedural only: how many problems to generate."""
     difficulty: int = 1
-    """Procedural only: 0 bare one-digit sums, 1 one-digit add/sub stories, 2 two-digit, 3 adds mul/div, 4 two-step."""
+    """Procedural only: 0 bare one-digit sums, 1 one-digit add/sub stories, 2 two-digit, 3 adds mul/div, 4 two-step,
+    5 bare add/sub with operands up to 20 ("What is 17 - 9?")."""
+    text_split: Literal["all", "train", "heldout"] = "all"
+    """Procedural only: "train" or "heldout" keeps one of two halves of the problem texts (split by a hash of the
+    text), so a training set and a held-out set never share a problem text, whatever their seeds; "heldout" also
+    keeps each text once."""
     seed: int = 0
     """Procedural only: problem i depends only on (seed, difficulty, i)."""
     context_field: str | None = None
@@ -101,8 +106,10 @@ class ProblemSource:
             raise ValueError(f"ProblemSource.limit={self.limit} must be at least 1 (or unset for all problems)")
         if self.num_problems < 1:
             raise ValueError(f"ProblemSource.num_problems={self.num_problems} must be at least 1")
-        if not 0 <= self.difficulty <= 4:
-            raise ValueError(f"ProblemSource.difficulty={self.difficulty} must be 0, 1, 2, 3 or 4")
+        if not 0 <= self.difficulty <= 5:
+            raise ValueError(f"ProblemSource.difficulty={self.difficulty} must be 0, 1, 2, 3, 4 or 5")
+        if self.text_split not in ("all", "train", "heldout"):
+            raise ValueError(f"ProblemSource.text_split={self.text_split!r}; use 'all', 'train' or 'heldout'")
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -167,8 +174,7 @@ def load_problems(source: ProblemSource, *, flag_prefix: str = "data.train") -> 
     if source.preset is not None:
         source = resolve_source(source)
     if source.path == "procedural":
-        n = min(source.num_problems, source.limit or source.num_problems)
-        return [procedural_problem(source.seed, source.difficulty, i) for i in range(n)]
+        return procedural_problems(source, flag_prefix)
     if source.path == "champ":
         return _champ_problems(source)
     label, stem, columns, rows = _open_rows(source)
@@ -394,13 +400,50 @@ _OBJECTS = [
 _CONTAINERS = ["bags", "boxes", "jars", "packs"]
 
 
+def procedural_problems(source: ProblemSource, flag_prefix: str = "data.train") -> list[Problem]:
+    """The problems of a procedural `source`: problem i of the generator for every i, or, with a `text_split`, the
+    generator's problems whose text falls on that side of `text_side` (held-out side: each text once)."""
+    n = min(source.num_problems, source.limit or source.num_problems)
+    if source.text_split == "all":
+        return [procedural_problem(source.seed, source.difficulty, i) for i in range(n)]
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    index = misses = 0
+    while len(problems) < n:
+        problem = procedural_problem(source.seed, source.difficulty, index)
+        index += 1
+        text = problem.prompt_text
+        if text_side(text) != source.text_split or (source.text_split == "heldout" and text in seen):
+            misses += 1
+            if misses > 10_000:  # the side's distinct texts are used up
+                raise ValueError(
+                    f"{flag_prefix} asks for {n} problems from the {source.text_split!r} side of difficulty "
+                    f"{source.difficulty}, which has only {len(problems)} distinct texts; lower "
+                    f"{flag_prefix}.num_problems or pick a difficulty with more possible problems"
+                )
+            continue
+        misses = 0
+        seen.add(text)
+        problems.append(problem)
+    return problems
+
+
+def text_side(text: str) -> Literal["train", "heldout"]:
+    """Which half of the problem texts `text` belongs to: the first byte of its sha256, even = train, odd = heldout.
+
+    It depends on the text alone, so procedural sets drawn with any seeds from different sides are disjoint.
+    """
+    return "train" if hashlib.sha256(text.encode()).digest()[0] % 2 == 0 else "heldout"
+
+
 def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
     """Generates arithmetic word problem `index`; it depends only on (seed, difficulty, index).
 
     Args:
         seed: generator seed.
         difficulty: 0 bare one-digit sums ("What is 3 + 4?"), 1 single-digit add/sub stories, 2 two-digit
-            add/sub, 3 add/sub/mul/div, 4 two-step problems.
+            add/sub, 3 add/sub/mul/div, 4 two-step problems, 5 bare add/sub with operands 1 to 20 ("What is
+            17 - 9?", never negative; 610 distinct texts).
         index: position of the problem in the set.
 
     Returns:
@@ -410,6 +453,12 @@ def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
     if difficulty == 0:  # small models (the CPU quickstart) need a task they sometimes get right
         a, b = rng.randint(1, 9), rng.randint(1, 9)
         return _problem(seed, difficulty, index, f"What is {a} + {b}?", a + b)
+    if difficulty == 5:  # the CPU comparison (configs/smollm2): SmolLM2-135M gets about a quarter right
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        if rng.random() < 0.5:
+            return _problem(seed, difficulty, index, f"What is {a} + {b}?", a + b)
+        a, b = max(a, b), min(a, b)  # no negative results
+        return _problem(seed, difficulty, index, f"What is {a} - {b}?", a - b)
     (name, pronoun), (other, _) = rng.sample(_NAMES, 2)
     one, many = rng.choice(_OBJECTS)
     box, she = rng.choice(_CONTAINERS), pronoun.capitalize()
