@@ -21,9 +21,11 @@ use its prompt texts and grader, so evaluation measures the same task the policy
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -63,6 +65,8 @@ class Evaluation(Callback):
         validate_before_training: during fit, validate the base model before the first phase (step 0), so curves
             and the rectify/fortify plot start there; not when resuming. Needs data.val.
         seed: base seed of the evaluation sampling (batch b of a run draws the same samples every time).
+        records: also append one row per problem to ``<log dir>/eval_records.csv`` (`RECORD_COLUMNS`: its correct
+            counts), for intervals over problems and paired comparisons of runs.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class Evaluation(Callback):
         transitions: bool = True,
         validate_before_training: bool = True,
         seed: int = 0,
+        records: bool = False,
     ) -> None:
         super().__init__()
         if num_samples < 1:
@@ -105,6 +110,7 @@ class Evaluation(Callback):
                                               max_new_tokens=max_completion_length)  # fmt: skip
         self.transitions = transitions
         self.seed = seed
+        self.records = records
         self.scorer: RewardScorer | None = None
         self._own_scorer = False
         self._engine_ready = False
@@ -242,7 +248,29 @@ class Evaluation(Callback):
         if bases:
             outcomes = self._greedy.setdefault(batch.benchmark, Transitions().to(pl_module.device))
             outcomes.update([base_right[i] for i in keep], [base_refine_right[i] for i in keep])
+        if self.records:
+            self._write_records(trainer, batch, n, keep, solve_right, refine_right, base_right, base_refine_right)
         batch.evaluated = True
+
+    def _write_records(
+        self, trainer: pl.Trainer, batch: EvalBatch, n: int, keep: list[int], solve_right: list[bool],
+        refine_right: list[bool], base_right: list[bool], base_refine_right: list[bool],
+    ) -> None:  # fmt: skip
+        """Appends a row per counted problem of `batch` to ``eval_records.csv`` (``eval_records.rank<r>.csv`` with
+        several ranks) in the log directory; greedy columns are empty without ``eval.transitions``."""
+        name = "eval_records.csv" if trainer.world_size == 1 else f"eval_records.rank{trainer.global_rank}.csv"
+        path = Path(trainer.log_dir or trainer.default_root_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(RECORD_COLUMNS)
+            for i in keep:
+                greedy = [int(base_right[i]), int(base_refine_right[i])] if base_right else ["", ""]
+                writer.writerow([self._split, phase_step(trainer), batch.benchmark, batch.problems[i].id, n,
+                                 sum(solve_right[i * n : (i + 1) * n]), sum(refine_right[i * n : (i + 1) * n]),
+                                 *greedy])  # fmt: skip
 
     def _pass_metrics(self, name: str, n: int, pl_module: pl.LightningModule) -> tuple[PassAtK, PassAtK]:
         if name not in self._pass:
@@ -266,6 +294,12 @@ class Evaluation(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=phase_step(trainer))
                 logger.save()
+
+
+RECORD_COLUMNS = ("split", "step", "benchmark", "problem_id", "n", "solve_correct", "refine_correct", "greedy_correct",
+                  "greedy_refine_correct")  # fmt: skip
+"""Columns of ``eval_records.csv``: correct answers among the n samples and among their refinements, and whether the
+greedy answer and its greedy refinement are correct (1/0)."""
 
 
 def eval_metrics(
