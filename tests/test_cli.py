@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 from metrics_helpers import train_phases
 
 from thinktwice_pl.cli import ThinkTwiceCLI, main
@@ -28,6 +31,8 @@ def test_configs_exist() -> None:
         "qwen3-4b/lora.yaml",
         "qwen3-4b/qlora.yaml",
         "olmo3-7b/thinktwice.yaml",
+        "smollm2/thinktwice.yaml",
+        "smollm2/grpo.yaml",
     } <= names
 
 
@@ -112,3 +117,54 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ recipe pairs
+
+_ABSENT = object()
+
+
+def resolved_config(config: Path, capsys: pytest.CaptureFixture[str], *overrides: str) -> dict[str, Any]:
+    """The config `thinktwice fit` would run (defaults filled in, links applied), as a plain dict."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), *overrides, "--print_config"])
+    resolved: dict[str, Any] = yaml.safe_load(capsys.readouterr().out)
+    return resolved
+
+
+def config_differences(a: Any, b: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Every leaf where two resolved configs differ: dotted key (list items by index) -> (value in a, value in b);
+    a key present on one side only shows the other side as None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for key in sorted(set(a) | set(b), key=str):
+            out.update(config_differences(a.get(key, _ABSENT), b.get(key, _ABSENT), f"{prefix}{key}."))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return {k: v for i, (x, y) in enumerate(zip(a, b, strict=True))
+                for k, v in config_differences(x, y, f"{prefix}{i}.").items()}  # fmt: skip
+    if a == b:
+        return {}
+    return {prefix.rstrip("."): (None if a is _ABSENT else a, None if b is _ABSENT else b)}
+
+
+NAMES_AND_PATHS = re.compile(r"\.(name|label|dirpath|save_dir|version)$")
+"""Keys allowed to differ between the two halves of a method comparison besides data.refine."""
+
+
+def test_config_differences_finds_every_changed_leaf() -> None:
+    a = {"data": {"refine": True, "val": {"x": {"seed": 1}}}, "cbs": [{"dirpath": "a"}, 3], "only_a": 1}
+    b = {"data": {"refine": False, "val": {"x": {"seed": 1}}}, "cbs": [{"dirpath": "b"}, 4], "only_b": 2}
+    assert config_differences(a, b) == {"data.refine": (True, False), "cbs.0.dirpath": ("a", "b"), "cbs.1": (3, 4),
+                                        "only_a": (1, None), "only_b": (None, 2)}  # fmt: skip
+    assert config_differences(a, a) == {}
+    assert config_differences({"l": [1, 2]}, {"l": [1]}) == {"l": ([1, 2], [1])}  # lengths differ: the whole list
+
+
+def test_smollm2_pair_differs_only_in_refine_names_and_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    thinktwice = resolved_config(ROOT / "configs/smollm2/thinktwice.yaml", capsys)
+    grpo = resolved_config(ROOT / "configs/smollm2/grpo.yaml", capsys)
+    differences = config_differences(thinktwice, grpo)
+    assert differences.pop("data.refine") == (True, False)
+    assert "trainer.logger.init_args.name" in differences  # the runs do not write into each other
+    assert all(NAMES_AND_PATHS.search(key) for key in differences), differences

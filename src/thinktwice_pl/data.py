@@ -73,7 +73,7 @@ class ProblemSource:
     """Procedural only: how many problems to generate."""
     difficulty: int = 1
     """Procedural only: 0 bare one-digit sums, 1 one-digit add/sub stories, 2 two-digit, 3 adds mul/div, 4 two-step,
-    5 bare add/sub with operands up to 20 ("What is 17 - 9?")."""
+    5 bare add/sub with operands up to 30 ("What is 27 - 9?")."""
     text_split: Literal["all", "train", "heldout"] = "all"
     """Procedural only: "train" or "heldout" keeps one of two halves of the problem texts (split by a hash of the
     text), so a training set and a held-out set never share a problem text, whatever their seeds; "heldout" also
@@ -442,8 +442,8 @@ def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
     Args:
         seed: generator seed.
         difficulty: 0 bare one-digit sums ("What is 3 + 4?"), 1 single-digit add/sub stories, 2 two-digit
-            add/sub, 3 add/sub/mul/div, 4 two-step problems, 5 bare add/sub with operands 1 to 20 ("What is
-            17 - 9?", never negative; 610 distinct texts).
+            add/sub, 3 add/sub/mul/div, 4 two-step problems, 5 bare add/sub with operands 1 to 30 ("What is
+            27 - 9?", never negative; 1365 distinct texts).
         index: position of the problem in the set.
 
     Returns:
@@ -454,7 +454,7 @@ def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
         a, b = rng.randint(1, 9), rng.randint(1, 9)
         return _problem(seed, difficulty, index, f"What is {a} + {b}?", a + b)
     if difficulty == 5:  # the CPU comparison (configs/smollm2): SmolLM2-135M gets about a quarter right
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        a, b = rng.randint(1, 30), rng.randint(1, 30)
         if rng.random() < 0.5:
             return _problem(seed, difficulty, index, f"What is {a} + {b}?", a + b)
         a, b = max(a, b), min(a, b)  # no negative results

@@ -1,7 +1,8 @@
 """Binary math rewards (METHOD.md section 5) and a scorer that never hangs or crashes training.
 
-Two graders: :func:`math_verify_reward` (default; math-verify, robust on LaTeX forms and unboxed answers) and
-:func:`boxed_reward` (the reference code: last ``\\boxed{}`` vs gold after light normalisation, then SymPy).
+Three graders: :func:`math_verify_reward` (default; math-verify, robust on LaTeX forms and unboxed answers),
+:func:`boxed_reward` (the reference code: last ``\\boxed{}`` vs gold after light normalisation, then SymPy) and
+:func:`last_number_reward` (the last number written, for plain numeric answers that small models do not box).
 Reward callables follow the TRL contract ``fn(prompts, completions, **columns) -> list[float | None]`` with the
 gold answers in ``columns["answer"]``; :func:`resolve_reward` maps a config string to one. :class:`RewardScorer`
 grades item by item under a per-item deadline, in spawned worker processes or in the calling process.
@@ -191,6 +192,38 @@ def boxed_reward(completions: list[str], answers: list[str]) -> list[float]:
     return out
 
 
+_NUMBER_RE = re.compile(r"(?:(?<![\w)])-)?\d+(?:\.\d+)?")  # a minus sign only where it cannot be subtraction
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def last_number_reward(completions: list[str], answers: list[str]) -> list[float]:
+    """The last number written in the completion vs a numeric gold answer (thousands separators ignored).
+
+    For problems whose answers are plain numbers, with models that do not box them (configs/smollm2). Unlike
+    math-verify, which evaluates the last expression of an unboxed answer, a completion that only restates the
+    question ("26 + 29": math-verify grades it equal to 55) scores 0 here: the number has to be written.
+
+    Args:
+        completions: Model outputs.
+        answers: Gold answers, each a number such as ``"42"`` or ``"-3.5"``.
+
+    Returns:
+        1.0 when the last number equals the gold, else 0.0 (also when the completion has no number).
+
+    Raises:
+        ValueError: a gold answer that is not a number (a data problem, counted as a grader error).
+    """
+    out = []
+    for completion, answer in zip(completions, answers, strict=True):
+        try:
+            gold = float(_THOUSANDS_RE.sub("", str(answer).strip()))
+        except ValueError:
+            raise ValueError(f"the last_number reward needs numeric gold answers, got {answer!r}") from None
+        numbers_found = _NUMBER_RE.findall(_THOUSANDS_RE.sub("", completion))
+        out.append(1.0 if numbers_found and math.isclose(float(numbers_found[-1]), gold, abs_tol=1e-9) else 0.0)
+    return out
+
+
 def _completion_text(c: Any) -> str:
     """TRL passes conversational completions as message lists; grade the last message's content."""
     if isinstance(c, list) and c and isinstance(c[-1], dict):
@@ -210,14 +243,16 @@ def _trl_wrapper(grader: Callable[[list[str], list[str]], list[float]], name: st
 
 math_verify_reward_fn = _trl_wrapper(math_verify_reward, "math_verify")
 boxed_reward_fn = _trl_wrapper(boxed_reward, "boxed")
-_BUILTIN: dict[str, RewardFn] = {"math_verify": math_verify_reward_fn, "boxed": boxed_reward_fn}
+last_number_reward_fn = _trl_wrapper(last_number_reward, "last_number")
+_BUILTIN: dict[str, RewardFn] = {"math_verify": math_verify_reward_fn, "boxed": boxed_reward_fn,
+                                 "last_number": last_number_reward_fn}  # fmt: skip
 
 
 def resolve_reward(spec: str) -> RewardFn:
     """Map a reward spec to a TRL-style callable ``fn(prompts, completions, **columns) -> list[float | None]``.
 
     Args:
-        spec: ``"math_verify"``, ``"boxed"``, or a dotted path ``"package.module.function"`` /
+        spec: ``"math_verify"``, ``"boxed"``, ``"last_number"``, or a dotted path ``"package.module.function"`` /
             ``"package.module:function"``.
 
     Returns:
@@ -238,7 +273,7 @@ def resolve_reward(spec: str) -> RewardFn:
     except Exception as e:
         raise ValueError(
             f"cannot resolve reward {spec!r} ({type(e).__name__}: {e}); set rollout.reward to math_verify, boxed, "
-            "or an importable dotted path (package.module.function or package.module:function)"
+            "last_number, or an importable dotted path (package.module.function or package.module:function)"
         ) from e
     return fn
 

@@ -45,7 +45,8 @@ class RolloutCallback(Callback):
         max_completion_length: most new tokens per completion.
         max_prompt_length: longest allowed prompt in tokens (refine prompts hold the earlier answer);
             a longer prompt is an error naming the problem. None = no limit.
-        reward: math_verify (default), boxed (last \\boxed{} string match, the reference grader) or
+        reward: math_verify (default), boxed (last \\boxed{} string match, the reference grader), last_number
+            (the last number written; restating "26 + 29" is not an answer, unlike math-verify) or
             a dotted path to a TRL-style function ``fn(prompts, completions, **columns)``.
         reward_timeout_s: per-completion grading deadline; a timeout scores 0 and is counted.
         reward_workers: grader processes (0 = grade in the training process).
