@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ def test_configs_exist() -> None:
         "qwen3-4b/lora.yaml",
         "qwen3-4b/qlora.yaml",
         "olmo3-7b/thinktwice.yaml",
+        "smollm2/thinktwice.yaml",
+        "smollm2/grpo.yaml",
     } <= names
 
 
@@ -118,7 +121,7 @@ print("ok")
 
 # Every recipe family that ships a GRPO twin: (ThinkTwice config, GRPO config). The twin must be the same experiment
 # with the refine phase off: same devices, strategy, precision, token budget, grader, evaluation, steps.
-TWINS = [("qwen3-4b/thinktwice.yaml", "qwen3-4b/grpo.yaml")]
+TWINS = [("qwen3-4b/thinktwice.yaml", "qwen3-4b/grpo.yaml"), ("smollm2/thinktwice.yaml", "smollm2/grpo.yaml")]
 PAPER_CONFIGS = ["qwen3-4b/thinktwice.yaml", "qwen3-4b/grpo.yaml", "qwen3-4b/lora.yaml", "qwen3-4b/qlora.yaml",
                  "olmo3-7b/thinktwice.yaml"]  # fmt: skip
 

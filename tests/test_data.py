@@ -21,6 +21,7 @@ from thinktwice_pl.data import (
     load_problems,
     procedural_problem,
     select_bases,
+    text_side,
 )
 from thinktwice_pl.types import PhaseBatch, Rollout, RolloutBatch
 
@@ -175,7 +176,7 @@ def test_bad_sources_and_duplicate_ids(tmp_path):
     with pytest.raises(ValueError, match=r"hub dataset 'nobody-xyz/no-such-set'.*HF_DATASETS_OFFLINE.*local \.jsonl"):
         load_problems(ProblemSource("nobody-xyz/no-such-set"))  # conftest sets the hub offline: fails fast
     for bad in [
-        dict(difficulty=5),
+        dict(difficulty=6),
         dict(difficulty=-1),
         dict(num_problems=0),
         dict(limit=0),
@@ -451,3 +452,34 @@ def test_difficulty_zero_is_bare_one_digit_sums():
     for p in load_problems(ProblemSource(num_problems=50, difficulty=0)):
         a, b = (int(x) for x in re.fullmatch(r"What is (\d) \+ (\d)\?", p.prompt_text).groups())
         assert int(p.answer) == a + b
+
+
+def test_difficulty_five_is_bare_add_sub_up_to_thirty():
+    problems = load_problems(ProblemSource(num_problems=300, difficulty=5))
+    ops = set()
+    for p in problems:
+        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", p.prompt_text).groups()
+        a, b = int(a), int(b)
+        assert 1 <= a <= 30 and 1 <= b <= 30
+        assert int(p.answer) == (a + b if op == "+" else a - b) >= 0
+        ops.add(op)
+    assert ops == {"+", "-"}
+
+
+def test_text_split_makes_training_and_held_out_sets_disjoint_by_text():
+    train = load_problems(ProblemSource(num_problems=3000, difficulty=5, text_split="train"))
+    heldout = load_problems(ProblemSource(num_problems=200, difficulty=5, seed=1, text_split="heldout"))
+    train_texts, heldout_texts = {p.prompt_text for p in train}, [p.prompt_text for p in heldout]
+    assert len(heldout) == 200 and len(set(heldout_texts)) == 200  # the held-out side keeps each text once
+    assert not train_texts & set(heldout_texts)
+    assert len(train_texts) > 600  # 3000 draws cover nearly all of the training half of the 1365 texts
+    assert {text_side(t) for t in train_texts} == {"train"} and {text_side(t) for t in heldout_texts} == {"heldout"}
+    # the same seed without a split overlaps both halves: the split is what makes them disjoint
+    everything = {p.prompt_text for p in load_problems(ProblemSource(num_problems=3000, difficulty=5))}
+    assert everything & train_texts and everything & set(heldout_texts)
+    assert heldout[:50] == load_problems(ProblemSource(num_problems=50, difficulty=5, seed=1, text_split="heldout"))
+    expected = r"data\.test\.h asks for 800 problems from the 'heldout' side of difficulty 5, which has only \d+ "
+    with pytest.raises(ValueError, match=expected):
+        load_problems(ProblemSource(num_problems=800, difficulty=5, text_split="heldout"), flag_prefix="data.test.h")
+    with pytest.raises(ValueError, match=r"ProblemSource\.text_split='test'"):
+        ProblemSource(text_split="test")  # type: ignore[arg-type]

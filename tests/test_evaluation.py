@@ -369,3 +369,35 @@ def test_remove_system_prompt_reaches_training_and_evaluation_prompts(tiny_model
     tokenizer.chat_template = "<|im_start|>system\nAlways here.<|im_end|>\n" + CHATML_TEMPLATE  # cannot be cut out
     with pytest.raises(ValueError, match=r"rollout\.remove_system_prompt is set but the chat template writes"):
         RolloutCallback(remove_system_prompt=True).check_chat_template(tokenizer)  # on_fit_start: before any work
+
+
+def test_records_hold_each_problems_correct_counts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from thinktwice_pl.callbacks.evaluation import RECORD_COLUMNS
+
+    n, source = 4, ProblemSource(num_problems=5, difficulty=0, seed=2)
+    module = ThinkTwiceModule(
+        model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2, mini_batch_problems=None
+    )
+    data = ThinkTwiceDataModule(problems_per_batch=2, val={"sums": source}, eval_problems_per_batch=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=CSVLogger(tmp_path, name="r"), enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[RolloutCallback(engine=ScriptedEngine(), reward_workers=0), Evaluation(num_samples=n, records=True)],
+    )  # fmt: skip
+    trainer.validate(module, datamodule=data)
+    trainer.validate(module, datamodule=data)  # a second evaluation appends its rows
+    records = pd.read_csv(Path(trainer.logger.log_dir) / "eval_records.csv")
+    assert tuple(records.columns) == RECORD_COLUMNS
+    problems = load_problems(source)
+    assert records["problem_id"].tolist() == [p.id for p in problems] * 2  # 3 batches of 2, the last one padded
+    golds = [int(p.answer) for p in problems] * 2
+    # the scripted engine: c = gold % (n + 1) right samples, every refinement flips; greedy right iff gold % 5 > 0
+    assert records["solve_correct"].tolist() == [g % (n + 1) for g in golds]
+    assert records["refine_correct"].tolist() == [n - g % (n + 1) for g in golds]
+    assert records["greedy_correct"].tolist() == [int(g % 5 > 0) for g in golds]
+    assert records["greedy_refine_correct"].tolist() == [int(g % 5 == 0) for g in golds]
+    assert set(records["split"]) == {"val"} and set(records["n"]) == {n} and set(records["benchmark"]) == {"sums"}
+    callbacks = [RolloutCallback(engine=ScriptedEngine(), reward_workers=0), Evaluation(num_samples=n)]
+    quiet = pl.Trainer(accelerator="cpu", logger=CSVLogger(tmp_path, name="no-records"), enable_progress_bar=False,
+                       callbacks=callbacks)  # fmt: skip
+    quiet.validate(module, datamodule=data)
+    assert not (Path(quiet.logger.log_dir) / "eval_records.csv").exists()  # off by default

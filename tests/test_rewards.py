@@ -18,6 +18,7 @@ from thinktwice_pl.rewards import (
     boxed_reward,
     boxed_reward_fn,
     extract_last_boxed,
+    last_number_reward,
     math_verify_reward,
     math_verify_reward_fn,
     resolve_reward,
@@ -326,7 +327,7 @@ def test_resolve_reward_bad_spec(spec):
     with pytest.raises(ValueError, match=r"rollout\.reward") as info:
         resolve_reward(spec)
     assert repr(spec) in str(info.value)
-    with pytest.raises(ValueError, match="math_verify, boxed, or an importable dotted path"):
+    with pytest.raises(ValueError, match="math_verify, boxed, last_number, or an importable dotted path"):
         RewardScorer(spec, num_workers=0)
 
 
@@ -466,3 +467,24 @@ def test_rewards_reexports_the_graders():
     for module, name in ((paper_grader, "boxed_reward"), (graders, "math_verify_reward"),
                          (graders, "extract_last_boxed")):  # fmt: skip
         assert getattr(rewards, name) is getattr(module, name)
+
+
+def test_last_number_reward_needs_the_number_written():
+    completions = [
+        "26 + 29 = 55",  # right
+        "26 + 29",  # restates the question: math-verify evaluates it to 55, this grader does not
+        "26 + 29 = 54",  # wrong
+        "The answer is \\boxed{55}.",  # a box is read like any text
+        "55 apples. Check: 5 + 5 = 10",  # the last number counts
+        "no number at all",
+        "1,055 in total",  # thousands separator
+        "30-6=24",  # subtraction, not a negative number
+        "It is -3.",  # a negative answer
+    ]
+    golds = ["55", "55", "55", "55", "55", "55", "1055", "24", "-3"]
+    # "26 + 29" -> 0 here, 1 with math-verify; "30-6=24" -> 24, not -6 then 24 misread
+    assert last_number_reward(completions, golds) == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert math_verify_reward(["26 + 29"], ["55"]) == [1.0]  # the exploit this grader closes
+    assert resolve_reward("last_number")(prompts=["q"], completions=["x = 7"], answer=["7"]) == [1.0]
+    with pytest.raises(ValueError, match=r"needs numeric gold answers, got '\\\\frac\{1\}\{2\}'"):
+        last_number_reward(["1/2"], ["\\frac{1}{2}"])

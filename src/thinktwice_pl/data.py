@@ -31,13 +31,14 @@ from torch.utils.data import DataLoader, IterableDataset
 from thinktwice_pl.bases import BaseSelection, select_bases
 from thinktwice_pl.batching import rank_slice
 from thinktwice_pl.errors import UserError
-from thinktwice_pl.procedural import procedural_problem
+from thinktwice_pl.procedural import procedural_problem, procedural_problems, text_side
 from thinktwice_pl.sources import BENCHMARKS, PRESETS, ProblemSource, load_problems, resolve_source, write_parquet
 from thinktwice_pl.types import EvalBatch, PhaseBatch, Problem, Rollout
 
 __all__ = [  # the problem sources are re-exported: configs and user code import them from here
     "BENCHMARKS", "PRESETS", "ProblemSource", "ThinkTwiceDataModule", "eval_batches", "load_problems",
-    "procedural_problem", "rank_slice", "resolve_source", "select_bases", "write_parquet",
+    "procedural_problem", "procedural_problems", "rank_slice", "resolve_source", "select_bases", "text_side",
+    "write_parquet",
 ]  # fmt: skip
 
 _STATE_VERSION = 1

@@ -6,6 +6,8 @@ Both graders read the LAST ``\\boxed{}`` of a completion, because a refinement t
 
 - :func:`math_verify_reward`, for small models that never box (the CPU quickstart): math-verify on the last box's
   content alone, 0 for an unclosed last box, and math-verify on the whole text (its last number) without a box.
+- :func:`last_number_reward`, for plain numeric answers (the CPU comparison, configs/smollm2): the last number
+  written, so restating the question ("26 + 29", which math-verify evaluates to 55) earns nothing.
 
 A gold answer that cannot be graded raises ValueError naming it: the scorer counts that as a grader error
 instead of a silent 0. math-verify and SymPy are imported lazily.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 import signal
 import threading
@@ -173,4 +176,36 @@ def math_verify_reward(completions: list[str], answers: list[str]) -> list[float
             pred = parse(completion, parsing_timeout=timeout)
         ok = bool(pred) and verify(gold, pred, timeout_seconds=timeout)
         out.append(1.0 if ok else 0.0)
+    return out
+
+
+_NUMBER_RE = re.compile(r"(?:(?<![\w)])-)?\d+(?:\.\d+)?")  # a minus sign only where it cannot be subtraction
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def last_number_reward(completions: list[str], answers: list[str]) -> list[float]:
+    """The last number written in the completion vs a numeric gold answer (thousands separators ignored).
+
+    For problems whose answers are plain numbers, with models that do not box them (configs/smollm2). Unlike
+    math-verify, which evaluates the last expression of an unboxed answer, a completion that only restates the
+    question ("26 + 29": math-verify grades it equal to 55) scores 0 here: the number has to be written.
+
+    Args:
+        completions: Model outputs.
+        answers: Gold answers, each a number such as ``"42"`` or ``"-3.5"``.
+
+    Returns:
+        1.0 when the last number equals the gold, else 0.0 (also when the completion has no number).
+
+    Raises:
+        ValueError: a gold answer that is not a number (a data problem, counted as a grader error).
+    """
+    out = []
+    for completion, answer in zip(completions, answers, strict=True):
+        try:
+            gold = float(_THOUSANDS_RE.sub("", str(answer).strip()))
+        except ValueError:
+            raise ValueError(f"the last_number reward needs numeric gold answers, got {answer!r}") from None
+        numbers_found = _NUMBER_RE.findall(_THOUSANDS_RE.sub("", completion))
+        out.append(1.0 if numbers_found and math.isclose(float(numbers_found[-1]), gold, abs_tol=1e-9) else 0.0)
     return out

@@ -1,13 +1,17 @@
 """Generated arithmetic word problems, offline: problem i depends only on (seed, difficulty, i).
 
-Five difficulties, from bare one-digit sums (small models such as the CPU quickstart's get about a third right) to
-two-step stories; every answer is a non-negative integer.
+Six difficulties, from bare one-digit sums (small models such as the CPU quickstart's get about a third right) to
+two-step stories; every answer is a non-negative integer. `text_side` splits the problem texts into two halves by a
+hash, so a training set and a held-out set drawn from different halves never share a problem text.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+from typing import Literal
 
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.types import Problem
 
 _NAMES = [
@@ -22,13 +26,56 @@ _OBJECTS = [
 _CONTAINERS = ["bags", "boxes", "jars", "packs"]
 
 
+def procedural_problems(
+    num_problems: int, seed: int, difficulty: int, text_split: Literal["all", "train", "heldout"] = "all",
+    flag_prefix: str = "data.train",
+) -> list[Problem]:
+    """The first `num_problems` problems of the generator, or, with a `text_split`, of its problems whose text falls
+    on that side of `text_side` (the held-out side keeps each text once).
+
+    Raises:
+        UserError: the side has fewer distinct texts than asked for.
+    """
+    if text_split == "all":
+        return [procedural_problem(seed, difficulty, i) for i in range(num_problems)]
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    index = misses = 0
+    while len(problems) < num_problems:
+        problem = procedural_problem(seed, difficulty, index)
+        index += 1
+        text = problem.prompt_text
+        if text_side(text) != text_split or (text_split == "heldout" and text in seen):
+            misses += 1
+            if misses > 10_000:  # the side's distinct texts are used up
+                raise UserError(
+                    f"{flag_prefix} asks for {num_problems} problems from the {text_split!r} side of difficulty "
+                    f"{difficulty}, which has only {len(problems)} distinct texts; lower {flag_prefix}.num_problems "
+                    "or pick a difficulty with more possible problems"
+                )
+            continue
+        misses = 0
+        seen.add(text)
+        problems.append(problem)
+    return problems
+
+
+def text_side(text: str) -> Literal["train", "heldout"]:
+    """Which half of the problem texts `text` belongs to: the first byte of its sha256, even = train, odd = heldout.
+
+    It depends on the text alone, so procedural sets drawn with any seeds from different sides are disjoint.
+    """
+    return "train" if hashlib.sha256(text.encode()).digest()[0] % 2 == 0 else "heldout"
+
+
 def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
     """Generates arithmetic word problem `index`; it depends only on (seed, difficulty, index).
 
     Args:
         seed: generator seed.
         difficulty: 0 bare one-digit sums ("What is 3 + 4?"), 1 single-digit add/sub stories, 2 two-digit
-            add/sub, 3 add/sub/mul/div, 4 two-step problems.
+            add/sub, 3 add/sub/mul/div, 4 two-step problems, 5 bare add/sub with operands 1 to 30 ("What is
+            27 - 9?", never negative; 1365 distinct texts).
         index: position of the problem in the set.
 
     Returns:
@@ -38,6 +85,12 @@ def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
     if difficulty == 0:  # small models (the CPU quickstart) need a task they sometimes get right
         a, b = rng.randint(1, 9), rng.randint(1, 9)
         return _problem(seed, difficulty, index, f"What is {a} + {b}?", a + b)
+    if difficulty == 5:  # the CPU comparison (configs/smollm2): SmolLM2-135M gets about a quarter right
+        a, b = rng.randint(1, 30), rng.randint(1, 30)
+        if rng.random() < 0.5:
+            return _problem(seed, difficulty, index, f"What is {a} + {b}?", a + b)
+        a, b = max(a, b), min(a, b)  # no negative results
+        return _problem(seed, difficulty, index, f"What is {a} - {b}?", a - b)
     (name, pronoun), (other, _) = rng.sample(_NAMES, 2)
     one, many = rng.choice(_OBJECTS)
     box, she = rng.choice(_CONTAINERS), pronoun.capitalize()

@@ -1,8 +1,9 @@
 """Reward callables and a scorer that never hangs or crashes training (METHOD.md section 5).
 
 The graders live in :mod:`thinktwice_pl.paper_grader` and :mod:`thinktwice_pl.graders` and are re-exported
-here: :func:`boxed_reward` (``boxed``, the paper's last-box grader, used by the paper recipes) and
-:func:`math_verify_reward` (``math_verify``, the default, for small models that never box). Reward callables
+here: :func:`boxed_reward` (``boxed``, the paper's last-box grader, used by the paper recipes),
+:func:`math_verify_reward` (``math_verify``, the default, for small models that never box) and
+:func:`last_number_reward` (``last_number``, the last number written, for plain numeric answers). Reward callables
 follow the TRL contract ``fn(prompts, completions, **columns) -> list[float | None]`` with the gold answers in
 ``columns["answer"]``;
 :func:`resolve_reward` maps a config string to one. :class:`RewardScorer` grades item by item under a per-item
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from thinktwice_pl.errors import UserError
-from thinktwice_pl.graders import extract_last_boxed, math_verify_reward
+from thinktwice_pl.graders import extract_last_boxed, last_number_reward, math_verify_reward
 from thinktwice_pl.paper_grader import boxed_reward
 
 __all__ = [
@@ -42,6 +43,8 @@ __all__ = [
     "boxed_reward",
     "boxed_reward_fn",
     "extract_last_boxed",
+    "last_number_reward",
+    "last_number_reward_fn",
     "math_verify_reward",
     "math_verify_reward_fn",
     "resolve_reward",
@@ -76,14 +79,16 @@ def _trl_wrapper(grader: Callable[[list[str], list[str]], list[float]], name: st
 
 math_verify_reward_fn = _trl_wrapper(math_verify_reward, "math_verify")
 boxed_reward_fn = _trl_wrapper(boxed_reward, "boxed")
-_BUILTIN: dict[str, RewardFn] = {"math_verify": math_verify_reward_fn, "boxed": boxed_reward_fn}
+last_number_reward_fn = _trl_wrapper(last_number_reward, "last_number")
+_BUILTIN: dict[str, RewardFn] = {"math_verify": math_verify_reward_fn, "boxed": boxed_reward_fn,
+                                 "last_number": last_number_reward_fn}  # fmt: skip
 
 
 def resolve_reward(spec: str) -> RewardFn:
     """Map a reward spec to a TRL-style callable ``fn(prompts, completions, **columns) -> list[float | None]``.
 
     Args:
-        spec: ``"math_verify"``, ``"boxed"``, or a dotted path ``"package.module.function"`` /
+        spec: ``"math_verify"``, ``"boxed"``, ``"last_number"``, or a dotted path ``"package.module.function"`` /
             ``"package.module:function"``.
 
     Returns:
@@ -104,7 +109,7 @@ def resolve_reward(spec: str) -> RewardFn:
     except Exception as e:
         raise UserError(
             f"cannot resolve reward {spec!r} ({type(e).__name__}: {e}); set rollout.reward to math_verify, boxed, "
-            "or an importable dotted path (package.module.function or package.module:function)"
+            "last_number, or an importable dotted path (package.module.function or package.module:function)"
         ) from e
     return fn  # type: ignore[no-any-return]  # checked callable above
 

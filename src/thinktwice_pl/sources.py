@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from thinktwice_pl.errors import UserError
 from thinktwice_pl.optional import CHAMP, require
-from thinktwice_pl.procedural import procedural_problem
+from thinktwice_pl.procedural import procedural_problems
 from thinktwice_pl.types import Problem
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -56,7 +56,12 @@ class ProblemSource:
     num_problems: int = 1024
     """Procedural only: how many problems to generate."""
     difficulty: int = 1
-    """Procedural only: 0 bare one-digit sums, 1 one-digit add/sub stories, 2 two-digit, 3 adds mul/div, 4 two-step."""
+    """Procedural only: 0 bare one-digit sums, 1 one-digit add/sub stories, 2 two-digit, 3 adds mul/div, 4 two-step,
+    5 bare add/sub with operands up to 30 ("What is 27 - 9?")."""
+    text_split: Literal["all", "train", "heldout"] = "all"
+    """Procedural only: "train" or "heldout" keeps one of two halves of the problem texts (split by a hash of the
+    text), so a training set and a held-out set never share a problem text, whatever their seeds; "heldout" also
+    keeps each text once."""
     seed: int = 0
     """Procedural only: problem i depends only on (seed, difficulty, i)."""
     context_field: str | None = None
@@ -85,8 +90,10 @@ class ProblemSource:
             raise UserError(f"ProblemSource.limit={self.limit} must be at least 1 (or unset for all problems)")
         if self.num_problems < 1:
             raise UserError(f"ProblemSource.num_problems={self.num_problems} must be at least 1")
-        if not 0 <= self.difficulty <= 4:
-            raise UserError(f"ProblemSource.difficulty={self.difficulty} must be 0, 1, 2, 3 or 4")
+        if not 0 <= self.difficulty <= 5:
+            raise UserError(f"ProblemSource.difficulty={self.difficulty} must be 0, 1, 2, 3, 4 or 5")
+        if self.text_split not in ("all", "train", "heldout"):
+            raise UserError(f"ProblemSource.text_split={self.text_split!r}; use 'all', 'train' or 'heldout'")
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -152,7 +159,7 @@ def load_problems(source: ProblemSource, *, flag_prefix: str = "data.train") -> 
         source = resolve_source(source)
     if source.path == "procedural":
         n = min(source.num_problems, source.limit or source.num_problems)
-        return [procedural_problem(source.seed, source.difficulty, i) for i in range(n)]
+        return procedural_problems(n, source.seed, source.difficulty, source.text_split, flag_prefix)
     if source.path == "champ":
         return _champ_problems(source)
     label, stem, columns, rows = _open_rows(source)

@@ -22,10 +22,12 @@ evaluation measures the same task the policy is trained on.
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -63,6 +65,8 @@ class Evaluation(Callback):
         validate_before_training: during fit, validate the base model before the first phase (step 0), so curves
             and the rectify/fortify plot start there; not when resuming. Needs data.val.
         seed: base seed of the evaluation sampling (batch b of a run draws the same samples every time).
+        records: also append one row per problem to ``<log dir>/eval_records.csv`` (`RECORD_COLUMNS`: its correct
+            counts), for intervals over problems and paired comparisons of runs.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class Evaluation(Callback):
         transitions: bool = True,
         validate_before_training: bool = True,
         seed: int = 0,
+        records: bool = False,
     ) -> None:
         super().__init__()
         if num_samples < 1:
@@ -105,6 +110,7 @@ class Evaluation(Callback):
                                               max_new_tokens=max_completion_length)  # fmt: skip
         self.transitions = transitions
         self.seed = seed
+        self.records = records
         self._started = 0.0
         self._split: Split = "val"
         self._pass: dict[str, tuple[PassAtK, PassAtK]] = {}  # benchmark -> (solve, refine)
@@ -230,7 +236,27 @@ class Evaluation(Callback):
         if bases:
             outcomes = self._greedy.setdefault(batch.benchmark, Transitions().to(pl_module.device))
             outcomes.update([right["greedy"][i] for i in keep], [right["greedy_refined"][i] for i in keep])
+        if self.records:
+            self._write_records(trainer, batch, n, keep, right)
         batch.evaluated = True
+
+    def _write_records(self, trainer: pl.Trainer, batch: EvalBatch, n: int, keep: list[int],
+                       right: dict[str, list[bool]]) -> None:  # fmt: skip
+        """Appends a row per counted problem of `batch` to ``eval_records.csv`` (``eval_records.rank<r>.csv`` with
+        several ranks) in the log directory; greedy columns are empty without ``eval.transitions``."""
+        name = "eval_records.csv" if trainer.world_size == 1 else f"eval_records.rank{trainer.global_rank}.csv"
+        path = Path(trainer.log_dir or trainer.default_root_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(RECORD_COLUMNS)
+            for i in keep:
+                greedy = [int(right["greedy"][i]), int(right["greedy_refined"][i])] if right["greedy"] else ["", ""]
+                writer.writerow([self._split, phase_step(trainer), batch.benchmark, batch.problems[i].id, n,
+                                 sum(right["answers"][i * n : (i + 1) * n]), sum(right["refined"][i * n : (i + 1) * n]),
+                                 *greedy])  # fmt: skip
 
     def _pass_metrics(self, name: str, n: int, pl_module: pl.LightningModule) -> tuple[PassAtK, PassAtK]:
         if name not in self._pass:
@@ -260,6 +286,12 @@ class Evaluation(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=phase_step(trainer))
                 logger.save()
+
+
+RECORD_COLUMNS = ("split", "step", "benchmark", "problem_id", "n", "solve_correct", "refine_correct", "greedy_correct",
+                  "greedy_refine_correct")  # fmt: skip
+"""Columns of ``eval_records.csv``: correct answers among the n samples and among their refinements, and whether the
+greedy answer and its greedy refinement are correct (1/0)."""
 
 
 def eval_metrics(

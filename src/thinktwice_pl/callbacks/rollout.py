@@ -56,7 +56,8 @@ class RolloutCallback(Callback):
             is an error naming the problem. None = no limit.
         reward: math_verify (default; math-verify on the last \\boxed{}, or on the whole text when nothing is
             boxed), boxed (the paper's grader: last \\boxed{} vs gold, Hendrycks-MATH normalisation then SymPy;
-            no box scores 0) or a dotted path to a TRL-style function ``fn(prompts, completions, **columns)``.
+            no box scores 0), last_number (the last number written; restating "26 + 29" is not an answer, unlike
+            with math-verify) or a dotted path to a TRL-style function ``fn(prompts, completions, **columns)``.
         reward_timeout_s: per-completion grading deadline; a timeout scores 0 and is counted.
         reward_workers: grader processes (0 = grade in the training process).
         solve_prompt_suffix: instruction appended to each problem (METHOD.md section 2 default).
