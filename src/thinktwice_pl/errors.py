@@ -110,3 +110,23 @@ def describe(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)
+
+
+def out_of_memory_message(
+    where: str, sizes: list[tuple[int, int]], phase_sequences: int, world_size: int, hparams: dict[str, Any]
+) -> str:
+    """The message of an out-of-memory error in a forward/backward pass: where (``"phase 3 (refine)"``), the pass's
+    ``(prompt, completion)`` token counts, how many sequences the phase has, and the model settings that help."""
+    prompt, completion = max(sizes, key=sum)
+    padded = len(sizes) * (max(p for p, _ in sizes) + max(c for _, c in sizes))
+    share = " (this rank's share)" if world_size > 1 else ""
+    fixes = [f"{'set' if hparams.get(name) is None else 'lower'} model.{name} (now {describe(hparams.get(name))})"
+             for name in ("max_tokens_per_microbatch", "micro_batch_size")]  # fmt: skip
+    if not hparams.get("gradient_checkpointing"):
+        fixes.append("set model.gradient_checkpointing=true")
+    fixes.append(f"shorten rollout.max_completion_length (now {hparams.get('max_completion_length')})")
+    return (
+        f"out of memory in {where}, in a forward/backward pass of {len(sizes)} of the phase's {phase_sequences} "
+        f"sequences{share} ({padded} padded tokens; the longest {prompt + completion} tokens: {prompt} prompt + "
+        f"{completion} completion): {', '.join(fixes[:-1])}, or {fixes[-1]}"
+    )

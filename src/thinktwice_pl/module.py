@@ -36,7 +36,8 @@ from torch.nn.utils.rnn import pad_sequence
 from thinktwice_pl.batching import Pass, StepPlan, collate, plan_phase
 from thinktwice_pl.builtin_models import check_model_name_or_path, resolve_model_path
 from thinktwice_pl.callbacks.phase_log import PhaseLogger
-from thinktwice_pl.errors import OutOfMemoryInPhase, UserError, describe, is_out_of_memory
+from thinktwice_pl.checkpointing import check_weights_fit
+from thinktwice_pl.errors import OutOfMemoryInPhase, UserError, is_out_of_memory, out_of_memory_message
 from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_loss
 from thinktwice_pl.metrics import StepStats, phase_metrics
 from thinktwice_pl.models import (
@@ -255,24 +256,7 @@ class ThinkTwiceModule(pl.LightningModule):
             ours = {f"policy.{k}": v for k, v in get_peft_model_state_dict(self.policy).items()}
         else:
             ours = {k: v for k, v in self.state_dict().items() if not k.startswith("ref_policy.")}
-        theirs = checkpoint["state_dict"]
-        missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
-        shapes = [k for k in sorted(ours.keys() & theirs.keys()) if tuple(ours[k].shape) != tuple(theirs[k].shape)]
-        if not (missing or unexpected or shapes):
-            return
-        problems = [f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else "",
-                    f"{len(unexpected)} unknown (e.g. {unexpected[0]})" if unexpected else "",
-                    f"{len(shapes)} of another shape (e.g. {shapes[0]}: {tuple(theirs[shapes[0]].shape)} in the "
-                    f"checkpoint, {tuple(ours[shapes[0]].shape)} here)" if shapes else ""]  # fmt: skip
-        hp: Any = self.hparams
-        written_for = checkpoint.get("hyper_parameters", {})
-        raise UserError(
-            f"the checkpoint does not fit this model ({'; '.join(p for p in problems if p)}): it was written for "
-            f"model.model_name_or_path={written_for.get('model_name_or_path')} with model.lora="
-            f"{describe(written_for.get('lora'))}, this config loads {hp.model_name_or_path} with "
-            f"model.lora={describe(hp.lora)}; resume with the config it was trained with (config.yaml in "
-            "its run folder), or start a fresh run (without --ckpt_path)"
-        )
+        check_weights_fit(ours, checkpoint, dict(self.hparams))
 
     # ----------------------------------------------------------------------------------- training
 
@@ -385,23 +369,10 @@ class ThinkTwiceModule(pl.LightningModule):
 
     def _out_of_memory_message(self, batch: PhaseBatch, rollouts: list[Rollout]) -> str:
         """What ran out of memory (the phase, the pass's sequences, the longest one) and the settings that help."""
-        hp: Any = self.hparams
         rows = self._rows_in_pass or list(range(len(rollouts)))
         sizes = [(len(rollouts[i].prompt_ids), len(rollouts[i].completion_ids)) for i in rows]
-        prompt, completion = max(sizes, key=sum)
-        padded = len(rows) * (max(p for p, _ in sizes) + max(c for _, c in sizes))
-        share = " (this rank's share)" if self.trainer.world_size > 1 else ""
-        fixes = [f"{'set' if value is None else 'lower'} model.{name} (now {describe(value)})"
-                 for name, value in (("max_tokens_per_microbatch", hp.max_tokens_per_microbatch),
-                                     ("micro_batch_size", hp.micro_batch_size))]  # fmt: skip
-        if not hp.gradient_checkpointing:
-            fixes.append("set model.gradient_checkpointing=true")
-        fixes.append(f"shorten rollout.max_completion_length (now {hp.max_completion_length})")
-        return (
-            f"out of memory in phase {batch.index} ({batch.phase}), in a forward/backward pass of {len(rows)} of the "
-            f"phase's {len(rollouts)} sequences{share} ({padded} padded tokens; the longest {prompt + completion} "
-            f"tokens: {prompt} prompt + {completion} completion): {', '.join(fixes[:-1])}, or {fixes[-1]}"
-        )
+        return out_of_memory_message(f"phase {batch.index} ({batch.phase})", sizes, len(rollouts),
+                                     self.trainer.world_size, dict(self.hparams))  # fmt: skip
 
     def _logprobs(
         self, rollouts: list[Rollout], rows: list[int], *, grad: bool, model: Any = None

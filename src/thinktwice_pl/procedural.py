@@ -27,7 +27,10 @@ _CONTAINERS = ["bags", "boxes", "jars", "packs"]
 
 
 def procedural_problems(
-    num_problems: int, seed: int, difficulty: int, text_split: Literal["all", "train", "heldout"] = "all",
+    num_problems: int,
+    seed: int,
+    difficulty: int,
+    text_split: Literal["all", "train", "heldout"] = "all",
     flag_prefix: str = "data.train",
 ) -> list[Problem]:
     """The first `num_problems` problems of the generator, or, with a `text_split`, of its problems whose text falls
