@@ -7,6 +7,7 @@ precision and FSDP2 sharding are in `thinktwice_pl.parallel`.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -154,10 +155,13 @@ def is_quantized(model: Any) -> bool:
 
 
 def is_peft_model(model: Any) -> bool:
-    """True for a peft-wrapped policy (LoRA, QLoRA)."""
-    from peft import PeftModel
+    """True for a peft-wrapped policy (LoRA, QLoRA).
 
-    return isinstance(model, PeftModel)
+    A model can only be a peft model once peft is imported; a run without LoRA does not import it (peft imports
+    bitsandbytes, whose CPU backend then logs a failed kernel download from the hub in every offline run).
+    """
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def base_model(model: Any) -> Any:
