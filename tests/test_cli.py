@@ -227,33 +227,3 @@ def test_paper_family_configs_share_data_evaluation_and_model_selection(config: 
     assert "trainer.callbacks[RectifyFortifyTracker#0].class_path" in flat
     header = (ROOT / "configs" / config).read_text().split("seed_everything")[0]
     assert "GPU" in header and "estimated" in header, "the header states its GPUs and that memory is estimated"
-
-
-FRAGMENTING = """
-import sys, torch
-from thinktwice_pl.cli import keep_large_allocations_out_of_the_heap
-applied = keep_large_allocations_out_of_the_heap() if sys.argv[1] == "fixed" else False
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-torch.empty(8 << 20, dtype=torch.uint8).fill_(1)  # freed at once: glibc's default raises its threshold to 8 MiB
-base = rss()
-small = [torch.empty(4 << 20, dtype=torch.uint8).fill_(1) for _ in range(64)]  # 256 MiB
-del small[::2]  # 32 holes of 4 MiB
-large = [torch.empty(5 << 20, dtype=torch.uint8).fill_(1) for _ in range(32)]  # fit no hole
-print(applied, (rss() - base) / 2**20)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_large_allocations_do_not_leave_resident_holes_in_the_heap() -> None:
-    """After keep_large_allocations_out_of_the_heap, freed tensors go back to the system: 128 MiB live in 4 MiB
-    tensors + 160 MiB in 5 MiB ones are resident, not also the 128 MiB of freed 4 MiB holes (glibc's default)."""
-
-    def resident(mode: str) -> tuple[str, float]:
-        out = subprocess.run([sys.executable, "-c", FRAGMENTING, mode], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        applied, mib = out.stdout.split()
-        return applied, float(mib)
-
-    assert resident("default") == ("False", pytest.approx(128 + 128 + 160, abs=24))
-    assert resident("fixed") == ("True", pytest.approx(128 + 160, abs=24))

@@ -183,33 +183,6 @@ def _refuse_on_exception_checkpoint(trainer: Any) -> None:
         )
 
 
-# mallopt's parameter number for the mmap threshold (glibc's malloc.h)
-M_MMAP_THRESHOLD = -3
-LARGE_ALLOCATION_BYTES = 1 << 20
-
-
-def keep_large_allocations_out_of_the_heap(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
-    """glibc only: serve every allocation of `threshold` bytes or more (tensors) from its own memory mapping, which
-    goes back to the system when the tensor is freed. Returns whether the setting was applied.
-
-    By default glibc raises this threshold each time such a block is freed, up to 32 MiB; from then on
-    activation-sized tensors come from the heap, whose freed holes are reused only by requests that fit them. Over
-    micro-batches and phases whose shapes keep changing the resident set then grows far past what is live: one
-    quickstart update (16 sequences of 240 tokens, SmolLM2-135M) peaked 1.7 GB higher with glibc's default than with
-    a fixed 1 MiB threshold. Left alone when the user set ``MALLOC_MMAP_THRESHOLD_`` (glibc reads it at start-up)."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
-    mallopt = getattr(libc, "mallopt", None)  # glibc; other C libraries (musl) have no such knob
-    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, threshold) == 1)
-
-
 def main(args: list[str] | None = None) -> None:
     """The ``thinktwice`` console script (and ``python -m thinktwice_pl``); `args` replaces ``sys.argv[1:]``.
 
@@ -223,7 +196,6 @@ def main(args: list[str] | None = None) -> None:
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     command = invocation(argv) if args is None else ["thinktwice", *argv]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    keep_large_allocations_out_of_the_heap()
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
         ThinkTwiceCLI(
