@@ -34,5 +34,16 @@ _VLLM_NOISE = {
         "ParallelLMHead: Failed to load weights",
     ),
 }
-for _name, _messages in _VLLM_NOISE.items():
-    logging.getLogger(_name).addFilter(lambda r, _m=_messages: not r.getMessage().startswith(_m))
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+for _name, _starts in _VLLM_NOISE.items():
+    logging.getLogger(_name).addFilter(_DropMessages(_starts))
