@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,28 @@ def test_plot_dynamics_draws_one_line_per_run_and_source(tmp_path: Path, monkeyp
     assert labels == ["A (validation, greedy)", "A (training, sampled)", "B (validation, greedy)",
                       "B (training, sampled)"]  # fmt: skip
     assert list(damage_ax.get_lines()[0].get_ydata()) == pytest.approx([2.0, 1.0])  # percent
+
+
+def test_bench_step_splits_each_phase_and_reports_memory(tmp_path: Path) -> None:
+    """scripts/bench_step.py on the tiny config: 4 phases, a record each, medians per phase kind, peak RSS."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "THINKTWICE_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_step.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+         "--phases", "4", "--json", str(out), "--", "--rollout.max_completion_length", "8"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [r["phase"] for r in data["records"]] == ["solve", "refine", "solve", "refine"]
+    assert all(r["optimizer_steps"] == 2 for r in data["records"])  # tiny.yaml: 2 mini-batches per phase
+    assert all(0 < r["completion_tokens"] <= 8 * r["sequences"] for r in data["records"])
+    for phase in ("solve", "refine"):
+        summary = data["summary"][phase]
+        assert summary["phases_measured"] == 1  # the first of each kind is the warm-up
+        assert summary["generate_s"] > 0 and summary["train_s"] > 0 and summary["sync_s"] >= 0
+        assert summary["step_s"] >= summary["generate_s"] + summary["train_s"]
+        assert summary["peak_rss_gib"]["generate"] > 0.1 and summary["peak_rss_gib"]["update"] > 0.1
+    assert data["summary"]["peak_rss_gib"] >= data["summary"]["solve"]["peak_rss_gib"]["generate"] * 0.99
+    assert data["summary"]["pair_s"] == data["summary"]["solve"]["step_s"] + data["summary"]["refine"]["step_s"]
+    assert not list(tmp_path.glob("runs"))  # the run's files went into a scratch folder

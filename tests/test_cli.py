@@ -90,6 +90,10 @@ def test_cli_fit_tiny_config(tiny_cli_run: Path) -> None:
     assert (run / "rectify_fortify.csv").exists() and (run / "rectify_fortify.png").exists()
     assert (run / "config.yaml").exists() and (run / "samples.jsonl").exists()
     assert (run / "checkpoints" / "last.ckpt").exists()
+    # save_last: link: the newest checkpoint is written once, last.ckpt names it
+    files = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.is_symlink())
+    assert files == ["epoch=0-step=8.ckpt"] and (run / "checkpoints" / "last.ckpt").is_symlink()
+    assert (run / "checkpoints" / "last.ckpt").resolve() == (run / "checkpoints" / files[0]).resolve()
 
 
 def test_module_entry_point_and_console_script() -> None:

@@ -104,3 +104,82 @@ def test_model_generation_defaults_do_not_reshape_sampling(tiny_model_dir: Path)
             if nxt == tok.eos_token_id:
                 break
     assert got == expected
+
+
+def _decoder_calls(model: torch.nn.Module) -> tuple[list[tuple[int, int]], object]:
+    """(rows, positions) of every decoder forward while the returned hook handle is registered."""
+    calls: list[tuple[int, int]] = []
+    decoder = model.get_decoder()
+    handle = decoder.register_forward_pre_hook(
+        lambda _m, args, kwargs: calls.append(
+            tuple((kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[:2])
+        ),
+        with_kwargs=True,
+    )
+    return calls, handle
+
+
+def test_each_prompt_is_prefilled_once_for_its_samples(engine: HFRolloutEngine) -> None:
+    prompts = _prompts(engine)
+    calls, handle = _decoder_calls(engine.model)
+    try:
+        engine.generate(prompts, 4, SamplingConfig(temperature=1.0, max_new_tokens=6, seed=3))
+    finally:
+        handle.remove()
+    width = max(map(len, prompts))
+    # one forward over the prompts (B = 2 rows, all tokens but the last), then one token per step for the 8 rows
+    assert calls[0] == (2, width - 1)
+    assert all(call == (8, 1) for call in calls[1:]) and 2 <= len(calls) <= 7
+
+
+def test_prefilled_samples_are_those_of_plain_generate_with_the_same_seed(engine: HFRolloutEngine) -> None:
+    """Same seed, same samples as ``generate(num_return_sequences=G)`` (the engine before prefill-once): the sampler
+    draws the same [B * G, V] tensors in the same order; only the prompt's KV is computed once instead of G times."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    from thinktwice_pl.rollout.hf import NEUTRAL_PROCESSORS, eos_token_ids
+
+    prompts, tok, model = _prompts(engine), engine.tokenizer, engine.model
+    got = engine.generate(prompts, 4, SamplingConfig(temperature=1.0, max_new_tokens=8, seed=11))
+    rows = [torch.tensor(p) for p in prompts]
+    ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_token_id, padding_side="left")
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
+    model.eval()
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(11)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                             max_new_tokens=8, num_return_sequences=4, eos_token_id=eos_token_ids(model, tok),
+                             pad_token_id=tok.pad_token_id, **NEUTRAL_PROCESSORS)  # fmt: skip
+    model.train()
+    eos = set(eos_token_ids(model, tok))
+    plain = []
+    for row in out[:, ids.shape[1] :].tolist():
+        stop = next((k for k, t in enumerate(row) if t in eos), None)
+        plain.append(row if stop is None else row[: stop + 1])
+    assert [c.token_ids for g in got for c in g] == plain
+
+
+def test_sampled_tokens_have_the_log_probs_of_a_plain_forward(engine: HFRolloutEngine) -> None:
+    """The distribution each token was drawn from (the head's logits during decoding from the expanded cache) is the
+    policy's: per token, log-softmax(logits / T) equals that of one unpadded forward over prompt + completion."""
+    prompts, model, temperature = _prompts(engine), engine.model, 0.7
+    head_out: list[torch.Tensor] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: head_out.append(out.detach()))
+    try:
+        groups = engine.generate(prompts, 3, SamplingConfig(temperature=temperature, max_new_tokens=8, seed=5))
+    finally:
+        handle.remove()
+    steps = torch.cat([o[:, -1:] for o in head_out if o.shape[1] > 0], dim=1)  # [B * G, steps, V]
+    completions = [c for g in groups for c in g]
+    samples = [torch.log_softmax(steps[row, : len(c.token_ids)] / temperature, -1)[
+        torch.arange(len(c.token_ids)), torch.tensor(c.token_ids)] for row, c in enumerate(completions)]  # fmt: skip
+    distinct = 0
+    with torch.no_grad():
+        for i, group in enumerate(groups):
+            distinct += len({tuple(c.token_ids) for c in group}) > 1
+            for j, c in enumerate(group):
+                ids = torch.tensor([prompts[i] + c.token_ids])
+                logits = model(input_ids=ids).logits[0, len(prompts[i]) - 1 : -1] / temperature  # [C, V]
+                plain = torch.log_softmax(logits, -1)[torch.arange(len(c.token_ids)), torch.tensor(c.token_ids)]
+                torch.testing.assert_close(samples[i * 3 + j], plain, atol=1e-5, rtol=1e-5)
+    assert distinct == len(groups)  # the G samples of a prompt are not copies of one another

@@ -132,3 +132,49 @@ def test_hf_reference_is_temperature_scaled(tiny_model_dir: Path) -> None:
     prompt = encode_chat(solve_messages("What is 2 + 2?"), tokenizer)
     completion = [5, 6, 7]
     assert not torch.allclose(hf_logprobs(model, prompt, completion, 0.5), hf_logprobs(model, prompt, completion))
+
+
+def test_engine_samples_with_its_own_threads_and_leaves_the_trainers_alone(tmp_path: Path) -> None:
+    """cpu_threads: the engine's calls run with its own thread count, the trainer's comes back after; the real
+    torch.set_num_threads is restored once vLLM has started (its CPU worker stubs it out); the log lines that vLLM
+    emits without a cause of ours (thread stub, rotary layer, tied head on every push) are filtered."""
+    import logging
+
+    path = build_tiny_model(tmp_path / "tied", seed=1, tie_word_embeddings=True)
+    tokenizer, model = load_tokenizer(str(path)), load_causal_lm(str(path))
+    records: list[logging.LogRecord] = []
+    # a capturing filter after the package's own (vLLM's logging set-up clears handlers of its loggers, not filters):
+    # it sees what the package's filters let through
+    capture = lambda record: records.append(record) or True  # noqa: E731
+    names = ("vllm.v1.worker.cpu_worker", "vllm.model_executor.model_loader.reload.layerwise")
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addFilter(capture)
+    assert torch.get_num_threads() == 1  # conftest: the trainer's count
+    try:
+        with vllm_engine(model, tokenizer, cpu_threads=2) as engine:
+            assert torch.set_num_threads is torch._C.set_num_threads
+            assert torch.get_num_threads() == 1
+            seen: list[int] = []
+            generate = engine.llm.generate
+            engine.llm.generate = lambda *a, **k: (seen.append(torch.get_num_threads()), generate(*a, **k))[1]
+            prompt = encode_chat(solve_messages("What is 4 + 4?"), tokenizer)
+            out = engine.generate([prompt], 2, SamplingConfig(temperature=1.0, max_new_tokens=8, seed=0))
+            assert seen == [2] and torch.get_num_threads() == 1 and len(out[0]) == 2
+            engine.sync_weights(model)  # a second push
+            torch.set_num_threads(1)  # the trainer can set its threads again, without a warning
+    finally:
+        for logger in loggers:
+            logger.removeFilter(capture)
+        torch.set_num_threads(1)
+    noise = [
+        r.getMessage() for r in records if "set_num_threads" in r.getMessage() or "Failed to load" in r.getMessage()
+    ]
+    assert noise == []
+
+
+def test_cpu_threads_must_be_positive() -> None:
+    from thinktwice_pl.rollout.vllm import VLLMRolloutEngine
+
+    with pytest.raises(ValueError, match=r"cpu_threads must be >= 1 or None"):
+        VLLMRolloutEngine(cpu_threads=0)

@@ -146,6 +146,34 @@ def _bnb_config(quantization: QuantizationSettings) -> Any:
     )
 
 
+def trim_host_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a no-op).
+
+    Tensors of a few MiB (activations, KV caches) come from glibc's heap, and freed ones stay resident until a
+    request of a fitting size reuses them. Phases alternate between shapes (short solve prompts, long refine prompts,
+    generation caches that grow token by token, an update's activations), so without this the resident set keeps the
+    high-water mark of every shape seen so far. Called after each phase's generation and update; it costs a few
+    milliseconds."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc only (not musl)
+
+
+_LIBC = _glibc()
+
+
 def is_quantized(model: Any) -> bool:
     """True when the model holds 4-bit bitsandbytes weights (QLoRA)."""
     return bool(

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from thinktwice_pl.batching import rank_slice
 from thinktwice_pl.errors import OutOfMemoryInPhase, is_out_of_memory
+from thinktwice_pl.models import trim_host_memory
 from thinktwice_pl.parallel import compute_dtype
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,
@@ -245,6 +246,7 @@ class RolloutCallback(Callback):
                 "max_batch_sequences (HF engine) or gpu_memory_utilization / max_num_seqs (vLLM), or shorten "
                 "rollout.max_completion_length"
             ) from error
+        trim_host_memory()  # the generation caches leave the resident set before the update
         generate_s, start = time.perf_counter() - start, time.perf_counter()
         g = self.num_generations
         graded = self.score({batch.phase: (

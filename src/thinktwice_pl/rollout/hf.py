@@ -120,24 +120,34 @@ class HFRolloutEngine:
         rows = [torch.tensor(ids, dtype=torch.long) for ids in prompts]
         input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")  # [B, P]
         attention_mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         width = input_ids.shape[1]
         greedy = sampling.temperature == 0
+        samples = 1 if greedy else n  # greedy samples are identical: decode once, repeat
+        # prefill once per prompt: the KV of all prompt tokens but the last, computed for B rows and expanded to the
+        # B * samples rows (sample j of prompt i at row i * samples + j, as num_return_sequences orders them);
+        # generate() then runs only the last prompt token and the decoding steps
+        cache = self._prefill(input_ids, attention_mask, samples) if width > 1 else None
+        if samples > 1:
+            input_ids = input_ids.repeat_interleave(samples, dim=0)  # [B * n, P]
+            attention_mask = attention_mask.repeat_interleave(samples, dim=0)
         out = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
             top_k=None if greedy else (sampling.top_k or 0),
             max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=1 if greedy else n,
+            num_return_sequences=1,
             eos_token_id=eos_ids,
             pad_token_id=pad_id,
             use_cache=True,
             synced_gpus=synced,
             **NEUTRAL_PROCESSORS,
-        )  # [B * n, P + L], sample j of prompt i at row i * n + j
-        if greedy and n > 1:  # greedy samples are identical: decode once, repeat
+        )  # [B * samples, P + L], sample j of prompt i at row i * samples + j
+        if samples < n:
             out = out.repeat_interleave(n, dim=0)
         new_tokens = out[:, width:].tolist()
         results: list[list[Completion]] = []
@@ -155,6 +165,22 @@ class HFRolloutEngine:
                 group.append(Completion(token_ids=completion, text=text, finish_reason=reason))
             results.append(group)
         return results
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int) -> Any:
+        """The KV cache of every prompt token but the last (``[B, P - 1]`` left-padded prompts), computed once per
+        prompt and repeated for its `samples` rows. Positions count real tokens, as generate() counts them; no
+        logits are computed (an empty `logits_to_keep`)."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P], 0 on left padding
+        out = self.model(
+            input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
+            use_cache=True, logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
+        )  # fmt: skip
+        cache = out.past_key_values
+        if cache is None:  # no KV cache (a model in train mode with gradient checkpointing): generate() prefills
+            return None
+        if samples > 1:
+            cache.batch_repeat_interleave(samples)  # [B * samples, ...] per layer, rows of a prompt together
+        return cache
 
 
 def _is_sharded(model: Any) -> bool:

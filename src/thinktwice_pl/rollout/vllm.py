@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +74,10 @@ class VLLMRolloutEngine:
             names; works for every engine setting) or adapter (serve the adapter as a LoRA request,
             a new id after each sync; the base weights are pushed once, dequantised for QLoRA).
         max_lora_rank: engine limit on the adapter rank in adapter mode.
+        cpu_threads: CPU only: threads the engine starts and samples with. The engine runs inside the training
+            process and shares torch's thread pool, so this count is set around each of its calls and the trainer's
+            own (``torch.get_num_threads()`` when the engine starts: ``OMP_NUM_THREADS``, else one per core) is put
+            back after; None = the trainer's count.
         engine_kwargs: further keyword arguments for ``vllm.LLM`` (they override the ones above).
     """
 
@@ -90,6 +95,7 @@ class VLLMRolloutEngine:
         max_num_seqs: int | None = None,
         lora_sync: Literal["merged", "adapter"] = "merged",
         max_lora_rank: int = 64,
+        cpu_threads: int | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not 0 < gpu_memory_utilization <= 1:
@@ -100,6 +106,10 @@ class VLLMRolloutEngine:
             raise ValueError(f"lora_sync must be 'merged' or 'adapter', got {lora_sync!r}")
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if cpu_threads is not None and cpu_threads < 1:
+            raise ValueError(
+                f"rollout.engine.init_args.cpu_threads must be >= 1 or None (the trainer's), got {cpu_threads}"
+            )
         self.gpu_memory_utilization = gpu_memory_utilization
         self.max_model_len = max_model_len
         self.tensor_parallel_size = tensor_parallel_size
@@ -112,6 +122,7 @@ class VLLMRolloutEngine:
         self.max_num_seqs = max_num_seqs
         self.lora_sync = lora_sync
         self.max_lora_rank = max_lora_rank
+        self.cpu_threads = cpu_threads
         self.engine_kwargs = dict(engine_kwargs or {})
 
         self.llm: Any = None
@@ -128,6 +139,7 @@ class VLLMRolloutEngine:
         self._lora_id = 0
         self._can_sleep = False
         self._weights_dtype: torch.dtype | None = None
+        self._on_cpu = False
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -203,11 +215,17 @@ class VLLMRolloutEngine:
 
         # in-process engine core: weights reach it as tensors; the trainer's RNG is left as it was
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self._on_cpu = device.type == "cpu"
         threads = torch.get_num_threads()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self._engine_threads():
             self.llm = vllm.LLM(**kwargs)
-        with contextlib.suppress(RuntimeError):
-            torch.set_num_threads(threads)
+        # vLLM's CPU worker replaces torch.set_num_threads by a stub that warns "doesn't allow to use
+        # torch.set_num_threads after the thread binding, skip it" on every call, for the whole process. Its thread
+        # binding happens only in the worker processes of its multiprocessing executor; an engine inside this process
+        # binds nothing, so the trainer keeps the real function (and sets threads on its own again)
+        if torch.set_num_threads is not torch._C.set_num_threads:
+            torch.set_num_threads = torch._C.set_num_threads
+        torch.set_num_threads(threads)  # the trainer's: a GPU worker's start-up sets 1 ("for serving") process-wide
         if self.max_model_len is None:
             self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self._needs_push = True
@@ -237,6 +255,20 @@ class VLLMRolloutEngine:
 
         gc.collect()
 
+    @contextlib.contextmanager
+    def _engine_threads(self) -> Iterator[None]:
+        """On CPU with `cpu_threads` set: torch's (and so vLLM's kernels') thread count for the engine's call, then
+        the trainer's again."""
+        if not self._on_cpu or self.cpu_threads is None:
+            yield
+            return
+        trainer = torch.get_num_threads()
+        torch._C.set_num_threads(self.cpu_threads)  # the real one: vLLM may have stubbed torch.set_num_threads
+        try:
+            yield
+        finally:
+            torch._C.set_num_threads(trainer)
+
     # ------------------------------------------------------------------------------ weights
 
     def sync_weights(self, model: Any) -> None:
@@ -256,11 +288,12 @@ class VLLMRolloutEngine:
                 (name, t.to(self._weights_dtype) if self._weights_dtype and t.is_floating_point() else t)
                 for name, t in rollout_weights(model, merge_adapters=not adapter_mode)
             )
-            self.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
-            )
-            if self._tied:
-                self.llm.collective_rpc(_refresh_tied_head)
+            with self._engine_threads():
+                self.llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+                )
+                if self._tied:
+                    self.llm.collective_rpc(_refresh_tied_head)
         if adapter_mode:
             self._save_adapter(model)
         if not self.llm.reset_prefix_cache():
@@ -335,12 +368,13 @@ class VLLMRolloutEngine:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
-            params,
-            use_tqdm=False,
-            lora_request=self._lora_request,
-        )
+        with self._engine_threads():
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
+                params,
+                use_tqdm=False,
+                lora_request=self._lora_request,
+            )
         results: list[list[Completion]] = []
         for out in outputs:
             group = []
