@@ -70,16 +70,23 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            rss, label = rss_bytes(), self.label
-            if rss > self.peaks.get(label, 0):
-                self.peaks[label] = rss
+            self._sample(self.label)
+
+    def _sample(self, label: str) -> None:
+        rss = rss_bytes()
+        if rss > self.peaks.get(label, 0):
+            self.peaks[label] = rss
 
     @contextlib.contextmanager
     def labelled(self, label: str) -> Any:
+        """Attributes the samples taken meanwhile to `label`; also samples on entry and exit, so a call shorter than
+        the sampling interval still has a reading."""
         before, self.label = self.label, label
+        self._sample(label)
         try:
             yield
         finally:
+            self._sample(label)
             self.label = before
 
 
