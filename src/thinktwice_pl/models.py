@@ -160,7 +160,6 @@ def trim_host_memory() -> None:
 
 def _glibc() -> Any:
     import ctypes
-    import sys
 
     if not sys.platform.startswith("linux"):
         return None

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.models import base_model, is_peft_model
 from thinktwice_pl.optional import VLLM, require
 from thinktwice_pl.rollout import SamplingConfig
@@ -99,15 +100,17 @@ class VLLMRolloutEngine:
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+            raise UserError(
+                f"rollout.engine.init_args.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
+            )
         if sleep_level not in (0, 1, 2):
-            raise ValueError(f"sleep_level must be 0, 1 or 2, got {sleep_level}")
+            raise UserError(f"rollout.engine.init_args.sleep_level must be 0, 1 or 2, got {sleep_level}")
         if lora_sync not in ("merged", "adapter"):
-            raise ValueError(f"lora_sync must be 'merged' or 'adapter', got {lora_sync!r}")
+            raise UserError(f"rollout.engine.init_args.lora_sync must be 'merged' or 'adapter', got {lora_sync!r}")
         if tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+            raise UserError(f"rollout.engine.init_args.tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         if cpu_threads is not None and cpu_threads < 1:
-            raise ValueError(
+            raise UserError(
                 f"rollout.engine.init_args.cpu_threads must be >= 1 or None (the trainer's), got {cpu_threads}"
             )
         self.gpu_memory_utilization = gpu_memory_utilization
