@@ -38,6 +38,7 @@ from thinktwice_pl.checkpointing import checkpoint_progress, make_checkpoints_at
 from thinktwice_pl.data import ThinkTwiceDataModule
 from thinktwice_pl.errors import DEBUG_ENV, UserError, describe, notes_of, report
 from thinktwice_pl.module import ThinkTwiceModule
+from thinktwice_pl.parallel import close_process_group
 from thinktwice_pl.resume import (
     Continuation,
     display_path,
@@ -219,6 +220,8 @@ def main(args: list[str] | None = None) -> None:
         raise
     except Exception as error:
         raise SystemExit(report(error, debug=debug)) from None
+    finally:
+        close_process_group()
 
 
 if __name__ == "__main__":

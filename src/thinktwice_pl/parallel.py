@@ -176,3 +176,14 @@ def shard(model: Any, strategy: Any, mesh: Any, precision: str, *, lora: bool, q
             "to the number of devices"
         )
     shard_fsdp2(model, mesh["data_parallel"], mp_policy=fsdp2_mixed_precision(precision))
+
+
+def close_process_group() -> None:
+    """Destroy the default process group, if this process has one, while the interpreter is still whole.
+
+    Lightning destroys it at exit only for NCCL. A gloo group left to interpreter finalization can abort the
+    process (SIGABRT, "terminate called without an active exception") when its C++ worker threads release
+    tensors after Python has gone: a finished run would then exit with -6 (pytorch/pytorch#179291 describes it).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
