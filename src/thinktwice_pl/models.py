@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from thinktwice_pl.attention import use_grouped_sdpa
 from thinktwice_pl.batching import Collated
 from thinktwice_pl.errors import UserError
 from thinktwice_pl.grpo import token_logprobs
@@ -103,6 +104,7 @@ def load_causal_lm(
         kwargs["quantization_config"] = _bnb_config(quantization)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
+    use_grouped_sdpa(model)  # on CPU: grouped-query K/V heads are not copied to every query head
     if quantization is not None:  # layer norms etc. in fp32, input grads for checkpointing (the QLoRA recipe)
         from peft import prepare_model_for_kbit_training
 
