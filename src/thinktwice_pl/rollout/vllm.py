@@ -158,7 +158,10 @@ class VLLMRolloutEngine:
         self._tied = bool(getattr(config, "tie_word_embeddings", False))
         path = getattr(config, "_name_or_path", "") or getattr(base, "name_or_path", "")
         if not path:
-            raise ValueError("VLLMRolloutEngine: the policy has no config._name_or_path to start vLLM from")
+            raise UserError(
+                "rollout.engine=VLLMRolloutEngine: the policy has no config._name_or_path to start vLLM from; load "
+                "model.model_name_or_path from a directory or hub name (vLLM reads the architecture there)"
+            )
         device = next(model.parameters()).device
         self._can_sleep = device.type == "cuda" and self.sleep_level > 0
         adapter_mode = self.lora_sync == "adapter" and is_peft_model(model)
@@ -196,21 +199,22 @@ class VLLMRolloutEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_bytes)
         if world > 1:
             if world % self.tensor_parallel_size:
-                raise ValueError(
-                    f"rollout.engine.tensor_parallel_size={self.tensor_parallel_size} does not divide the "
+                raise UserError(
+                    f"rollout.engine.init_args.tensor_parallel_size={self.tensor_parallel_size} does not divide the "
                     f"{world} training processes"
                 )
             kwargs["distributed_executor_backend"] = "external_launcher"
         elif self.tensor_parallel_size > 1:
-            raise ValueError(
-                f"rollout.engine.tensor_parallel_size={self.tensor_parallel_size} needs that many training "
+            raise UserError(
+                f"rollout.engine.init_args.tensor_parallel_size={self.tensor_parallel_size} needs that many training "
                 "processes (the engine is colocated): launch with trainer.devices >= tensor_parallel_size"
             )
         if adapter_mode:
             rank_r = max(int(c.r) for c in model.peft_config.values())
             if rank_r > self.max_lora_rank:
-                raise ValueError(
-                    f"LoRA rank {rank_r} > rollout.engine.max_lora_rank={self.max_lora_rank}: raise max_lora_rank"
+                raise UserError(
+                    f"model.lora.rank {rank_r} > rollout.engine.init_args.max_lora_rank={self.max_lora_rank}: raise "
+                    "max_lora_rank, or use lora_sync: merged"
                 )
             kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=1)
             self._lora_dir = Path(tempfile.mkdtemp(prefix="thinktwice-lora-"))
@@ -349,8 +353,8 @@ class VLLMRolloutEngine:
         assert self.max_model_len is not None
         for i, ids in enumerate(prompts):
             if len(ids) >= self.max_model_len:
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens >= rollout.engine.max_model_len={self.max_model_len}: "
+                raise UserError(
+                    f"prompt {i} has {len(ids)} tokens >= rollout.engine.init_args.max_model_len={self.max_model_len}: "
                     "raise max_model_len (it must hold the prompt and the completion)"
                 )
         greedy = sampling.temperature == 0
