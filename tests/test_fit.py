@@ -101,6 +101,7 @@ def test_fit_alternates_phases_logs_metrics_and_updates_weights(
     for key in ("perf/generate_s", "perf/train_s", "perf/sync_s", "perf/tokens_per_s"):
         assert metrics[key].notna().all()
     assert module.trainer.global_step == 8  # 4 phases x 2 optimizer steps
+    assert module.trainer.optimizers[0].param_groups[0]["fused"], "CPU parameters: fused AdamW, not the slow loop"
     changed = [n for n, p in module.policy.state_dict().items() if not torch.equal(p, initial[n])]
     assert len(changed) == len(initial), "every parameter should move (weight decay 0, non-zero advantages)"
     samples = (Path(module.trainer.logger.log_dir) / "samples.jsonl").read_text().splitlines()

@@ -211,7 +211,8 @@ class ThinkTwiceModule(pl.LightningModule):
         hp: Any = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
         check_update_resolution(self.policy, hp.learning_rate, str(self.trainer.precision), hp.dtype)
-        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, betas=hp.betas, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, betas=hp.betas, weight_decay=hp.weight_decay,
+                                      fused=_fused_on_cpu(params))  # fmt: skip
         if hp.lr_scheduler == "constant" and hp.warmup_steps == 0:
             return optimizer
         total = self.trainer.max_steps
@@ -435,6 +436,16 @@ def lr_factor(step: int, warmup: int, total: int | None, shape: str) -> float:
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 1.0 - progress if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _fused_on_cpu(params: list[torch.nn.Parameter]) -> bool | None:
+    """True (fused AdamW) when every trained parameter is a plain CPU tensor, else None (torch's choice: foreach on
+    GPUs). On CPU torch's default is a per-parameter loop: 0.9-1.1 s per step for SmolLM2-135M on one thread against
+    0.16-0.18 s fused, same memory, the same update up to float rounding (about 1e-9 on weights of 0.02)."""
+    from torch.distributed.tensor import DTensor
+
+    plain_cpu = all(p.device.type == "cpu" and not isinstance(p, DTensor) for p in params)
+    return True if params and plain_cpu else None
 
 
 def _rollouts_of(batch: PhaseBatch) -> RolloutBatch:
