@@ -4,8 +4,9 @@ transformers' ``sdpa`` attention lets torch handle grouped-query attention (``en
 mask, and otherwise repeats each K/V head to the query heads first (``repeat_kv``). On CPU every decoding step of a
 left-padded batch has a mask, so each step copied the whole KV cache ``num_key_value_groups`` times per layer: with
 SmolLM2-135M (9 query heads, 3 K/V heads) and 16 sequences of 300 tokens, 7.7 ms per layer against 2.2 ms with
-``enable_gqa``, the same output bit for bit. That copy grows with the context, which is why a refine phase (prompts
-about 3x longer than a solve phase's) paid more per generated token. Training on CPU gains the same way.
+``enable_gqa``, the same output bit for bit. The copy grows with the context (refine prompts are about 3x longer than
+solve prompts); whole ``generate`` calls of SmolLM2 with a padded prompt ran 13-14% faster, with the same tokens.
+Training runs the same function (same logits; gradients equal up to summation order), measured no slower.
 
 `use_grouped_sdpa` switches a loaded model that runs ``sdpa`` to `grouped_sdpa_attention` under the name
 ``sdpa_grouped``; off CPU, or for anything this function does not handle (position biases, paged caches, attention
