@@ -93,3 +93,15 @@ def test_fsdp2_bf16_mixed_keeps_fp32_shards_and_trains_at_lr_1e6(tmp_path: Path)
     assert result["global_step"] == 2
     assert result["weight_dtypes"] == ["torch.float32"]
     assert result["moved_elements_frac"] > 0.9
+
+
+def test_close_process_group_destroys_the_group_and_is_a_no_op_without_one() -> None:
+    import torch.distributed as dist
+
+    from thinktwice_pl.parallel import close_process_group
+
+    close_process_group()  # no group: nothing to do, no error
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert dist.is_initialized()
+    close_process_group()
+    assert not dist.is_initialized()
