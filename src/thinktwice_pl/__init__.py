@@ -16,6 +16,11 @@ import warnings
 #   the checkpoint holds the weights after the optimizer step, which is what a phase checkpoint must hold.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
+# - Lightning 2.6 recommends `self.log(..., sync_dist=True)` for epoch-level values whenever torch.distributed is
+#   initialized, and an in-process vLLM engine initializes a world-size-1 group in single-device runs, where
+#   sync_dist=True cannot silence it (Lightning turns it off on one device). Only for the evaluation's own names:
+#   callbacks/evaluation.py reduces them across ranks before it logs them.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val/|test/|perf/val_s|perf/test_s)")
 # Lightning 2.6 advertises its cloud products ("💡 Tip: ... litlogger / litmodels") in every run's log.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not r.getMessage().startswith("💡 Tip:"))
 # vLLM (CPU backend, engine inside this process; loggers exist before vllm is imported, so no vllm import here):
