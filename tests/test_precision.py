@@ -16,12 +16,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from thinktwice_pl import parallel
 from thinktwice_pl.builtin_models import build_tiny_model
 from thinktwice_pl.callbacks import RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.models import LoraSettings, load_causal_lm
 from thinktwice_pl.module import ThinkTwiceModule
-from thinktwice_pl.parallel import compute_dtype, lost_update_fraction
+from thinktwice_pl.parallel import check_cpu_bf16, compute_dtype, lost_update_fraction
 from thinktwice_pl.rollout.vllm import VLLMRolloutEngine
 
 
@@ -89,6 +90,7 @@ def test_bf16_mixed_keeps_fp32_weights_computes_in_bf16_and_moves_every_weight_a
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the precision warning must not fire
         warnings.filterwarnings("ignore", message=".*(hit rollout.max_completion_length|same reward for all)")
+        warnings.filterwarnings("ignore", message=".*this CPU has no bf16 hardware")  # on AVX2 machines: slow only
         module, initial, probe = _one_step(tied_model_dir, tmp_path, precision="bf16-mixed", dtype="float32")
     assert {p.dtype for p in module.policy.parameters()} == {torch.float32}  # master weights
     state = module.trainer.optimizers[0].state
@@ -111,6 +113,7 @@ def test_lora_adapters_stay_fp32_on_a_bf16_base_and_train_at_lr_1e6(tied_model_d
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*(hit rollout.max_completion_length|same reward for all)")
+        warnings.filterwarnings("ignore", message=".*this CPU has no bf16 hardware")  # on AVX2 machines: slow only
         module, initial, probe = _one_step(tied_model_dir, tmp_path, precision="bf16-mixed", dtype="bfloat16",
                                            lora=lora, steps=2)  # fmt: skip
     trained = {p.dtype for p in module.policy.parameters() if p.requires_grad}
@@ -138,3 +141,21 @@ def test_compute_dtype_follows_the_precision_flag_and_the_vllm_engine_uses_it(ti
     assert engine._engine_dtype(model.float(), torch.bfloat16) == "bfloat16"  # not the fp32 master weights
     assert engine._engine_dtype(model, None) == "float32"
     assert VLLMRolloutEngine(dtype="float16")._engine_dtype(model, torch.bfloat16) == "float16"  # explicit wins
+
+
+def test_bf16_on_a_cpu_without_bf16_hardware_warns_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    native = parallel.native_cpu_bf16()  # this machine's answer, from torch's CPU feature checks
+    assert native == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    monkeypatch.setattr(parallel, "native_cpu_bf16", lambda: False)
+    with pytest.warns(
+        UserWarning, match=r"precision=bf16-mixed .* no bf16 hardware .* 32-true"
+    ):
+        assert check_cpu_bf16("bf16-mixed", "float32", "cpu")
+    with pytest.warns(UserWarning, match=r"model.dtype=bfloat16"):  # bf16 weights compute in bf16 under 32-true
+        assert check_cpu_bf16("32-true", "bfloat16", "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not check_cpu_bf16("32-true", "float32", "cpu")
+        assert not check_cpu_bf16("bf16-mixed", "float32", "cuda")
+        monkeypatch.setattr(parallel, "native_cpu_bf16", lambda: True)
+        assert not check_cpu_bf16("bf16-mixed", "float32", "cpu")
