@@ -143,19 +143,20 @@ def test_compute_dtype_follows_the_precision_flag_and_the_vllm_engine_uses_it(ti
     assert VLLMRolloutEngine(dtype="float16")._engine_dtype(model, torch.bfloat16) == "float16"  # explicit wins
 
 
-def test_bf16_on_a_cpu_without_bf16_hardware_warns_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_on_a_cpu_without_bf16_hardware_warns_with_the_fix(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     native = parallel.native_cpu_bf16()  # this machine's answer, from torch's CPU feature checks
     assert native == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    fp32, bf16 = load_causal_lm(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir), dtype="bfloat16")
     monkeypatch.setattr(parallel, "native_cpu_bf16", lambda: False)
-    with pytest.warns(
-        UserWarning, match=r"precision=bf16-mixed .* no bf16 hardware .* 32-true"
-    ):
-        assert check_cpu_bf16("bf16-mixed", "float32", "cpu")
-    with pytest.warns(UserWarning, match=r"model.dtype=bfloat16"):  # bf16 weights compute in bf16 under 32-true
-        assert check_cpu_bf16("32-true", "bfloat16", "cpu")
+    with pytest.warns(UserWarning, match=r"precision=bf16-mixed .* no bf16 hardware .* 32-true"):
+        assert check_cpu_bf16("bf16-mixed", fp32, "cpu")
+    with pytest.warns(UserWarning, match=r"bfloat16 weights"):  # bf16 weights compute in bf16 under 32-true
+        assert check_cpu_bf16("32-true", bf16, "cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not check_cpu_bf16("32-true", "float32", "cpu")
-        assert not check_cpu_bf16("bf16-mixed", "float32", "cuda")
+        assert not check_cpu_bf16("32-true", fp32, "cpu")
+        assert not check_cpu_bf16("bf16-mixed", fp32, "cuda")
         monkeypatch.setattr(parallel, "native_cpu_bf16", lambda: True)
-        assert not check_cpu_bf16("bf16-mixed", "float32", "cpu")
+        assert not check_cpu_bf16("bf16-mixed", fp32, "cpu")

@@ -49,14 +49,7 @@ from thinktwice_pl.models import (
     load_causal_lm,
     load_tokenizer,
 )
-from thinktwice_pl.parallel import (
-    check_cpu_bf16,
-    check_divisible,
-    check_precision,
-    check_strategy,
-    check_update_resolution,
-    shard,
-)
+from thinktwice_pl.parallel import check_divisible, check_precision, check_strategy, check_update_resolution, shard
 from thinktwice_pl.types import EvalBatch, PhaseBatch, Rollout, RolloutBatch
 
 
@@ -213,7 +206,6 @@ class ThinkTwiceModule(pl.LightningModule):
         check_strategy(self.trainer.strategy, lora=self.lora is not None, quantized=self.quantization is not None)
         hp: Any = self.hparams
         check_divisible(hp.problems_per_batch, hp.mini_batch_problems or hp.problems_per_batch, self.trainer.world_size)
-        check_cpu_bf16(str(self.trainer.precision), hp.dtype, self.trainer.strategy.root_device.type)
 
     def configure_optimizers(self) -> Any:
         hp: Any = self.hparams

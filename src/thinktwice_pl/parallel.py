@@ -109,23 +109,25 @@ def native_cpu_bf16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def check_cpu_bf16(precision: str, dtype: str, device_type: str) -> bool:
-    """Warn (once, rank 0) when a CPU run computes in bf16 on a CPU without bf16 hardware; returns whether it warned.
+def check_cpu_bf16(precision: str, model: Any, device_type: str) -> bool:
+    """Warn (once, rank 0) when a CPU run computes in bf16 (`compute_dtype`) on a CPU without bf16 hardware; returns
+    whether it warned.
 
     Measured on a 2-core AVX2 EPYC, one thread: a 256x576 by 576x1536 matmul took 9 ms in fp32 and 89-95 ms in bf16
     (also under autocast), and the SmolLM2 recipe (bf16-mixed, vLLM in bf16) ran its phases 16-40x slower than on an
     EPYC with AVX512-BF16. The warning names the flags; the run goes on (the numbers are right, only slow).
     """
-    bf16 = "bf16" in precision or dtype == "bfloat16"  # bf16 weights compute in bf16 under 32-true too
-    if device_type != "cpu" or not bf16 or native_cpu_bf16():
+    if device_type != "cpu" or compute_dtype(precision, model) != torch.bfloat16 or native_cpu_bf16():
         return False
     from lightning.pytorch.utilities import rank_zero_warn
 
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     rank_zero_warn(
-        f"trainer.precision={precision} (model.dtype={dtype}) computes in bf16, and this CPU has no bf16 hardware "
-        f"(no AVX512-BF16 or AMX; torch reports {torch.backends.cpu.get_cpu_capability()}): torch emulates bf16 "
-        "matmuls (10x slower than fp32 on an AVX2 EPYC; the rollout engine samples in bf16 too). Unless you need bf16 "
-        "numerics, use --trainer.precision 32-true --model.dtype float32."
+        f"trainer.precision={precision} with {str(weights).removeprefix('torch.')} weights computes in bf16, and "
+        f"this CPU has no bf16 hardware (no AVX512-BF16 or AMX; torch reports "
+        f"{torch.backends.cpu.get_cpu_capability()}): torch emulates bf16 matmuls (10x slower than fp32 on an AVX2 "
+        "EPYC; the rollout engine samples in bf16 too). Unless you need bf16 numerics, use --trainer.precision "
+        "32-true --model.dtype float32."
     )
     return True
 

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from thinktwice_pl.batching import rank_slice
 from thinktwice_pl.errors import OutOfMemoryInPhase, is_out_of_memory
 from thinktwice_pl.models import trim_host_memory
-from thinktwice_pl.parallel import compute_dtype
+from thinktwice_pl.parallel import check_cpu_bf16, compute_dtype
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,
     DEFAULT_SOLVE_SUFFIX,
@@ -132,7 +132,9 @@ class RolloutCallback(Callback):
             return
         self.check_chat_template(pl_module.tokenizer)
         policy: Any = pl_module.policy
-        self.engine.setup(policy, pl_module.tokenizer, compute_dtype(str(trainer.precision), policy))
+        precision = str(trainer.precision)
+        check_cpu_bf16(precision, policy, trainer.strategy.root_device.type)  # the engine samples in that dtype too
+        self.engine.setup(policy, pl_module.tokenizer, compute_dtype(precision, policy))
         if trainer.state.fn != "fit":
             self.engine.sync_weights(policy)
         self.scorer = RewardScorer(self.reward, timeout_s=self.reward_timeout_s, num_workers=self.reward_workers)
