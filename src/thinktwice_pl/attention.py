@@ -58,7 +58,6 @@ def use_grouped_sdpa(model: Any) -> None:
 
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return
-    if NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(NAME, grouped_sdpa_attention)
-        AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the masks sdpa takes
+    AttentionInterface.register(NAME, grouped_sdpa_attention)  # registering again replaces it with itself
+    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the masks sdpa takes
     model.set_attn_implementation(NAME)
