@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -169,9 +170,12 @@ def test_crash_checkpoint_resumes_exactly_and_never_leaks_into_the_next_run(tmp_
         "model.micro_batch_size",
         "model.gradient_checkpointing=true",
         "rollout.max_completion_length (now 16)",
-        "the longest 328 tokens: 312 prompt + 16 completion",
     ):
         assert knob in error, knob
+    longest = re.search(r"the longest (\d+) tokens: (\d+) prompt \+ (\d+) completion", error)
+    assert longest, error
+    total, prompt, completion = map(int, longest.groups())
+    assert total == prompt + completion and prompt > 200 and 1 <= completion <= 16, error  # a refine prompt
     crash = "runs/tiny/version_0/checkpoints/crash-step=6.ckpt"
     assert saved == f"Saved the run after 3 phases, 6 optimizer steps to {crash}. Resume with:"
     assert command == f"  {shlex.join([sys.executable, '-m', 'thinktwice_pl', *FIT, '--ckpt_path', crash])}"

@@ -199,8 +199,10 @@ class InjectNaN(Callback):
 
 
 def test_non_finite_gradient_skips_the_step_and_the_run_goes_on(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # beta > 0: every sequence is in the loss, so the first step runs a backward (and the NaN hook) whatever its
+    # groups' rewards were
     with pytest.warns(UserWarning, match=r"phase batch 0 \(solve\): the gradient norm is NaN or infinite"):
-        module, metrics = _fit(tiny_model_dir, tmp_path, max_steps=4, callbacks=[InjectNaN()])
+        module, metrics = _fit(tiny_model_dir, tmp_path, max_steps=4, callbacks=[InjectNaN()], beta=0.04)
     assert module.trainer.global_step == 4  # the skipped step still counts: phases and steps stay aligned
     skipped = metrics.set_index("step")["train/solve/skipped_steps"].dropna()
     assert skipped.to_dict() == {0: 1.0}, "the first solve step (of 2) is skipped, nothing else"

@@ -117,6 +117,39 @@ def test_qlora_fit_on_cpu_trains_adapters_over_frozen_4bit_weights(tiny_model_di
     assert metrics["train/refine/grad_norm"].dropna().gt(0).all()
 
 
+def test_qlora_generation_keeps_its_kv_cache_under_gradient_checkpointing(tiny_model_dir: Path) -> None:
+    """A 4-bit policy generates in train mode (eval mode would break its next backward), where transformers drops
+    the KV cache when gradient checkpointing is on: every step would recompute the whole sequence. The engine pauses
+    checkpointing while it decodes, so each step runs one token per row, and the next backward still works."""
+    pytest.importorskip("bitsandbytes")
+    from thinktwice_pl.prompts import encode_chat, solve_messages
+    from thinktwice_pl.rollout import HFRolloutEngine, SamplingConfig
+
+    module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), lora=LoraSettings(rank=4, alpha=8),
+                              quantization=QuantizationSettings(compute_dtype="float32"),
+                              gradient_checkpointing=True)  # fmt: skip
+    module.configure_model()
+    policy, tok = module.policy, module.tokenizer
+    checkpointed = [m for m in policy.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    assert checkpointed and policy.training
+    engine = HFRolloutEngine()
+    engine.setup(policy, tok)
+    prompt = encode_chat(solve_messages("What is 2 + 3?"), tok)
+    tokens: list[int] = []
+    handle = policy.get_decoder().register_forward_pre_hook(
+        lambda _m, args, kwargs: tokens.append((kwargs.get("input_ids") if kwargs.get("input_ids") is not None
+                                                else args[0]).shape[1]), with_kwargs=True)  # fmt: skip
+    try:
+        out = engine.generate([prompt], 2, SamplingConfig(temperature=1.0, max_new_tokens=6, seed=0))
+    finally:
+        handle.remove()
+    assert tokens[0] == len(prompt) - 1 and all(t == 1 for t in tokens[1:])  # prefill once, then one token a step
+    assert all(getattr(m, "gradient_checkpointing", False) is True for m in checkpointed) and policy.training
+    ids = torch.tensor([prompt + out[0][0].token_ids])
+    policy(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for n, p in policy.named_parameters() if "lora_" in n and p.requires_grad)
+
+
 def test_quantization_without_lora_is_refused() -> None:
     with pytest.raises(ValueError, match=r"model\.quantization \(QLoRA\) needs model\.lora"):
         ThinkTwiceModule(quantization=QuantizationSettings())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -44,6 +45,50 @@ def test_padded_micro_batch_logprobs_equal_unpadded_forward(tiny_model_dir: Path
         expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(r.completion_ids)[:, None])[:, 0]
         torch.testing.assert_close(logprobs[row, : len(r.completion_ids)], expected, atol=1e-5, rtol=1e-5)
     assert torch.all(entropy == 0)  # entropy is only computed on the training (with_grad) path
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_forward_gives_the_log_probs_and_gradients_of_the_joint_forward(
+    tiny_model_dir: Path, checkpointing: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows that share a prompt (a group's samples): each distinct prompt runs once and its KV cache is gathered to
+    its rows. Log-probs and the gradient of a loss over them equal those of one forward over prompt + completion
+    per row, with and without gradient checkpointing (whose backward runs each layer's forward again), and
+    transformers does not warn about the cache."""
+    from thinktwice_pl.batching import collate
+    from thinktwice_pl.models import completion_logprobs, load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir), gradient_checkpointing=checkpointing)
+    torch.manual_seed(0)
+    prompts = [torch.randint(5, 500, (n,)).tolist() for n in (7, 3, 11)]
+    rows = [(0, 4), (0, 9), (1, 2), (0, 1), (2, 6), (1, 5), (1, 3)]  # (prompt, completion length): groups interleaved
+    batch = collate([prompts[p] for p, _ in rows], [torch.randint(5, 500, (c,)).tolist() for _, c in rows], 0)
+    assert batch.num_prompts == 3 and batch.first_rows.tolist() == [0, 2, 4]
+    weights = torch.randn(len(rows), batch.completion_mask.shape[1]) * batch.completion_mask
+    results = []
+    for share in (True, False):
+        model.zero_grad(set_to_none=True)
+        calls: list[tuple[int, int]] = []
+        hook = model.get_decoder().register_forward_pre_hook(
+            lambda _m, _a, kw, calls=calls: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)  # fmt: skip
+        try:
+            logprobs, entropy = completion_logprobs(model, batch, temperature=0.8, chunk_size=5, with_grad=True,
+                                                    share_prompts=share)  # fmt: skip
+        finally:
+            hook.remove()
+        (logprobs * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((logprobs.detach() * batch.completion_mask, entropy * batch.completion_mask, grads, calls))
+    (shared_lp, shared_ent, shared_grads, shared_calls), (joint_lp, joint_ent, joint_grads, joint_calls) = results
+    torch.testing.assert_close(shared_lp, joint_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared_ent, joint_ent, atol=1e-5, rtol=1e-5)
+    for name, grad in joint_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert joint_calls == [(7, batch.input_ids.shape[1])]
+    assert shared_calls == [(3, 11), (7, batch.completion_mask.shape[1])]  # 3 prompts once, then the completions
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+    layers = [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")]
+    assert layers and all(m._can_checkpoint_with_cache is False for m in layers)  # the class's value again
 
 
 def test_refine_signals_by_hand() -> None:

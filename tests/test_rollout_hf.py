@@ -132,31 +132,90 @@ def test_each_prompt_is_prefilled_once_for_its_samples(engine: HFRolloutEngine) 
     assert all(call == (8, 1) for call in calls[1:]) and 2 <= len(calls) <= 7
 
 
-def test_prefilled_samples_are_those_of_plain_generate_with_the_same_seed(engine: HFRolloutEngine) -> None:
-    """Same seed, same samples as ``generate(num_return_sequences=G)`` (the engine before prefill-once): the sampler
-    draws the same [B * G, V] tensors in the same order; only the prompt's KV is computed once instead of G times."""
+def test_decoding_from_the_reserved_cache_equals_transformers_generate(engine: HFRolloutEngine) -> None:
+    """Greedy decoding of left-padded prompts of different lengths (prefill once, KV written in place into reserved
+    buffers, one token per step) gives the tokens of transformers' own ``generate``."""
     from torch.nn.utils.rnn import pad_sequence
 
-    from thinktwice_pl.rollout.hf import NEUTRAL_PROCESSORS, eos_token_ids
+    from thinktwice_pl.rollout.hf import eos_token_ids
 
     prompts, tok, model = _prompts(engine), engine.tokenizer, engine.model
-    got = engine.generate(prompts, 4, SamplingConfig(temperature=1.0, max_new_tokens=8, seed=11))
+    got = engine.generate(prompts, 2, SamplingConfig(temperature=0.0, max_new_tokens=12))
     rows = [torch.tensor(p) for p in prompts]
     ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_token_id, padding_side="left")
     mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
     model.eval()
-    with torch.random.fork_rng(), torch.no_grad():
-        torch.manual_seed(11)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                             max_new_tokens=8, num_return_sequences=4, eos_token_id=eos_token_ids(model, tok),
-                             pad_token_id=tok.pad_token_id, **NEUTRAL_PROCESSORS)  # fmt: skip
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                             eos_token_id=eos_token_ids(model, tok), pad_token_id=tok.pad_token_id,
+                             repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)  # fmt: skip
     model.train()
     eos = set(eos_token_ids(model, tok))
-    plain = []
+    expected = []
     for row in out[:, ids.shape[1] :].tolist():
         stop = next((k for k, t in enumerate(row) if t in eos), None)
-        plain.append(row if stop is None else row[: stop + 1])
-    assert [c.token_ids for g in got for c in g] == plain
+        expected += [row if stop is None else row[: stop + 1]] * 2
+    assert [c.token_ids for g in got for c in g] == expected
+
+
+def test_a_one_token_prompt_decodes_without_a_prefill(engine: HFRolloutEngine) -> None:
+    model, bos = engine.model, engine.tokenizer.bos_token_id or 0
+    got = engine.generate([[bos]], 1, SamplingConfig(temperature=0.0, max_new_tokens=6))[0][0].token_ids
+    ids, expected = [bos], []
+    with torch.no_grad():
+        for _ in range(len(got)):
+            expected.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            ids.append(expected[-1])
+    assert got == expected
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, None, 1.0), (0.7, 20, 1.0), (1.3, None, 0.8),
+                                                             (0.6, 50, 0.9), (1.0, 5, 0.5)])  # fmt: skip
+def test_sampling_distribution_is_that_of_transformers_warpers(temperature: float, top_k: int | None,
+                                                                top_p: float) -> None:  # fmt: skip
+    """Temperature, then top-k, then top-p: the probabilities of every vocabulary entry equal those of transformers'
+    logits warpers applied in generate()'s order."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from thinktwice_pl.rollout.hf import sampling_distribution
+
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(0)) * 3
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    expected = torch.softmax(warpers(None, logits.clone()), dim=-1)
+    probs, candidates = sampling_distribution(logits, sampling)
+    full = torch.zeros_like(logits)
+    full.scatter_(-1, candidates, probs) if candidates is not None else full.copy_(probs)
+    torch.testing.assert_close(full / full.sum(-1, keepdim=True), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_sampler_draws_each_token_with_its_probability() -> None:
+    """40,000 draws from one row of logits: token frequencies within 4.5 standard errors of the distribution,
+    tokens outside the top-k / top-p set never drawn, greedy is the argmax."""
+    from thinktwice_pl.rollout.hf import sample_next_tokens
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2]).repeat(40_000, 1)
+    torch.manual_seed(0)
+    for sampling, kept in ((SamplingConfig(temperature=0.8), 8), (SamplingConfig(temperature=1.2, top_k=3), 3),
+                           (SamplingConfig(temperature=1.0, top_p=0.75), 3)):  # fmt: skip
+        drawn = sample_next_tokens(logits, sampling)
+        freq = torch.bincount(drawn, minlength=8).double() / len(drawn)
+        probs = torch.softmax(logits[0].double() / sampling.temperature, -1)
+        top = probs.argsort(descending=True)[:kept]
+        expected = torch.zeros(8, dtype=torch.float64)
+        expected[top] = probs[top] / probs[top].sum()
+        stderr = (expected * (1 - expected) / len(drawn)).sqrt()
+        assert ((freq - expected).abs() <= 4.5 * stderr + 1e-12).all(), (sampling, freq, expected)
+    assert (sample_next_tokens(logits[:3], SamplingConfig(temperature=0.0)) == 0).all()
 
 
 def test_sampled_tokens_have_the_log_probs_of_a_plain_forward(engine: HFRolloutEngine) -> None:

@@ -176,6 +176,13 @@ class Collated:
     position_ids: torch.Tensor  # [n, P + C], counting real tokens only (left padding does not shift positions)
     completion_mask: torch.Tensor  # [n, C], 1 on completion tokens
     prompt_width: int  # P
+    prompt_index: torch.Tensor  # [n]: which distinct prompt each row has (0, 1, ... in order of first appearance)
+    first_rows: torch.Tensor  # [U]: the first row of each distinct prompt
+
+    @property
+    def num_prompts(self) -> int:
+        """How many distinct prompts the rows have (the G samples of a group share one)."""
+        return len(self.first_rows)
 
 
 def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Collated:
@@ -189,10 +196,14 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int)
     completion_ids = padded(completions, pad_id, "right")  # [n, C]
     completion_mask = padded([[1] * len(c) for c in completions], 0, "right")  # [n, C]
     attention = torch.cat([prompt_mask, completion_mask], dim=1)  # [n, P + C]
+    distinct: dict[tuple[int, ...], int] = {}
+    index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
     return Collated(
         input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
         attention_mask=attention,
         position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
         completion_mask=completion_mask,
         prompt_width=prompt_ids.shape[1],
+        prompt_index=torch.tensor(index, dtype=torch.long),
+        first_rows=torch.tensor([index.index(i) for i in range(len(distinct))], dtype=torch.long),
     )

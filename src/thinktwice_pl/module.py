@@ -95,6 +95,9 @@ class ThinkTwiceModule(pl.LightningModule):
         max_completion_length: completion token limit (linked from rollout.max_completion_length);
             the dr_grpo normaliser.
         logprob_chunk_size: positions per chunk when computing token log-probs (memory knob).
+        share_prompts: in each forward/backward, run a prompt shared by several sequences (a group's samples) once
+            and reuse its KV cache for their completions: the same log-probs and gradients for fewer tokens (with
+            or without gradient checkpointing). Not used under FSDP2 or on models with sliding-window attention.
         log_completions: sample completions written to the loggers per phase (0 = none).
         importance_sampling_cap: truncated importance-sampling correction for the sampler/trainer
             mismatch (Yao et al., 2025): each token's policy-gradient loss is weighted by
@@ -132,6 +135,7 @@ class ThinkTwiceModule(pl.LightningModule):
         temperature: float = 1.0,
         max_completion_length: int = 3000,
         logprob_chunk_size: int = 1024,
+        share_prompts: bool = True,
         log_completions: int = 2,
         importance_sampling_cap: float | None = None,
     ) -> None:
@@ -384,7 +388,7 @@ class ThinkTwiceModule(pl.LightningModule):
                         self.tokenizer.pad_token_id or 0)  # fmt: skip
         logprobs, entropy = completion_logprobs(
             model if model is not None else self.policy, batch, temperature=self.hparams.temperature,
-            chunk_size=self.hparams.logprob_chunk_size, with_grad=grad,
+            chunk_size=self.hparams.logprob_chunk_size, with_grad=grad, share_prompts=self.hparams.share_prompts,
         )  # fmt: skip
         return logprobs, entropy, batch.completion_mask.to(logprobs.device, logprobs.dtype)
 

@@ -3,38 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from thinktwice_pl.models import is_quantized
+from thinktwice_pl.models import is_quantized, is_sharded
 from thinktwice_pl.types import Completion, FinishReason
 
 if TYPE_CHECKING:
     from thinktwice_pl.rollout import SamplingConfig
-
-
-# Explicit neutral values for every logits processor that reshapes the sampling distribution: generate() fills
-# unset arguments from the model's generation_config (e.g. repetition_penalty=1.1, min_new_tokens), which would
-# make the sampler draw from a different distribution than the one the loss assumes.
-NEUTRAL_PROCESSORS: dict[str, Any] = {
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "min_new_tokens": 0,  # also resets min_length (generate sets it to prompt length + min_new_tokens)
-    "min_p": None,  # off (an explicit None beats the model's generation_config; 0.0 would warn when greedy)
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "bad_words_ids": None,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "forced_bos_token_id": None,
-    "forced_eos_token_id": None,
-    "sequence_bias": None,
-    "renormalize_logits": False,
-}
 
 
 class HFRolloutEngine:
@@ -82,18 +62,19 @@ class HFRolloutEngine:
         device = next(self.model.parameters()).device
         rng_devices = [device] if device.type == "cuda" else []
         was_training = self.model.training
-        # eval: no dropout, and gradient checkpointing would otherwise switch the KV cache off. Not for 4-bit
-        # bitsandbytes + LoRA: generating in eval mode breaks the next backward (an in-place view error); in
-        # train mode under no_grad it does not (dropout is off unless model.lora.dropout > 0).
+        # eval: no dropout. Not for 4-bit bitsandbytes + LoRA: generating in eval mode breaks the next backward (an
+        # in-place view error); in train mode under no_grad it does not (dropout is off unless model.lora.dropout >
+        # 0). In train mode, gradient checkpointing would switch the KV cache off (quadratic decoding): paused.
         if not is_quantized(self.model):
             self.model.eval()
         # FSDP2: every forward gathers parameter shards collectively, so ranks whose samples finish early keep
         # stepping until all ranks are done (transformers' synced_gpus)
-        synced = _is_sharded(self.model)
+        synced = is_sharded(self.model)
         try:
             with (
                 torch.random.fork_rng(devices=rng_devices) if sampling.seed is not None else contextlib.nullcontext(),
                 self._autocast(device),
+                _checkpointing_paused(self.model),
             ):
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
@@ -121,35 +102,11 @@ class HFRolloutEngine:
         input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")  # [B, P]
         attention_mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        width = input_ids.shape[1]
-        greedy = sampling.temperature == 0
-        samples = 1 if greedy else n  # greedy samples are identical: decode once, repeat
-        # prefill once per prompt: the KV of all prompt tokens but the last, computed for B rows and expanded to the
-        # B * samples rows (sample j of prompt i at row i * samples + j, as num_return_sequences orders them);
-        # generate() then runs only the last prompt token and the decoding steps
-        cache = self._prefill(input_ids, attention_mask, samples) if width > 1 else None
-        if samples > 1:
-            input_ids = input_ids.repeat_interleave(samples, dim=0)  # [B * n, P]
-            attention_mask = attention_mask.repeat_interleave(samples, dim=0)
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy else (sampling.top_k or 0),
-            max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=1,
-            eos_token_id=eos_ids,
-            pad_token_id=pad_id,
-            use_cache=True,
-            synced_gpus=synced,
-            **NEUTRAL_PROCESSORS,
-        )  # [B * samples, P + L], sample j of prompt i at row i * samples + j
+        samples = 1 if sampling.temperature == 0 else n  # greedy samples are identical: decode once, repeat
+        tokens = self._decode(input_ids, attention_mask, samples, sampling, eos_ids, pad_id, synced)  # [B * samples, L]
         if samples < n:
-            out = out.repeat_interleave(n, dim=0)
-        new_tokens = out[:, width:].tolist()
+            tokens = tokens.repeat_interleave(n, dim=0)
+        new_tokens = tokens.tolist()
         results: list[list[Completion]] = []
         for i in range(len(prompts)):
             group = []
@@ -166,28 +123,185 @@ class HFRolloutEngine:
             results.append(group)
         return results
 
-    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, samples: int) -> Any:
-        """The KV cache of every prompt token but the last (``[B, P - 1]`` left-padded prompts), computed once per
-        prompt and repeated for its `samples` rows. Positions count real tokens, as generate() counts them; no
-        logits are computed (an empty `logits_to_keep`)."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P], 0 on left padding
-        out = self.model(
-            input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
-            use_cache=True, logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
-        )  # fmt: skip
-        cache = out.past_key_values
-        if cache is None:  # no KV cache (a model in train mode with gradient checkpointing): generate() prefills
-            return None
+    def _decode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        samples: int,
+        sampling: SamplingConfig,
+        eos_ids: list[int],
+        pad_id: int,
+        synced: bool,
+    ) -> torch.Tensor:
+        """Sample up to ``max_new_tokens`` tokens for each of the ``samples`` rows of each left-padded prompt.
+
+        The prompt is prefilled once (all its tokens but the last, for its B rows), its KV cache copied to the
+        B * samples rows of its samples (sample j of prompt i at row i * samples + j) into buffers reserved for the
+        whole generation, then every step runs one token per row. Rows that ended keep stepping (pad tokens, never
+        read) until all rows have ended; under FSDP2, until every rank's rows have (each step gathers shards
+        collectively). Returns the new tokens, ``[B * samples, steps]``, pad after a row's EOS.
+        """
+        model, device = self.model, input_ids.device
+        width = input_ids.shape[1]
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P], real tokens count from 0
+        capacity = width + sampling.max_new_tokens
+        if width > 1:
+            out = model(
+                input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+                use_cache=True, logits_to_keep=_NO_LOGITS.to(device),
+            )  # fmt: skip
+            cache = _require_cache(out.past_key_values, model)
+            reserve_cache(cache, samples, capacity)
+        else:
+            cache = DynamicCache(config=model.config)
         if samples > 1:
-            cache.batch_repeat_interleave(samples)  # [B * samples, ...] per layer, rows of a prompt together
-        return cache
+            input_ids = input_ids.repeat_interleave(samples, dim=0)  # [B * samples, P]
+            attention_mask = attention_mask.repeat_interleave(samples, dim=0)
+            positions = positions.repeat_interleave(samples, dim=0)
+        rows = input_ids.shape[0]
+        step_ids, step_pos = input_ids[:, -1:], positions[:, -1:]
+        eos = torch.tensor(eos_ids, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        mask = torch.ones(rows, capacity, dtype=attention_mask.dtype, device=device)
+        mask[:, :width] = attention_mask  # [rows, capacity]: the prompt's padding, then every new position
+        new: list[torch.Tensor] = []
+        for step in range(sampling.max_new_tokens):
+            logits = model(
+                input_ids=step_ids, attention_mask=mask[:, : width + step], position_ids=step_pos,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            ).logits[:, -1, :]  # fmt: skip
+            if step == 0 and width == 1:
+                reserve_cache(cache, 1, capacity)
+            token = sample_next_tokens(logits, sampling).masked_fill_(done, pad_id)
+            new.append(token)
+            done |= torch.isin(token, eos)
+            if _all_done(done, synced):
+                break
+            step_ids, step_pos = token[:, None], step_pos + 1
+        return torch.stack(new, dim=1)
 
 
-def _is_sharded(model: Any) -> bool:
-    """True when the model holds FSDP2 (DTensor) parameter shards."""
-    from torch.distributed.tensor import DTensor
+_NO_LOGITS = torch.zeros(0, dtype=torch.long)  # logits_to_keep for the prefill: no logits at all
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+
+def _require_cache(cache: Any, model: Any) -> Any:
+    if cache is None:
+        raise RuntimeError(
+            f"{type(model).__name__} returned no KV cache with use_cache=True; the HF rollout engine needs one "
+            "(gradient checkpointing is paused during generation, so this model does not support caching)"
+        )
+    return cache
+
+
+def _all_done(done: torch.Tensor, synced: bool) -> bool:
+    """Whether every row has ended; under FSDP2 (`synced`), every row of every rank."""
+    if not synced:
+        return bool(done.all())
+    import torch.distributed as dist
+
+    pending = (~done).sum().to(torch.float32)
+    dist.all_reduce(pending)
+    return bool(pending == 0)
+
+
+class _ReservedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views into buffers reserved for the whole generation.
+
+    transformers' `DynamicLayer` appends a step with ``torch.cat``, which copies the layer's whole cache at every
+    step (quadratic in the length; 8% of a 64-token SmolLM2 generation on CPU). Here a step is written in place and
+    the returned keys/values are views of the filled part. Past the reserved capacity it falls back to
+    concatenation, so it is never wrong, only slower.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int, capacity: int) -> None:
+        super().__init__()
+        rows, heads, length, _ = keys.shape
+        self.dtype, self.device = keys.dtype, keys.device
+        buffers = []
+        for states in (keys, values):
+            buffer = states.new_empty(rows * repeats, heads, max(capacity, length), states.shape[-1])
+            # row i * repeats + j holds prompt i's states, without an intermediate repeat_interleave copy
+            buffer.view(rows, repeats, *buffer.shape[1:])[..., :length, :].copy_(states[:, None])
+            buffers.append(buffer)
+        self._key_buffer, self._value_buffer = buffers
+        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+        if end > self._key_buffer.shape[-2] or self.keys.data_ptr() != self._key_buffer.data_ptr():
+            return super().update(key_states, value_states, *args, **kwargs)
+        self._key_buffer[:, :, start:end] = key_states
+        self._value_buffer[:, :, start:end] = value_states
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+
+def reserve_cache(cache: Any, repeats: int, capacity: int) -> None:
+    """Turn every plain `DynamicLayer` of a filled `DynamicCache` into a `_ReservedLayer` holding each row
+    `repeats` times (rows of one prompt together) with room for `capacity` positions. Other layer kinds (sliding
+    windows, quantized caches) are repeated as they are."""
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel() > 0:
+            cache.layers[index] = _ReservedLayer(layer.keys, layer.values, repeats, capacity)
+        elif repeats > 1:
+            layer.batch_repeat_interleave(repeats)
+
+
+def sample_next_tokens(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """One token per row from ``[rows, V]`` logits: argmax when ``temperature == 0``, else a draw from
+    `sampling_distribution`.
+
+    The draw inverts the cumulative distribution with one uniform number per row (in float64): an exact sample of
+    the same categorical distribution as ``torch.multinomial``, which instead draws one exponential number per
+    vocabulary entry (21 ms per step for 16 rows x 49k tokens on one CPU core, about 7% of decoding). The tokens
+    drawn for a given seed therefore differ from transformers' `generate`; their distribution does not.
+    """
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs, candidates = sampling_distribution(logits, sampling)
+    cdf = probs.double().cumsum(dim=-1)  # [rows, V'], unnormalised
+    draw = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    # the first column whose cumulative mass exceeds the draw: never a zero-probability column
+    choice = torch.searchsorted(cdf, draw, right=True).clamp_(max=cdf.shape[-1] - 1)  # [rows, 1]
+    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
+
+
+def sampling_distribution(logits: torch.Tensor, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The distribution a sampled token is drawn from: softmax(logits / T) restricted to the top-k tokens, then to
+    the top-p nucleus, in that order (the order of transformers' and vLLM's samplers).
+
+    Returns ``(probs, candidates)``: ``probs`` ``[rows, V']``, not renormalised after the top-p cut;
+    ``candidates`` the vocabulary id of each column, or None when the columns are the whole vocabulary in order.
+    """
+    logits = logits.float() / sampling.temperature
+    candidates = None
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        logits, candidates = logits.topk(sampling.top_k, dim=-1)  # sorted, largest first
+    probs = torch.softmax(logits, dim=-1)
+    if sampling.top_p < 1.0:
+        if candidates is None:
+            probs, candidates = probs.sort(dim=-1, descending=True)
+        # keep a token while the mass strictly above it is below top_p (the most likely token always stays)
+        above = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(above >= sampling.top_p, 0.0)
+    return probs, candidates
+
+
+@contextlib.contextmanager
+def _checkpointing_paused(model: Any) -> Iterator[None]:
+    """Switch gradient checkpointing off on every module that has it on, and back on afterwards: under
+    ``no_grad`` it saves nothing, and in train mode transformers drops the KV cache for it."""
+    paused = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in paused:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in paused:
+            module.gradient_checkpointing = True
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
