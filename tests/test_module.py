@@ -91,6 +91,18 @@ def test_shared_prompt_forward_gives_the_log_probs_and_gradients_of_the_joint_fo
     assert layers and all(m._can_checkpoint_with_cache is False for m in layers)  # the class's value again
 
 
+def test_prompt_sharing_is_off_for_sliding_window_attention(tiny_model_dir: Path) -> None:
+    from thinktwice_pl.models import load_causal_lm, prompt_sharing_blocker
+
+    model = load_causal_lm(str(tiny_model_dir))
+    assert prompt_sharing_blocker(model) is None
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    assert prompt_sharing_blocker(model) == "attention layers ['full_attention', 'sliding_attention']"
+    model.config.layer_types = ["full_attention", "full_attention"]
+    model.config.use_sliding_window, model.config.sliding_window = True, 8
+    assert prompt_sharing_blocker(model) == "sliding-window attention"
+
+
 def test_refine_signals_by_hand() -> None:
     rollouts = [
         _rollout([1], [2], reward=1.0, base_correct=False),  # fixed

@@ -269,18 +269,24 @@ def completion_logprobs(
 def prompt_sharing_blocker(model: Any) -> str | None:
     """Why the shared-prompt forward of `completion_logprobs` cannot run on `model`, or None when it can.
 
-    - FSDP2 shards: two forwards of the root unit before one backward are not a pattern FSDP2's hooks are built
+    - FSDP (2 or 1): two forwards of the root unit before one backward are not a pattern FSDP's hooks are built
       for, so sharded runs keep the single forward;
     - attention other than full causal attention in some layer (sliding windows, linear attention): the prompt's
       cache is kept whole, which only full attention reads as the joint forward does.
     """
     if is_sharded(model):
         return "FSDP2"
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return "FSDP"
     config = base_model(model).config.get_text_config(decoder=True)
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"} or (getattr(config, "use_sliding_window", bool(getattr(config, "sliding_window",
-                                                                                         None)))):  # fmt: skip
-        return f"attention layers {sorted(kinds)}" if kinds != {"full_attention"} else "sliding-window attention"
+    if kinds != {"full_attention"}:
+        return f"attention layers {sorted(kinds)}"
+    # Qwen2/3 carry a sliding_window they do not use (use_sliding_window: false); Mistral-style configs use it
+    if getattr(config, "use_sliding_window", getattr(config, "sliding_window", None) is not None):
+        return "sliding-window attention"
     return None
 
 

@@ -97,7 +97,7 @@ class ThinkTwiceModule(pl.LightningModule):
         logprob_chunk_size: positions per chunk when computing token log-probs (memory knob).
         share_prompts: in each forward/backward, run a prompt shared by several sequences (a group's samples) once
             and reuse its KV cache for their completions: the same log-probs and gradients for fewer tokens (with
-            or without gradient checkpointing). Not used under FSDP2 or on models with sliding-window attention.
+            or without gradient checkpointing). Not used under FSDP or on models with sliding-window attention.
         log_completions: sample completions written to the loggers per phase (0 = none).
         importance_sampling_cap: truncated importance-sampling correction for the sampler/trainer
             mismatch (Yao et al., 2025): each token's policy-gradient loss is weighted by
