@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=4, help="sequences in the optimizer step (even)")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--completion", type=int, default=1024)
-    parser.add_argument("--chunk", type=int, default=1024, help="model.logprob_chunk_size")
+    parser.add_argument("--chunk", type=int, default=256, help="model.logprob_chunk_size")
     parser.add_argument("--max-tokens-per-microbatch", type=int, default=2560)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--dtype", default="float32")

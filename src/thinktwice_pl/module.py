@@ -94,7 +94,9 @@ class ThinkTwiceModule(pl.LightningModule):
             from rollout.temperature).
         max_completion_length: completion token limit (linked from rollout.max_completion_length);
             the dr_grpo normaliser.
-        logprob_chunk_size: positions per chunk when computing token log-probs (memory knob).
+        logprob_chunk_size: positions per chunk when computing token log-probs (memory knob): the fp32 logits of
+            at most this many positions exist at once, with their softmax and gradient (256 x vocabulary x 4 bytes
+            each: 50 MB for SmolLM2, 156 MB for Qwen3).
         share_prompts: in each forward/backward, run a prompt shared by several sequences (a group's samples) once
             and reuse its KV cache for their completions: the same log-probs and gradients for fewer tokens (with
             or without gradient checkpointing). Not used under FSDP or on models with sliding-window attention.
@@ -134,7 +136,7 @@ class ThinkTwiceModule(pl.LightningModule):
         mask_truncated_completions: bool = False,
         temperature: float = 1.0,
         max_completion_length: int = 3000,
-        logprob_chunk_size: int = 1024,
+        logprob_chunk_size: int = 256,
         share_prompts: bool = True,
         log_completions: int = 2,
         importance_sampling_cap: float | None = None,
