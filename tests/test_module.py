@@ -91,6 +91,23 @@ def test_shared_prompt_forward_gives_the_log_probs_and_gradients_of_the_joint_fo
     assert layers and all(m._can_checkpoint_with_cache is False for m in layers)  # the class's value again
 
 
+def test_a_layer_that_drops_the_shared_prompt_cache_is_an_error_not_wrong_log_probs(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should checkpointed layers drop the cache anyway (another transformers, another wrapper), the completions would
+    attend to themselves alone: the forward checks every layer read the prompt."""
+    import contextlib
+
+    import thinktwice_pl.models as models
+    from thinktwice_pl.batching import collate
+
+    monkeypatch.setattr(models, "_cache_kept_under_checkpointing", lambda _model: contextlib.nullcontext())
+    model = models.load_causal_lm(str(tiny_model_dir), gradient_checkpointing=True)
+    batch = collate([[5, 6, 7]] * 2, [[8, 9], [10]], 0)
+    with pytest.raises(RuntimeError, match="did not read the shared prompt's KV cache"):
+        models.completion_logprobs(model, batch, temperature=1.0, chunk_size=8, with_grad=True)
+
+
 def test_prompt_sharing_is_off_for_sliding_window_attention(tiny_model_dir: Path) -> None:
     from thinktwice_pl.models import load_causal_lm, prompt_sharing_blocker
 

@@ -248,9 +248,12 @@ def completion_logprobs(
                     model(input_ids=input_ids[first, :start], attention_mask=attention[first, :start],
                           position_ids=positions[first, :start], past_key_values=recorder, use_cache=False,
                           logits_to_keep=no_logits)  # fmt: skip
+                    reader = _PromptReader.cache(recorder, index)
                     model(input_ids=input_ids[:, start:], attention_mask=attention, position_ids=positions[:, start:],
-                          past_key_values=_PromptReader.cache(recorder, index), use_cache=False,
-                          logits_to_keep=no_logits)  # fmt: skip
+                          past_key_values=reader, use_cache=False, logits_to_keep=no_logits)  # fmt: skip
+                if not reader.layers or any(layer.reads == 0 for layer in reader.layers):
+                    raise RuntimeError(f"{type(base).__name__}: a layer did not read the shared prompt's KV cache; "
+                                       "set model.share_prompts=false")  # fmt: skip
             else:
                 model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False,
                       logits_to_keep=no_logits)  # fmt: skip
@@ -271,6 +274,8 @@ def prompt_sharing_blocker(model: Any) -> str | None:
 
     - FSDP (2 or 1): two forwards of the root unit before one backward are not a pattern FSDP's hooks are built
       for, so sharded runs keep the single forward;
+    - gradient checkpointing with a transformers whose checkpointed layers cannot be told to keep a cache (no
+      `_can_checkpoint_with_cache`; a layer that still drops it fails the forward's read check instead);
     - attention other than full causal attention in some layer (sliding windows, linear attention): the prompt's
       cache is kept whole, which only full attention reads as the joint forward does.
     """
@@ -280,6 +285,11 @@ def prompt_sharing_blocker(model: Any) -> str | None:
 
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         return "FSDP"
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if model.training and checkpointed and not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache"):
+        return "gradient checkpointing (this transformers version drops a KV cache under it)"
     config = base_model(model).config.get_text_config(decoder=True)
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
@@ -318,6 +328,7 @@ class _PromptReader(DynamicLayer):
         super().__init__()
         self.dtype, self.device = keys.dtype, keys.device
         self.keys, self.values, self.is_initialized = keys, values, True
+        self.reads = 0  # a layer that never read the prompt would have attended to its completion alone
 
     @classmethod
     def cache(cls, recorder: DynamicCache, index: torch.Tensor) -> DynamicCache:
@@ -331,6 +342,7 @@ class _PromptReader(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reads += 1
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
