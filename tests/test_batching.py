@@ -31,6 +31,23 @@ def test_micro_batches_sort_by_length_and_respect_size_and_budget() -> None:
     assert micro_batches([1], LENGTHS, None, 5) == [[1]]  # over the budget alone: it still runs
 
 
+def test_micro_batches_keep_groups_together_and_count_a_shared_prompt_once() -> None:
+    # 3 groups of 4: prompts 100, 50, 100 tokens; completions vary within each group
+    lengths = [(100, c) for c in (9, 1, 5, 3)] + [(50, c) for c in (2, 8, 4, 6)] + [(100, c) for c in (7, 2, 2, 1)]
+    rows = list(range(12))
+    # by total length the groups interleave; with shared prompts each group's rows are adjacent (shortest prompt
+    # first, then by group, then by completion)
+    assert micro_batches(rows, lengths, 4, None, group_size=4) == [[4, 6, 7, 5], [1, 3, 2, 0], [11, 9, 10, 8]]
+    assert micro_batches(rows, lengths, 4, None) != micro_batches(rows, lengths, 4, None, group_size=4)
+    # a budget of 150 tokens: one 100-token prompt with its 4 rows of up to 9 tokens (100 + 4 x 9 = 136) fits;
+    # without sharing (4 x 109 = 436) each row goes alone
+    packed = micro_batches(list(range(4)), lengths, None, 150, group_size=4)
+    assert packed == [[1, 3, 2, 0]]
+    assert len(micro_batches(list(range(4)), lengths, None, 150)) == 4
+    # two groups' prompts count twice: adding group 3's first row would make 2 x 100 + 5 x 9 = 245 > 240
+    assert micro_batches([0, 1, 2, 3, 8, 9, 10, 11], lengths, None, 240, group_size=4) == [[1, 3, 2, 0], [11, 9, 10, 8]]
+
+
 def test_padding_passes_give_every_rank_the_same_number_of_passes() -> None:
     plans = [[[0, 1], [2]], [[4]]]  # rank 1 trains fewer micro-batches than rank 0
     rank0, rank1 = padded_passes(plans, 0, filler=[0]), padded_passes(plans, 1, filler=[4])

@@ -7,7 +7,8 @@ rollout ``g * G + j`` is sample j of problem g). METHOD.md sections 1 and 3 fix 
 2. with several data-parallel ranks, each rank trains its contiguous share of every step's groups (a group
    never straddles ranks);
 3. on a rank, the step's rollouts that need a forward pass are sorted by length and packed into micro-batches
-   of at most ``micro_batch_size`` sequences and ``max_tokens`` padded tokens;
+   of at most ``micro_batch_size`` sequences and ``max_tokens`` padded tokens (with shared prompts, a group's
+   rows stay together and its prompt counts once);
 4. ranks run the same number of passes: a rank with fewer micro-batches adds zero-weight padding passes,
    because sharded and replicated strategies run collectives in every forward and backward.
 
@@ -75,26 +76,42 @@ def rank_share(indices: list[int], group_size: int, rank: int, world_size: int) 
 
 
 def micro_batches(
-    indices: list[int], lengths: Sequence[tuple[int, int]], size: int | None, max_tokens: int | None
+    indices: list[int],
+    lengths: Sequence[tuple[int, int]],
+    size: int | None,
+    max_tokens: int | None,
+    group_size: int | None = None,
 ) -> list[list[int]]:
     """`indices` sorted by length and packed into micro-batches, so little padding is computed.
 
     A micro-batch holds at most `size` sequences (None: no limit) and at most `max_tokens` padded tokens
     (rows x longest prompt + rows x longest completion; None: no budget); a sequence over the budget goes alone.
 
+    With `group_size` (the forward runs a prompt shared by a group's rows once: `model.share_prompts`), a group's
+    rows stay together, groups in order of prompt length and rows by completion length, and a prompt counts once
+    per group in the budget (groups x longest prompt + rows x longest completion).
+
     Args:
         indices: rollouts to pack.
         lengths: ``(prompt tokens, completion tokens)`` of every rollout of the phase.
         size: most sequences per micro-batch.
         max_tokens: most padded tokens per micro-batch.
+        group_size: G, when the rows of a group share their prompt's forward; None: every row runs its prompt.
     """
     limit = size or max(1, len(indices))
+    if group_size:
+        order = sorted(indices, key=lambda i: (lengths[i][0], i // group_size, lengths[i][1]))
+    else:
+        order = sorted(indices, key=lambda i: sum(lengths[i]))
     batches: list[list[int]] = []
     micro: list[int] = []
     prompt_width = completion_width = 0
-    for i in sorted(indices, key=lambda i: sum(lengths[i])):
+    for i in order:
         p, c = max(prompt_width, lengths[i][0]), max(completion_width, lengths[i][1])
-        if micro and (len(micro) >= limit or (max_tokens is not None and (len(micro) + 1) * (p + c) > max_tokens)):
+        prompts = len({j // group_size for j in [*micro, i]}) if group_size else len(micro) + 1
+        if micro and (
+            len(micro) >= limit or (max_tokens is not None and prompts * p + (len(micro) + 1) * c > max_tokens)
+        ):
             batches.append(micro)
             micro, (p, c) = [], lengths[i]
         micro.append(i)
@@ -120,6 +137,7 @@ def plan_phase(
     num_iterations: int = 1,
     rank: int = 0,
     world_size: int = 1,
+    share_prompts: bool = False,
 ) -> PhasePlan:
     """The passes of every optimizer step of a phase on `rank` (steps 1-4 of the module docstring).
 
@@ -136,8 +154,10 @@ def plan_phase(
             ("old") log-probs need passes of their own.
         rank: this rank.
         world_size: data-parallel ranks.
+        share_prompts: the forward runs a group's prompt once (`micro_batches` with `group_size`).
     """
     num = len(lengths)
+    shared_group = group_size if share_prompts else None
     groups = num // group_size
     per_step = min(groups, mini_batch_groups or groups)
     steps_rows = [  # rollout indices of each optimizer step
@@ -149,7 +169,7 @@ def plan_phase(
     for rows in steps_rows:
         plans = [  # every rank's micro-batches, so each rank knows how many passes the others run
             micro_batches([i for i in rank_share(rows, group_size, r, world_size) if i in chosen], lengths,
-                          micro_batch_size, max_tokens)
+                          micro_batch_size, max_tokens, shared_group)
             for r in range(world_size)
         ]  # fmt: skip
         steps.append(StepPlan(
@@ -161,7 +181,7 @@ def plan_phase(
     if len(steps) > 1 or num_iterations > 1:
         shares = [[i for rows in steps_rows for i in rank_share(rows, group_size, r, world_size) if i in chosen]
                   for r in range(world_size)]  # fmt: skip
-        plans = [micro_batches(share, lengths, micro_batch_size, max_tokens) for share in shares]
+        plans = [micro_batches(share, lengths, micro_batch_size, max_tokens, shared_group) for share in shares]
         old_passes = padded_passes(plans, rank, filler=[0])
     return PhasePlan(steps, old_passes, trained)
 

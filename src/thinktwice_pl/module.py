@@ -48,6 +48,7 @@ from thinktwice_pl.models import (
     is_peft_model,
     load_causal_lm,
     load_tokenizer,
+    prompt_sharing_blocker,
 )
 from thinktwice_pl.parallel import check_divisible, check_precision, check_strategy, check_update_resolution, shard
 from thinktwice_pl.types import EvalBatch, PhaseBatch, Rollout, RolloutBatch
@@ -99,7 +100,9 @@ class ThinkTwiceModule(pl.LightningModule):
             each: 50 MB for SmolLM2, 156 MB for Qwen3).
         share_prompts: in each forward/backward, run a prompt shared by several sequences (a group's samples) once
             and reuse its KV cache for their completions: the same log-probs and gradients for fewer tokens (with
-            or without gradient checkpointing). Not used under FSDP or on models with sliding-window attention.
+            or without gradient checkpointing). A group's rows are then packed into passes together, and its
+            prompt counts once in `max_tokens_per_microbatch`. Not used under FSDP or on models with
+            sliding-window attention.
         log_completions: sample completions written to the loggers per phase (0 = none).
         importance_sampling_cap: truncated importance-sampling correction for the sampler/trainer
             mismatch (Yao et al., 2025): each token's policy-gradient loss is weighted by
@@ -282,6 +285,7 @@ class ThinkTwiceModule(pl.LightningModule):
             mini_batch_groups=hp.mini_batch_problems, micro_batch_size=hp.micro_batch_size,
             max_tokens=hp.max_tokens_per_microbatch, num_iterations=hp.num_iterations, rank=self.global_rank,
             world_size=self.trainer.world_size,
+            share_prompts=hp.share_prompts and prompt_sharing_blocker(self.policy) is None,
         )  # fmt: skip
         stats, scheduler = StepStats(), self.lr_schedulers()
         try:
