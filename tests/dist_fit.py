@@ -29,7 +29,7 @@ from thinktwice_pl.callbacks import HFExport, RolloutCallback
 from thinktwice_pl.checkpointing import make_checkpoints_atomic
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.module import ThinkTwiceModule
-from thinktwice_pl.parallel import close_process_group
+from thinktwice_pl.parallel import close_process_group, exit_skipping_native_teardown
 
 
 def main() -> None:
@@ -101,7 +101,8 @@ def main() -> None:
             "log_dir": trainer.logger.log_dir, "world_size": trainer.world_size, "pid": os.getpid(),
         }  # fmt: skip
         (root / "result.json").write_text(json.dumps(result))
-    close_process_group()  # as the thinktwice command does: a gloo group left to exit can abort the process
+    if close_process_group():  # as the thinktwice command does: a gloo group left to exit can abort the process
+        exit_skipping_native_teardown(0)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from thinktwice_pl.checkpointing import checkpoint_progress, make_checkpoints_at
 from thinktwice_pl.data import ThinkTwiceDataModule
 from thinktwice_pl.errors import DEBUG_ENV, UserError, describe, notes_of, report
 from thinktwice_pl.module import ThinkTwiceModule
-from thinktwice_pl.parallel import close_process_group
+from thinktwice_pl.parallel import close_process_group, exit_skipping_native_teardown
 from thinktwice_pl.resume import (
     Continuation,
     display_path,
@@ -208,6 +208,8 @@ def main(args: list[str] | None = None) -> None:
             args=None if args is None else argv,  # None: LightningCLI reads sys.argv (and does not warn)
             command=command,
         )
+        if close_process_group() and args is None:  # the command itself, not a call from Python (tests)
+            exit_skipping_native_teardown(0)
     except SystemExit as stop:  # --help, a parse error (printed by jsonargparse), Ctrl-C or SIGTERM during fit
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 

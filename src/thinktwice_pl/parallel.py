@@ -5,7 +5,11 @@ dtype (METHOD.md section 4: fp32 master weights and AdamW state, bf16 compute).
 
 from __future__ import annotations
 
-from typing import Any
+import atexit
+import contextlib
+import os
+import sys
+from typing import Any, NoReturn
 
 import torch
 
@@ -207,8 +211,9 @@ def shard(model: Any, strategy: Any, mesh: Any, precision: str, *, lora: bool, q
     shard_fsdp2(model, mesh["data_parallel"], mp_policy=fsdp2_mixed_precision(precision))
 
 
-def close_process_group() -> None:
-    """Destroy the default process group, if this process has one, while the interpreter is still whole.
+def close_process_group() -> bool:
+    """Destroy the default process group, if this process has one, while the interpreter is still whole; True when
+    there was one.
 
     Lightning destroys it at exit only for NCCL. A gloo group left to interpreter finalization can abort the
     process (SIGABRT, "terminate called without an active exception") when its C++ worker threads release
@@ -216,3 +221,23 @@ def close_process_group() -> None:
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        return True
+    return False
+
+
+def exit_skipping_native_teardown(code: int) -> NoReturn:
+    """End a process that ran torch.distributed, once its work is done and written: run the ``atexit`` handlers
+    (loggers, Lightning's launcher, multiprocessing) and flush, then leave without interpreter finalization.
+
+    Destroying the process group (`close_process_group`) did not stop the abort at exit: a 2-process gloo run still
+    ended with SIGABRT ("terminate called without an active exception") after writing all its results, in about one
+    of three runs of the test suite (DDP once, FSDP2 once), and not in 8 runs of the same script alone. The cause is
+    not pinned down; a likely one is that objects still holding the group (the DDP reducer, FSDP2's device mesh)
+    keep its native threads alive into the C++ teardown after Python's. Nothing the run produced is lost by
+    skipping that teardown.
+    """
+    atexit._run_exitfuncs()  # what a normal exit would run first; CPython's own entry point for it
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
