@@ -287,8 +287,11 @@ def prompt_sharing_blocker(model: Any) -> str | None:
         return "FSDP"
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-    if model.training and checkpointed and not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache"):
+    if (
+        model.training
+        and checkpointed_modules(model)
+        and not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+    ):
         return "gradient checkpointing (this transformers version drops a KV cache under it)"
     config = base_model(model).config.get_text_config(decoder=True)
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
@@ -352,8 +355,7 @@ def _cache_kept_under_checkpointing(model: Any) -> Iterator[None]:
     under gradient checkpointing unless it is marked as only read (`_can_checkpoint_with_cache`), because a cache
     that grows would grow again when backward recomputes the layer. `_PromptRecorder` and `_PromptReader` give the
     same result on a second call, which is that condition."""
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
-              and getattr(m, "_can_checkpoint_with_cache", None) is False]  # fmt: skip
+    layers = [m for m in checkpointed_modules(model) if getattr(m, "_can_checkpoint_with_cache", None) is False]
     for layer in layers:
         layer._can_checkpoint_with_cache = True  # an instance attribute over the class's False
     try:
@@ -361,6 +363,12 @@ def _cache_kept_under_checkpointing(model: Any) -> Iterator[None]:
     finally:
         for layer in layers:
             del layer._can_checkpoint_with_cache  # the class's False again
+
+
+def checkpointed_modules(model: Any) -> list[torch.nn.Module]:
+    """The modules of `model` with gradient checkpointing switched on (transformers sets the flag on the model and
+    on each decoder layer)."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
 
 
 def is_sharded(model: Any) -> bool:

@@ -10,7 +10,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from thinktwice_pl.models import is_quantized, is_sharded
+from thinktwice_pl.models import checkpointed_modules, is_quantized, is_sharded
 from thinktwice_pl.types import Completion, FinishReason
 
 if TYPE_CHECKING:
@@ -298,7 +298,7 @@ def sampling_distribution(logits: torch.Tensor, sampling: SamplingConfig) -> tup
 def _checkpointing_paused(model: Any) -> Iterator[None]:
     """Switch gradient checkpointing off on every module that has it on, and back on afterwards: under
     ``no_grad`` it saves nothing, and in train mode transformers drops the KV cache for it."""
-    paused = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    paused = checkpointed_modules(model)
     for module in paused:
         module.gradient_checkpointing = False
     try:
