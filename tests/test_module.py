@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,18 +48,35 @@ def test_padded_micro_batch_logprobs_equal_unpadded_forward(tiny_model_dir: Path
     assert torch.all(entropy == 0)  # entropy is only computed on the training (with_grad) path
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+def _reference_gradients(model: Any, batch: Any, weights: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+    """Parameter gradients of ``sum(weights * completion log-probs)`` through plain HF forwards, one row at a time."""
+    model.zero_grad(set_to_none=True)
+    for row in range(len(batch.input_ids)):
+        keep = batch.attention_mask[row].bool()
+        ids = batch.input_ids[row][keep][None]  # [1, P + C] without padding
+        length = int(batch.completion_mask[row].sum())
+        logits = model(input_ids=ids).logits[0, -length - 1 : -1].float() / temperature  # [C, V]
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[0, -length:, None])[:, 0]
+        (lp * weights[row, :length]).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(("checkpointing", "tied"), [(False, False), (True, False), (False, True), (True, True)])
 def test_shared_prompt_forward_gives_the_log_probs_and_gradients_of_the_joint_forward(
-    tiny_model_dir: Path, checkpointing: bool, caplog: pytest.LogCaptureFixture
+    tiny_model_dir: Path, tmp_path: Path, checkpointing: bool, tied: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Rows that share a prompt (a group's samples): each distinct prompt runs once and its KV cache is gathered to
     its rows. Log-probs and the gradient of a loss over them equal those of one forward over prompt + completion
-    per row, with and without gradient checkpointing (whose backward runs each layer's forward again), and
-    transformers does not warn about the cache."""
+    per row, with and without gradient checkpointing (whose backward runs each layer's forward again), with tied or
+    separate embeddings, and transformers does not warn about the cache. The gradients also equal plain HF forwards'
+    (the gradient leaves change where the gradients are summed, not what they are)."""
     from thinktwice_pl.batching import collate
+    from thinktwice_pl.builtin_models import build_tiny_model
     from thinktwice_pl.models import completion_logprobs, load_causal_lm
 
-    model = load_causal_lm(str(tiny_model_dir), gradient_checkpointing=checkpointing)
+    path = build_tiny_model(tmp_path / "tied", tie_word_embeddings=True) if tied else tiny_model_dir
+    model = load_causal_lm(str(path), gradient_checkpointing=checkpointing)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
     torch.manual_seed(0)
     prompts = [torch.randint(5, 500, (n,)).tolist() for n in (7, 3, 11)]
     rows = [(0, 4), (0, 9), (1, 2), (0, 1), (2, 6), (1, 5), (1, 3)]  # (prompt, completion length): groups interleaved
@@ -82,13 +100,45 @@ def test_shared_prompt_forward_gives_the_log_probs_and_gradients_of_the_joint_fo
     (shared_lp, shared_ent, shared_grads, shared_calls), (joint_lp, joint_ent, joint_grads, joint_calls) = results
     torch.testing.assert_close(shared_lp, joint_lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared_ent, joint_ent, atol=1e-5, rtol=1e-5)
-    for name, grad in joint_grads.items():
+    reference = _reference_gradients(model, batch, weights, temperature=0.8)
+    for name, grad in reference.items():
+        torch.testing.assert_close(joint_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     assert joint_calls == [(7, batch.input_ids.shape[1])]
     assert shared_calls == [(3, 11), (7, batch.completion_mask.shape[1])]  # 3 prompts once, then the completions
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
     layers = [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")]
     assert layers and all(m._can_checkpoint_with_cache is False for m in layers)  # the class's value again
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_weight_gradients_reach_grad_while_backward_runs(tmp_path: Path, share: bool) -> None:
+    """A weight used twice in one graph (every weight in the shared-prompt forward, the tied embedding and head)
+    must not have one use's gradient held by autograd until the other use's backward is done: that is a second copy
+    of the gradients at the peak of backward. When backward reaches the completion tokens' embeddings (the end of
+    the completions' forward, before the shared prompt's), every weight's `.grad` already holds that forward's
+    share."""
+    from thinktwice_pl.batching import collate
+    from thinktwice_pl.builtin_models import build_tiny_model
+    from thinktwice_pl.models import completion_logprobs, load_causal_lm
+
+    model = load_causal_lm(str(build_tiny_model(tmp_path / "tied", tie_word_embeddings=True)))
+    torch.manual_seed(0)
+    batch = collate([[5, 6, 7, 8]] * 3, [torch.randint(5, 500, (c,)).tolist() for c in (4, 2, 3)], 0)
+    outputs: list[torch.Tensor] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: outputs.append(out))
+    try:
+        logprobs, _ = completion_logprobs(model, batch, temperature=1.0, chunk_size=4, with_grad=True,
+                                          share_prompts=share)  # fmt: skip
+    finally:
+        hook.remove()
+    assert len(outputs) == (2 if share else 1)
+    missing: list[list[str]] = []
+    outputs[-1].register_hook(lambda _grad: missing.append(
+        [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]))  # fmt: skip
+    model.zero_grad(set_to_none=True)
+    logprobs.sum().backward()
+    assert missing == [[]]  # the embedding's own share comes next; the prompt's (shared) after it
 
 
 def test_a_layer_that_drops_the_shared_prompt_cache_is_an_error_not_wrong_log_probs(

@@ -8,6 +8,7 @@ precision and FSDP2 sharding are in `thinktwice_pl.parallel`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -228,6 +229,13 @@ def completion_logprobs(
     says when this is off). Same log-probs up to float rounding and the same gradients (the rows' gradients reach
     the shared prompt's activations through the gather), for fewer tokens: 16 rows of a 212-token refine prompt
     in 4 groups run 4 x 212 prompt tokens instead of 16 x 212.
+
+    A weight used twice in one graph (every weight, with a shared prompt; a tied embedding and head) has its
+    gradient summed by autograd before any of it reaches `.grad`: one use's gradient of every weight would be held
+    until the other use's backward ends (a second copy of all gradients, for the shared-prompt forward). With
+    `with_grad`, the second use goes through `gradient_leaves` instead, whose gradients are added to `.grad` as
+    backward produces them. Not under a multi-process group: DDP reduces a parameter's gradient when its own
+    accumulation runs, before a leaf's share would be added; nor under FSDP.
     """
     base = base_model(model)
     decoder, head = base.get_decoder(), base.get_output_embeddings()
@@ -237,6 +245,12 @@ def completion_logprobs(
     start, width = batch.prompt_width, batch.completion_mask.shape[1]
     no_logits = torch.zeros(0, dtype=torch.long, device=device)
     shared = share_prompts and batch.num_prompts < len(input_ids) and prompt_sharing_blocker(model) is None
+    direct = with_grad and not _gradients_handled_by_wrapper(model)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad} if direct and shared else {}
+    if direct and getattr(head, "weight", None) is base.get_input_embeddings().weight and head.weight.requires_grad:
+        # tied embeddings: the head's gradient would wait for the embedding's, at the end of backward
+        head_leaf = gradient_leaves({"weight": head.weight})
+        head = functools.partial(torch.func.functional_call, head, head_leaf)
     captured: list[torch.Tensor] = []
     hook = decoder.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
     with torch.enable_grad() if with_grad else torch.no_grad():
@@ -245,9 +259,13 @@ def completion_logprobs(
                 index = batch.prompt_index.to(device)
                 with _cache_kept_under_checkpointing(model):
                     first, recorder = batch.first_rows.to(device), _PromptRecorder.cache()
-                    model(input_ids=input_ids[first, :start], attention_mask=attention[first, :start],
-                          position_ids=positions[first, :start], past_key_values=recorder, use_cache=False,
-                          logits_to_keep=no_logits)  # fmt: skip
+                    prompt = dict(input_ids=input_ids[first, :start], attention_mask=attention[first, :start],
+                                  position_ids=positions[first, :start], past_key_values=recorder, use_cache=False,
+                                  logits_to_keep=no_logits)  # fmt: skip
+                    if direct:  # the prompt forward's weight gradients land in .grad as backward reaches them
+                        torch.func.functional_call(model, gradient_leaves(trainable), args=(), kwargs=prompt)
+                    else:
+                        model(**prompt)
                     reader = _PromptReader.cache(recorder, index)
                     model(input_ids=input_ids[:, start:], attention_mask=attention, position_ids=positions[:, start:],
                           past_key_values=reader, use_cache=False, logits_to_keep=no_logits)  # fmt: skip
@@ -267,6 +285,37 @@ def completion_logprobs(
             hidden, head, input_ids[:, start:], temperature=temperature, chunk_size=chunk_size, with_entropy=with_grad
         )  # [n, C] each
     return logprobs, entropy if entropy is not None else torch.zeros_like(logprobs)
+
+
+def gradient_leaves(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """A leaf per parameter that shares its storage and adds its gradient to the parameter's `.grad` as soon as
+    autograd has it (for `torch.func.functional_call`): a forward through these leaves is a use of the parameters
+    whose gradient autograd does not hold back until the parameters' other uses are done."""
+    leaves = {}
+    for name, param in params.items():
+        leaf = param.detach().requires_grad_()
+        leaf.register_post_accumulate_grad_hook(functools.partial(_add_to_grad, param))
+        leaves[name] = leaf
+    return leaves
+
+
+def _add_to_grad(param: torch.nn.Parameter, leaf: torch.Tensor) -> None:
+    if param.grad is None:
+        param.grad = leaf.grad
+    else:
+        param.grad.add_(leaf.grad)
+    leaf.grad = None
+
+
+def _gradients_handled_by_wrapper(model: Any) -> bool:
+    """True in a multi-process run (DDP all-reduces a parameter's gradient from the parameter's own accumulation
+    hook, so every use must reach it through the parameter) and for FSDP's sharded or flat parameters."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return True
+    return is_sharded(model) or any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
 def prompt_sharing_blocker(model: Any) -> str | None:
