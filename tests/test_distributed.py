@@ -105,3 +105,23 @@ def test_close_process_group_destroys_the_group_and_is_a_no_op_without_one() -> 
     assert dist.is_initialized()
     close_process_group()
     assert not dist.is_initialized()
+
+
+def test_ddp_reduces_both_shares_of_the_shared_prompt_update(tmp_path: Path) -> None:
+    """Under DDP the reducer all-reduces a parameter's gradient when the parameter's own accumulation runs. The
+    update's forward sends one use of each weight through gradient leaves that add into `.grad` early
+    (`models.completion_logprobs`); the reduced gradients must still hold both uses' shares: they equal plain HF
+    forwards' gradients of both ranks' rows, averaged (two passes, the first under no_sync, as in a fit)."""
+    from thinktwice_pl.builtin_models import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    out = tmp_path / "grads.json"
+    done = subprocess.run([sys.executable, str(HERE / "ddp_grads_worker.py"), str(model), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert len(result["diff"]) > 10
+    wrong = {n: (d, result["scale"][n]) for n, d in result["diff"].items() if d > 1e-5 + 1e-4 * result["scale"][n]}
+    assert not wrong, wrong

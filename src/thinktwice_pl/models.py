@@ -231,11 +231,12 @@ def completion_logprobs(
     in 4 groups run 4 x 212 prompt tokens instead of 16 x 212.
 
     A weight used twice in one graph (every weight, with a shared prompt; a tied embedding and head) has its
-    gradient summed by autograd before any of it reaches `.grad`: one use's gradient of every weight would be held
-    until the other use's backward ends (a second copy of all gradients, for the shared-prompt forward). With
-    `with_grad`, the second use goes through `gradient_leaves` instead, whose gradients are added to `.grad` as
-    backward produces them. Not under a multi-process group: DDP reduces a parameter's gradient when its own
-    accumulation runs, before a leaf's share would be added; nor under FSDP.
+    gradient summed by autograd before any of it reaches `.grad`: the first use's gradient of every weight would be
+    held until the other use's backward ends (a second copy of all gradients, for the shared-prompt forward). With
+    `with_grad`, the use that backward reaches first (the completions' forward, the head) goes through
+    `gradient_leaves`, whose gradients are added to `.grad` as backward produces them; the last use (the prompt's
+    forward, the input embedding) accumulates through the parameter itself, so a DDP reducer, which all-reduces a
+    gradient from that accumulation, finds both shares in it. Not under FSDP, whose parameters are its own.
     """
     base = base_model(model)
     decoder, head = base.get_decoder(), base.get_output_embeddings()
@@ -245,7 +246,7 @@ def completion_logprobs(
     start, width = batch.prompt_width, batch.completion_mask.shape[1]
     no_logits = torch.zeros(0, dtype=torch.long, device=device)
     shared = share_prompts and batch.num_prompts < len(input_ids) and prompt_sharing_blocker(model) is None
-    direct = with_grad and not _gradients_handled_by_wrapper(model)
+    direct = with_grad and not _fsdp_wrapped(model)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad} if direct and shared else {}
     if direct and getattr(head, "weight", None) is base.get_input_embeddings().weight and head.weight.requires_grad:
         # tied embeddings: the head's gradient would wait for the embedding's, at the end of backward
@@ -259,16 +260,17 @@ def completion_logprobs(
                 index = batch.prompt_index.to(device)
                 with _cache_kept_under_checkpointing(model):
                     first, recorder = batch.first_rows.to(device), _PromptRecorder.cache()
-                    prompt = dict(input_ids=input_ids[first, :start], attention_mask=attention[first, :start],
-                                  position_ids=positions[first, :start], past_key_values=recorder, use_cache=False,
-                                  logits_to_keep=no_logits)  # fmt: skip
-                    if direct:  # the prompt forward's weight gradients land in .grad as backward reaches them
-                        torch.func.functional_call(model, gradient_leaves(trainable), args=(), kwargs=prompt)
-                    else:
-                        model(**prompt)
+                    model(input_ids=input_ids[first, :start], attention_mask=attention[first, :start],
+                          position_ids=positions[first, :start], past_key_values=recorder, use_cache=False,
+                          logits_to_keep=no_logits)  # fmt: skip
                     reader = _PromptReader.cache(recorder, index)
-                    model(input_ids=input_ids[:, start:], attention_mask=attention, position_ids=positions[:, start:],
-                          past_key_values=reader, use_cache=False, logits_to_keep=no_logits)  # fmt: skip
+                    completions = dict(input_ids=input_ids[:, start:], attention_mask=attention,
+                                       position_ids=positions[:, start:], past_key_values=reader, use_cache=False,
+                                       logits_to_keep=no_logits)  # fmt: skip
+                    if direct:  # backward reaches this forward first: its weight gradients go to .grad at once
+                        torch.func.functional_call(model, gradient_leaves(trainable), args=(), kwargs=completions)
+                    else:
+                        model(**completions)
                 if not reader.layers or any(layer.reads == 0 for layer in reader.layers):
                     raise RuntimeError(f"{type(base).__name__}: a layer did not read the shared prompt's KV cache; "
                                        "set model.share_prompts=false")  # fmt: skip
@@ -307,14 +309,10 @@ def _add_to_grad(param: torch.nn.Parameter, leaf: torch.Tensor) -> None:
     leaf.grad = None
 
 
-def _gradients_handled_by_wrapper(model: Any) -> bool:
-    """True in a multi-process run (DDP all-reduces a parameter's gradient from the parameter's own accumulation
-    hook, so every use must reach it through the parameter) and for FSDP's sharded or flat parameters."""
-    import torch.distributed as dist
+def _fsdp_wrapped(model: Any) -> bool:
+    """True for FSDP2's sharded (DTensor) or FSDP1's flat parameters."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return True
     return is_sharded(model) or any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
@@ -330,9 +328,7 @@ def prompt_sharing_blocker(model: Any) -> str | None:
     """
     if is_sharded(model):
         return "FSDP2"
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+    if _fsdp_wrapped(model):
         return "FSDP"
     from transformers.modeling_layers import GradientCheckpointingLayer
 
