@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,29 @@ def test_trim_host_memory_returns_freed_heap_pages() -> None:
     held, trimmed = map(float, out.stdout.split())
     assert held == pytest.approx(256, abs=24)  # the holes are still resident
     assert trimmed == pytest.approx(128, abs=24)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_host_allocator_returns_freed_tensors_of_4_mib_and_more_to_the_system(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc raises its mmap threshold to the size of each mapped block that is freed: after a 20 MiB tensor is
+    freed, a 5 MiB one would come from the heap and stay resident once freed. `configure_host_allocator` fixes
+    the threshold at 4 MiB, so the 5 MiB tensor is a mapping of its own (counted in mallinfo2's hblkhd)."""
+    import ctypes
+
+    from thinktwice_pl.models import configure_host_allocator
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    large = torch.empty(20 << 20, dtype=torch.uint8)
+    del large  # raises glibc's dynamic threshold to 20 MiB, unless it is fixed already
+    configure_host_allocator()
+    before = libc.mallinfo2().hblkhd
+    tensor = torch.empty(5 << 20, dtype=torch.uint8)
+    assert libc.mallinfo2().hblkhd - before >= 5 << 20
+    del tensor
+    assert libc.mallinfo2().hblkhd == before

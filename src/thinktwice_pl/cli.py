@@ -37,6 +37,7 @@ from thinktwice_pl.callbacks.rollout import RolloutCallback
 from thinktwice_pl.checkpointing import checkpoint_progress, make_checkpoints_atomic, remove_partials
 from thinktwice_pl.data import ThinkTwiceDataModule
 from thinktwice_pl.errors import DEBUG_ENV, UserError, describe, notes_of, report
+from thinktwice_pl.models import configure_host_allocator
 from thinktwice_pl.module import ThinkTwiceModule
 from thinktwice_pl.parallel import close_process_group, exit_skipping_native_teardown
 from thinktwice_pl.resume import (
@@ -197,6 +198,7 @@ def main(args: list[str] | None = None) -> None:
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     command = invocation(argv) if args is None else ["thinktwice", *argv]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure_host_allocator()
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
         ThinkTwiceCLI(

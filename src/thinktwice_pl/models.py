@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -164,6 +165,24 @@ def trim_host_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+HOST_MMAP_THRESHOLD = 4 << 20  # bytes
+
+
+def configure_host_allocator() -> None:
+    """Serve host allocations of 4 MiB and more with their own mappings, returned to the system when freed (glibc
+    ``mallopt(M_MMAP_THRESHOLD)``; a no-op elsewhere, or when ``MALLOC_MMAP_THRESHOLD_`` is set in the environment).
+
+    glibc starts with a 128 KiB threshold and raises it to the size of each mapped block that is freed, up to
+    32 MiB: after the first few logits chunks and KV buffers, every tensor under 32 MiB comes from the heap, where
+    freed blocks stay resident until a request of a fitting size reuses them. A fixed threshold stops that. Measured
+    on the quickstart (4 phases, 2 cores): the update's resident peak 2.89 GiB instead of 3.00-3.13, same time."""
+    if _LIBC is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
 def _glibc() -> Any:
     import ctypes
 
@@ -173,7 +192,7 @@ def _glibc() -> Any:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return None
-    return libc if hasattr(libc, "malloc_trim") else None  # glibc only (not musl)
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None  # glibc only (not musl)
 
 
 _LIBC = _glibc()
