@@ -107,6 +107,7 @@ def test_close_process_group_destroys_the_group_and_is_a_no_op_without_one() -> 
     assert not dist.is_initialized()
 
 
+@pytest.mark.slow
 def test_ddp_reduces_both_shares_of_the_shared_prompt_update(tmp_path: Path) -> None:
     """Under DDP the reducer all-reduces a parameter's gradient when the parameter's own accumulation runs. The
     update's forward sends one use of each weight through gradient leaves that add into `.grad` early

@@ -49,6 +49,7 @@ from thinktwice_pl.models import (
     load_causal_lm,
     load_tokenizer,
     prompt_sharing_blocker,
+    trim_host_memory,
 )
 from thinktwice_pl.parallel import check_divisible, check_precision, check_strategy, check_update_resolution, shard
 from thinktwice_pl.types import EvalBatch, PhaseBatch, Rollout, RolloutBatch
@@ -301,6 +302,7 @@ class ThinkTwiceModule(pl.LightningModule):
             self.optimizers().zero_grad(set_to_none=True)  # free what can be freed for the crash checkpoint
             raise OutOfMemoryInPhase(self._out_of_memory_message(batch, rollouts.rollouts)) from error
         self.optimizers().zero_grad(set_to_none=True)  # gradients are not needed until the next phase
+        trim_host_memory()  # nor their pages: a validation or the next generation starts from the weights and AdamW
         stats = stats.reduced(lambda t, op: self.trainer.strategy.reduce(t, reduce_op=op), self.trainer.world_size)
         return phase_metrics(batch.phase, rollouts, stats, trained=len(plan.trained),
                              train_s=time.perf_counter() - start,
