@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from grad_helpers import accumulate_plain_gradients
 
 WORLD = 2
 PASSES = 2
@@ -55,12 +56,7 @@ def _reference(model_dir: str) -> dict[str, torch.Tensor]:
     for rank in range(WORLD):
         for step in range(PASSES):
             batch, weights = _batch(rank, step)
-            for row in range(len(batch.input_ids)):
-                ids = batch.input_ids[row][batch.attention_mask[row].bool()][None]
-                length = int(batch.completion_mask[row].sum())
-                logits = model(input_ids=ids).logits[0, -length - 1 : -1].float() / 0.8
-                lp = torch.log_softmax(logits, -1).gather(-1, ids[0, -length:, None])[:, 0]
-                ((lp * weights[row, :length]).sum() / WORLD).backward()  # DDP averages over the ranks
+            accumulate_plain_gradients(model, batch, weights, temperature=0.8, scale=1 / WORLD)  # DDP averages
     return {name: p.grad for name, p in model.named_parameters()}
 
 

@@ -8,10 +8,10 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from grad_helpers import accumulate_plain_gradients
 
 from thinktwice_pl.batching import plan_phase
 from thinktwice_pl.metrics import refine_signals
@@ -48,19 +48,6 @@ def test_padded_micro_batch_logprobs_equal_unpadded_forward(tiny_model_dir: Path
         expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(r.completion_ids)[:, None])[:, 0]
         torch.testing.assert_close(logprobs[row, : len(r.completion_ids)], expected, atol=1e-5, rtol=1e-5)
     assert torch.all(entropy == 0)  # entropy is only computed on the training (with_grad) path
-
-
-def _reference_gradients(model: Any, batch: Any, weights: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
-    """Parameter gradients of ``sum(weights * completion log-probs)`` through plain HF forwards, one row at a time."""
-    model.zero_grad(set_to_none=True)
-    for row in range(len(batch.input_ids)):
-        keep = batch.attention_mask[row].bool()
-        ids = batch.input_ids[row][keep][None]  # [1, P + C] without padding
-        length = int(batch.completion_mask[row].sum())
-        logits = model(input_ids=ids).logits[0, -length - 1 : -1].float() / temperature  # [C, V]
-        lp = torch.log_softmax(logits, -1).gather(-1, ids[0, -length:, None])[:, 0]
-        (lp * weights[row, :length]).sum().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize(("checkpointing", "tied"), [(False, False), (True, False), (False, True), (True, True)])
@@ -102,7 +89,9 @@ def test_shared_prompt_forward_gives_the_log_probs_and_gradients_of_the_joint_fo
     (shared_lp, shared_ent, shared_grads, shared_calls), (joint_lp, joint_ent, joint_grads, joint_calls) = results
     torch.testing.assert_close(shared_lp, joint_lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared_ent, joint_ent, atol=1e-5, rtol=1e-5)
-    reference = _reference_gradients(model, batch, weights, temperature=0.8)
+    model.zero_grad(set_to_none=True)
+    accumulate_plain_gradients(model, batch, weights, temperature=0.8)
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     for name, grad in reference.items():
         torch.testing.assert_close(joint_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
