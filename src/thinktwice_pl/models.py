@@ -265,12 +265,19 @@ def completion_logprobs(
     start, width = batch.prompt_width, batch.completion_mask.shape[1]
     no_logits = torch.zeros(0, dtype=torch.long, device=device)
     shared = share_prompts and batch.num_prompts < len(input_ids) and prompt_sharing_blocker(model) is None
-    direct = with_grad and not _fsdp_wrapped(model)
+    sharded = _fsdp_wrapped(model)
+    direct = with_grad and not sharded
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad} if direct and shared else {}
+    # a plain bias-free linear head goes to `token_logprobs` as its weight (the hand-written log-softmax)
+    head_input: Any = head.weight if _plain_linear(head) and not sharded else head
     if direct and getattr(head, "weight", None) is base.get_input_embeddings().weight and head.weight.requires_grad:
         # tied embeddings: the head's gradient would wait for the embedding's, at the end of backward
         head_leaf = gradient_leaves({"weight": head.weight})
-        head = functools.partial(torch.func.functional_call, head, head_leaf)
+        head_input = (
+            head_leaf["weight"]
+            if head_input is head.weight
+            else functools.partial(torch.func.functional_call, head, head_leaf)
+        )
     captured: list[torch.Tensor] = []
     hook = decoder.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
     with torch.enable_grad() if with_grad else torch.no_grad():
@@ -303,9 +310,20 @@ def completion_logprobs(
         else:
             hidden = captured[-1][:, start - 1 : start + width - 1]  # [n, C, H]: position t predicts token t + 1
         logprobs, entropy = token_logprobs(
-            hidden, head, input_ids[:, start:], temperature=temperature, chunk_size=chunk_size, with_entropy=with_grad
+            hidden,
+            head_input,
+            input_ids[:, start:],
+            temperature=temperature,
+            chunk_size=chunk_size,
+            with_entropy=with_grad,
         )  # [n, C] each
     return logprobs, entropy if entropy is not None else torch.zeros_like(logprobs)
+
+
+def _plain_linear(module: Any) -> bool:
+    """A `torch.nn.Linear` itself (not a LoRA or quantized subclass) without bias, holding a plain tensor."""
+    plain = type(module) is torch.nn.Linear and module.bias is None
+    return plain and type(module.weight) in (torch.Tensor, torch.nn.Parameter)
 
 
 def gradient_leaves(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
