@@ -64,8 +64,23 @@ def naive():
     return torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
 def chunked():
     return token_logprobs(h, head, targets, temperature=1.0, chunk_size=1024, with_entropy=False)[0]
+def by_weight():  # the hand-written log-softmax (grpo._HeadLogProbs), with entropies as in the update
+    return token_logprobs(h, head.weight, targets, temperature=0.7, chunk_size=1024, with_entropy=True)[0]
+def timed(fn):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn().sum().backward(); start.record(); fn().sum().backward(); end.record(); torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
 print(f"token log-probs + backward, {n}x{length} tokens, vocab {vocab}, bf16:")
 print(f"  full logits   peak {peak(naive):6.2f} GiB")
-print(f"  chunked (1024) peak {peak(chunked):6.2f} GiB")
+print(f"  chunked (1024) peak {peak(chunked):6.2f} GiB  {timed(chunked):.3f} s")
+print(f"  weight head (1024) peak {peak(by_weight):6.2f} GiB  {timed(by_weight):.3f} s")
+with torch.autocast("cuda", dtype=torch.bfloat16):  # bf16-mixed: fp32 weight, the product in bf16
+    head32 = torch.nn.Linear(hidden, vocab, bias=False, device="cuda")
+    h32 = h.detach().float().requires_grad_()
+    a = token_logprobs(h32, head32, targets, temperature=0.7, chunk_size=1024)[0]
+    b = token_logprobs(h32, head32.weight, targets, temperature=0.7, chunk_size=1024)[0]
+    ga = torch.autograd.grad(a.sum(), (h32, head32.weight)); gb = torch.autograd.grad(b.sum(), (h32, head32.weight))
+print("  autocast: max |lp diff|", (a - b).abs().max().item(),
+      "grad rel diff", [((x - y).norm() / x.norm()).item() for x, y in zip(ga, gb)])
 PY
 exit "$rc"
