@@ -97,8 +97,9 @@ class ThinkTwiceModule(pl.LightningModule):
         max_completion_length: completion token limit (linked from rollout.max_completion_length);
             the dr_grpo normaliser.
         logprob_chunk_size: positions per chunk when computing token log-probs (memory knob): the fp32 logits of
-            at most this many positions exist at once, with their softmax and gradient (256 x vocabulary x 4 bytes
-            each: 50 MB for SmolLM2, 156 MB for Qwen3).
+            at most this many positions exist at once, with their exponentials (256 x vocabulary x 4 bytes each:
+            50 MB for SmolLM2, 156 MB for Qwen3); the last chunk's exponentials stay from the forward to the
+            backward, which starts with them instead of recomputing that chunk.
         share_prompts: in each forward/backward, run a prompt shared by several sequences (a group's samples) once
             and reuse its KV cache for their completions: the same log-probs and gradients for fewer tokens (with
             or without gradient checkpointing). A group's rows are then packed into passes together, and its
