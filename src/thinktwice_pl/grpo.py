@@ -76,8 +76,9 @@ def token_logprobs(
 
     `lm_head` is either the weight ``[V, H]`` of a bias-free linear head or any callable head. With the
     weight, each chunk runs through `_HeadLogProbs`: the log-softmax, the entropy and their gradient are
-    written out by hand (two passes over the logits' exponentials instead of the ten or so of autograd
-    through ``logsumexp``, ``gather`` and a checkpoint that also recomputes the entropy), and the last chunk
+    written out by hand, with one exponential of the logits in forward and one in backward (autograd through
+    ``logsumexp``, ``gather`` and a per-chunk checkpoint made about twice the passes over a chunk's logits, and
+    the checkpoint recomputed the entropy, a metric without gradient, in backward), and the last chunk
     keeps its exponentials for backward instead of recomputing them (backward starts with it, so at most one
     chunk of them exists at a time, as in the forward). Chunks are cut from the end, so that last chunk is a
     whole one. A callable head (LoRA on the head, a sharded or quantized one) goes through activation
