@@ -132,6 +132,51 @@ def test_weight_gradients_reach_grad_while_backward_runs(tmp_path: Path, share: 
     assert missing == [[]]  # the embedding's own share comes next; the prompt's (shared) after it
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("share", [True, False])
+def test_a_later_micro_batch_adds_head_and_embedding_gradients_to_grad_in_place(
+    tmp_path: Path, tied: bool, share: bool
+) -> None:
+    """Once `.grad` exists, the ``[V, H]`` gradients of the LM head and the input embedding are added to it in place:
+    autograd is handed only sparse tensors for them (no dense vocabulary-sized temporary per micro-batch), and the
+    accumulated gradients still equal plain HF forwards', a padding row included (no gradient)."""
+    from thinktwice_pl.batching import collate
+    from thinktwice_pl.builtin_models import build_tiny_model
+    from thinktwice_pl.models import completion_logprobs, load_causal_lm
+
+    model = load_causal_lm(str(build_tiny_model(tmp_path / "m", tie_word_embeddings=tied)))
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    embedding.padding_idx = 7  # a token the batches use: its row must get no gradient, as nn.Embedding's backward
+    torch.manual_seed(0)
+    batches = []
+    for prompts, lengths in (([[5, 7, 8]] * 2 + [[9, 10]] * 2, (3, 2, 4, 1)), ([[7, 11, 12, 13]] * 3, (2, 5, 3))):
+        completions = [[7, *torch.randint(5, 500, (c - 1,)).tolist()] for c in lengths]
+        batch = collate(prompts, completions, 0)
+        batches.append((batch, torch.randn(batch.completion_mask.shape) * batch.completion_mask))
+    for batch, weights in batches:
+        accumulate_plain_gradients(model, batch, weights, temperature=0.9)
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    padding_row = reference[next(n for n, p in model.named_parameters() if p is embedding.weight)][7]
+    assert padding_row.any() == tied  # a tied weight's row 7 has the head's share alone
+
+    model.zero_grad(set_to_none=True)
+    layouts: list[list[torch.layout]] = []
+    handles = [w.register_hook(lambda g: layouts[-1].append(g.layout)) for w in {head.weight, embedding.weight}]
+    try:
+        for batch, weights in batches:
+            layouts.append([])
+            logprobs, _ = completion_logprobs(model, batch, temperature=0.9, chunk_size=4, with_grad=True,
+                                              share_prompts=share)  # fmt: skip
+            (logprobs * weights).sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, reference[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert layouts[1] and set(layouts[1]) == {torch.sparse_coo}, layouts  # the second micro-batch: in place only
+    assert "forward" not in vars(embedding)  # the lookup is the module's own again
+
+
 def test_a_layer_that_drops_the_shared_prompt_cache_is_an_error_not_wrong_log_probs(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -67,6 +67,7 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = False,
+    grad_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of `targets` under the head, without materialising all fp32 logits at once.
 
@@ -93,6 +94,11 @@ def token_logprobs(
             distributions the sampler drew from).
         chunk_size: positions per chunk.
         with_entropy: also return the per-token entropy (no gradient).
+        grad_into: the parameter whose ``.grad`` receives the weight's gradient (the weight itself, or the
+            parameter behind a gradient leaf of it), for a backward that fills ``.grad`` (not
+            ``torch.autograd.grad``). With a weight head, once that ``.grad`` exists (a later micro-batch, the second
+            use of a tied weight) each chunk's ``[V, H]`` weight gradient is added to it in place
+            (`grad_in_place`) instead of being allocated, held and summed by autograd.
 
     Returns:
         ``(logprobs [N, T], entropy [N, T] or None)``.
@@ -108,7 +114,7 @@ def token_logprobs(
         hid, tgt = flat_hidden[start:end], flat_targets[start:end]  # [chunk, H], [chunk]
         if isinstance(lm_head, torch.Tensor):
             keep = index == len(bounds) - 1
-            lp, ent = _HeadLogProbs.apply(hid, lm_head, tgt, temperature, with_entropy, keep)
+            lp, ent = _HeadLogProbs.apply(hid, lm_head, tgt, temperature, with_entropy, keep, grad_into)
         elif hid.requires_grad:  # recompute the chunk's logits in backward instead of keeping them
             lp, ent = torch.utils.checkpoint.checkpoint(
                 _callable_head_logprobs, lm_head, hid, tgt, temperature, with_entropy, use_reentrant=False
@@ -158,7 +164,7 @@ class _HeadLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, hid: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, temperature: float,
-        with_entropy: bool, keep: bool,
+        with_entropy: bool, keep: bool, grad_into: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         z = _shifted_logits(hid, weight, temperature)  # [chunk, V]
         top = z.amax(dim=-1, keepdim=True)  # [chunk, 1]
@@ -172,7 +178,7 @@ class _HeadLogProbs(torch.autograd.Function):
         del z
         ctx.save_for_backward(hid, weight, tgt, top, s)
         ctx.kept = e if keep else None  # an intermediate, freed with the graph (or after its first use)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.grad_into = temperature, grad_into
         device = hid.device.type  # the backward's recomputation runs under the forward's autocast
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.mark_non_differentiable(entropy)
@@ -192,8 +198,35 @@ class _HeadLogProbs(torch.autograd.Function):
             grad_logits.scatter_add_(-1, tgt.unsqueeze(-1), grad.unsqueeze(-1))  # + g onehot(y) / T
             grad_logits = grad_logits.to(hid.dtype)
             grad_hid = grad_logits @ weight if ctx.needs_input_grad[0] else None
-            grad_weight = grad_logits.t() @ hid if ctx.needs_input_grad[1] else None
-        return grad_hid, grad_weight, None, None, None, None
+            grad_weight = None
+            if ctx.needs_input_grad[1]:
+                into = grad_in_place(ctx.grad_into, grad_logits.dtype)
+                if into is None:
+                    grad_weight = grad_logits.t() @ hid
+                else:
+                    into.addmm_(grad_logits.t(), hid)
+                    grad_weight = added_in_place(weight)
+        return grad_hid, grad_weight, None, None, None, None, None
+
+
+def grad_in_place(param: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``param.grad`` when a backward may add a gradient of `dtype` to it in place, else None: it exists, dense,
+    of that dtype, outside autograd (the first micro-batch of an optimizer step has none yet; its gradient is then
+    allocated and stolen by autograd as usual)."""
+    grad = None if param is None else param.grad
+    if grad is None or grad.layout != torch.strided or grad.dtype != dtype or grad.requires_grad:
+        return None
+    return grad
+
+
+def added_in_place(weight: torch.Tensor) -> torch.Tensor:
+    """The gradient a backward returns for `weight` after adding its gradient to ``.grad`` itself: an empty
+    sparse tensor of the weight's shape. Autograd still accumulates it, so the hooks on that accumulation (a DDP
+    reducer's, a gradient leaf's) run as they would for a dense gradient (Megatron-LM's fused weight-gradient
+    accumulation returns a placeholder for the same reason)."""
+    rows = torch.zeros(1, 0, dtype=torch.long, device=weight.device)
+    values = weight.new_zeros(0, *weight.shape[1:])
+    return torch.sparse_coo_tensor(rows, values, weight.shape, is_coalesced=True, check_invariants=False)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from thinktwice_pl.attention import use_grouped_sdpa
 from thinktwice_pl.batching import Collated
 from thinktwice_pl.errors import UserError
-from thinktwice_pl.grpo import token_logprobs
+from thinktwice_pl.grpo import grad_in_place, token_logprobs
 from thinktwice_pl.optional import BITSANDBYTES, require
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -256,6 +256,9 @@ def completion_logprobs(
     `gradient_leaves`, whose gradients are added to `.grad` as backward produces them; the last use (the prompt's
     forward, the input embedding) accumulates through the parameter itself, so a DDP reducer, which all-reduces a
     gradient from that accumulation, finds both shares in it. Not under FSDP, whose parameters are its own.
+    Likewise, once `.grad` holds a micro-batch's gradients, the two vocabulary-sized ones (the head's weight and the
+    input embedding's, ``[V, H]`` each) are added to it in place (`token_logprobs`'s `grad_into`,
+    `_RowSparseEmbedding`) instead of arriving as dense temporaries at the peak of backward.
     """
     base = base_model(model)
     decoder, head = base.get_decoder(), base.get_output_embeddings()
@@ -280,7 +283,11 @@ def completion_logprobs(
         )
     captured: list[torch.Tensor] = []
     hook = decoder.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
-    with torch.enable_grad() if with_grad else torch.no_grad():
+    embedding = base.get_input_embeddings()
+    with (
+        torch.enable_grad() if with_grad else torch.no_grad(),
+        _embedding_gradient_in_place(embedding) if direct else contextlib.nullcontext(),
+    ):
         try:
             if shared:
                 index = batch.prompt_index.to(device)
@@ -316,6 +323,7 @@ def completion_logprobs(
             temperature=temperature,
             chunk_size=chunk_size,
             with_entropy=with_grad,
+            grad_into=head.weight if direct else None,
         )  # [n, C] each
     return logprobs, entropy if entropy is not None else torch.zeros_like(logprobs)
 
@@ -344,6 +352,62 @@ def _add_to_grad(param: torch.nn.Parameter, leaf: torch.Tensor) -> None:
     else:
         param.grad.add_(leaf.grad)
     leaf.grad = None
+
+
+@contextlib.contextmanager
+def _embedding_gradient_in_place(embedding: Any) -> Iterator[None]:
+    """While it is open, a plain `torch.nn.Embedding` (no max_norm, scale_grad_by_freq or sparse option) looks up
+    through `_RowSparseEmbedding`, whose gradient is added to the weight's existing `.grad` row by row instead of
+    through a dense ``[V, H]`` tensor. Other embeddings are left alone."""
+    weight = getattr(embedding, "weight", None)
+    plain = type(embedding) is torch.nn.Embedding and type(weight) in (torch.Tensor, torch.nn.Parameter)
+    options = plain and (embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse)
+    if not plain or options or not weight.requires_grad:
+        yield
+        return
+
+    def lookup(ids: torch.Tensor) -> torch.Tensor:  # reads .weight at call time: a gradient leaf under functional_call
+        return _RowSparseEmbedding.apply(ids, embedding.weight, weight, embedding.padding_idx)
+
+    embedding.forward = lookup
+    try:
+        yield
+    finally:
+        del embedding.forward
+
+
+class _RowSparseEmbedding(torch.autograd.Function):
+    """``F.embedding(ids, weight)`` whose backward, when ``grad_into.grad`` exists (a later micro-batch, or the
+    second use of a tied weight, after the head), returns the gradient as a sparse tensor over the looked-up rows:
+    autograd adds it to that ``.grad`` in place, where the plain lookup's backward allocates a zero ``[V, H]`` tensor
+    first (the vocabulary's rows, ~108 MiB for SmolLM2 in fp32, at the end of backward when every other gradient
+    exists). Duplicate ids are summed in order before the add, as the dense backward does, so ``.grad`` comes out
+    bit for bit the same. Without a ``.grad`` yet, the dense gradient is returned (it becomes ``.grad``)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, ids: torch.Tensor, weight: torch.Tensor, grad_into: torch.Tensor, padding_idx: int | None
+    ) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.grad_into, ctx.padding_idx, ctx.rows = grad_into, padding_idx, weight.shape[0]
+        return torch.nn.functional.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        (ids,) = ctx.saved_tensors
+        padding = -1 if ctx.padding_idx is None else ctx.padding_idx
+        if grad_in_place(ctx.grad_into, grad.dtype) is None:
+            dense = torch.ops.aten.embedding_dense_backward(grad, ids, ctx.rows, padding, False)
+            return None, dense, None, None
+        ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])  # [tokens], [tokens, H]
+        if ctx.padding_idx is not None:  # the padding row gets no gradient
+            keep = ids != padding
+            ids, grad = ids[keep], grad[keep]
+        rows, slot = torch.unique(ids, return_inverse=True)  # sorted rows, each token's row slot
+        values = grad.new_zeros(len(rows), grad.shape[-1]).index_add_(0, slot, grad)
+        shape = (ctx.rows, grad.shape[-1])
+        sparse = torch.sparse_coo_tensor(rows[None], values, shape, is_coalesced=True, check_invariants=False)
+        return None, sparse, None, None
 
 
 def _fsdp_wrapped(model: Any) -> bool:
@@ -406,21 +470,25 @@ class _PromptRecorder(DynamicLayer):
 
 
 class _PromptReader(DynamicLayer):
-    """One layer's KV cache in the completion pass: the prompt's recorded states gathered to the completion rows,
-    prepended to each call's states and never extended (so a checkpointed layer's second call reads the same)."""
+    """One layer's KV cache in the completion pass: the prompt's recorded states, gathered to the completion rows
+    and prepended to each call's states, never extended (so a checkpointed layer's second call reads the same).
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    The gather happens in each call, so the rows' copy of the prompt's states (``[n, heads, P, dim]``, n / prompts
+    times the recorded ones) exists only while the layer runs, not for every layer from the forward to the end of
+    backward. It is differentiable: the rows' gradients sum into their prompt's."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
         super().__init__()
         self.dtype, self.device = keys.dtype, keys.device
-        self.keys, self.values, self.is_initialized = keys, values, True
+        self.keys, self.values, self.is_initialized = keys, values, True  # [prompts, heads, P, dim]
+        self.index = index  # [n]: each row's prompt
         self.reads = 0  # a layer that never read the prompt would have attended to its completion alone
 
     @classmethod
     def cache(cls, recorder: DynamicCache, index: torch.Tensor) -> DynamicCache:
-        """The completion pass's cache: each recorded layer's states of `index`'s prompts, ``[n, heads, P, dim]``
-        (a differentiable gather: the rows' gradients sum into their prompt's)."""
+        """The completion pass's cache: each recorded layer's states, read by the rows of `index`'s prompts."""
         cache = DynamicCache()
-        cache.layers = [cls(layer.keys[index], layer.values[index]) for layer in recorder.layers]
+        cache.layers = [cls(layer.keys, layer.values, index) for layer in recorder.layers]
         cache.layer_class_to_replicate = None  # a layer the prompt pass did not reach is an error, not a new cache
         return cache
 
@@ -428,7 +496,8 @@ class _PromptReader(DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self.reads += 1
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+        keys, values = self.keys.index_select(0, self.index), self.values.index_select(0, self.index)
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
 
 @contextlib.contextmanager
