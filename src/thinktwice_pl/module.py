@@ -335,6 +335,7 @@ class ThinkTwiceModule(pl.LightningModule):
             # all-reduces once, in the step's last backward (the earlier ones accumulate locally)
             with block_sync() if n < len(step.passes) - 1 else nullcontext():
                 self.manual_backward(loss * (world * work.weight))
+            trim_host_memory()  # the pass's freed activations: the next pass's peak starts from the gradients
             if work.weight:  # a padding pass runs the collectives only
                 stats += dataclasses.replace(sampler, loss=float(loss.detach()), entropy=float((entropy * mask).sum()),
                                              **{k: float(v) for k, v in loss_stats.items()})  # fmt: skip
