@@ -132,6 +132,51 @@ def test_each_prompt_is_prefilled_once_for_its_samples(engine: HFRolloutEngine) 
     assert all(call == (8, 1) for call in calls[1:]) and 2 <= len(calls) <= 7
 
 
+def test_prefill_in_passes_writes_the_cache_of_one_pass(engine: HFRolloutEngine) -> None:
+    """With a prefill budget smaller than the prompts, the prefill runs in passes of whole prompts, each written into
+    the reserved buffers: the same KV cache as one pass, and the same greedy tokens."""
+    from thinktwice_pl.rollout.hf import _ReservedLayer
+
+    questions = ("What is 2 + 3?", "Tom has 12 books. How many?", "What is 7 + 1?", "Add 4 and 4.", "What is 9?")
+    prompts = [encode_chat(solve_messages(q), engine.tokenizer) for q in questions]
+    width = max(map(len, prompts)) - 1  # the prefill runs all prompt tokens but the last
+    passes = HFRolloutEngine(max_prefill_tokens=2 * width + 1)  # two prompts per pass: passes of 2, 2 and 1
+    passes.setup(engine.model, engine.tokenizer)
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
+    calls, handle = _decoder_calls(engine.model)
+    try:
+        got = passes.generate(prompts, 3, greedy)
+    finally:
+        handle.remove()
+    assert calls[:4] == [(2, width), (2, width), (1, width), (5, 1)]  # greedy: one row per prompt
+    assert [c.token_ids for g in got for c in g] == [
+        c.token_ids for g in engine.generate(prompts, 3, greedy) for c in g
+    ]
+
+    rows = [torch.tensor(p) for p in prompts]
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0, padding_side="left")[:, :-1]
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
+    mask = mask[:, :-1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    engine.model.eval()
+    with torch.no_grad():
+        split = passes._prefill(ids, mask, positions, 2, width + 4, False)
+        whole = engine._prefill(ids, mask, positions, 2, width + 4, False)
+    engine.model.train()
+    assert all(type(layer) is _ReservedLayer for layer in split.layers)
+    for a, b in zip(split.layers, whole.layers, strict=True):
+        assert a.keys.shape == b.keys.shape == (10, a.keys.shape[1], width, a.keys.shape[-1])
+        assert a._key_buffer.shape[-2] == width + 4
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.keys[0::2], a.keys[1::2])  # each prompt's two samples: rows 2i and 2i + 1
+
+
+def test_max_prefill_tokens_rejects_non_positive_values() -> None:
+    with pytest.raises(ValueError, match="max_prefill_tokens must be >= 1 or None, got 0"):
+        HFRolloutEngine(max_prefill_tokens=0)
+
+
 def test_decoding_from_the_reserved_cache_equals_transformers_generate(engine: HFRolloutEngine) -> None:
     """Greedy decoding of left-padded prompts of different lengths (prefill once, KV written in place into reserved
     buffers, one token per step) gives the tokens of transformers' own ``generate``."""

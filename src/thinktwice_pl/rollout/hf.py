@@ -10,7 +10,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from thinktwice_pl.models import checkpointed_modules, is_quantized, is_sharded
+from thinktwice_pl.models import checkpointed_modules, is_quantized, is_sharded, trim_host_memory
 from thinktwice_pl.types import Completion, FinishReason
 
 if TYPE_CHECKING:
@@ -30,12 +30,19 @@ class HFRolloutEngine:
     Args:
         max_batch_sequences: at most this many sequences (prompts x samples) per ``generate`` call;
             None generates a whole phase at once. Lower it when generation runs out of memory.
+        max_prefill_tokens: the prompts' prefill runs in passes of at most this many (padded) prompt tokens
+            (at least one prompt per pass), each writing its KV states into the buffers reserved for the whole
+            generation: the activations of one pass, not of all prompts at once, come on top of the KV cache.
+            None prefills all prompts of a call in one pass.
     """
 
-    def __init__(self, max_batch_sequences: int | None = None) -> None:
+    def __init__(self, max_batch_sequences: int | None = None, max_prefill_tokens: int | None = 2048) -> None:
         if max_batch_sequences is not None and max_batch_sequences < 1:
             raise ValueError(f"max_batch_sequences must be >= 1 or None, got {max_batch_sequences}")
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1 or None, got {max_prefill_tokens}")
         self.max_batch_sequences = max_batch_sequences
+        self.max_prefill_tokens = max_prefill_tokens
         self.model: Any = None
         self.tokenizer: Any = None
         self.compute_dtype: torch.dtype | None = None
@@ -86,6 +93,7 @@ class HFRolloutEngine:
                     results.extend(self._generate_chunk(prompts[start : start + per_call], n, sampling, device, synced))
         finally:
             self.model.train(was_training)
+            trim_host_memory()  # the KV buffers of the call leave the resident set (an evaluation makes several calls)
         return results
 
     def _autocast(self, device: torch.device) -> Any:
@@ -139,10 +147,10 @@ class HFRolloutEngine:
     ) -> torch.Tensor:
         """Sample up to ``max_new_tokens`` tokens for each of the ``samples`` rows of each left-padded prompt.
 
-        The prompt is prefilled once (all its tokens but the last, for its B rows), its KV cache copied to the
-        B * samples rows of its samples (sample j of prompt i at row i * samples + j) into buffers reserved for the
-        whole generation, then every step runs one token per row. Rows that ended keep stepping (pad tokens, never
-        read) until all rows have ended; under FSDP2, until every rank's rows have (each step gathers shards
+        The prompt is prefilled once (all its tokens but the last, for its B rows; `_prefill`), its KV cache copied
+        to the B * samples rows of its samples (sample j of prompt i at row i * samples + j) into buffers reserved
+        for the whole generation, then every step runs one token per row. Rows that ended keep stepping (pad tokens,
+        never read) until all rows have ended; under FSDP2, until every rank's rows have (each step gathers shards
         collectively). Returns the new tokens, ``[B * samples, steps]``, pad after a row's EOS.
         """
         model, device = self.model, input_ids.device
@@ -150,12 +158,8 @@ class HFRolloutEngine:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P], real tokens count from 0
         capacity = width + sampling.max_new_tokens
         if width > 1:
-            out = model(
-                input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
-                use_cache=True, logits_to_keep=_NO_LOGITS.to(device),
-            )  # fmt: skip
-            cache = _require_cache(out.past_key_values, model)
-            reserve_cache(cache, samples, capacity)
+            prompt = (input_ids[:, :-1], attention_mask[:, :-1], positions[:, :-1])
+            cache = self._prefill(*prompt, samples, capacity, synced)
         else:
             cache = DynamicCache(config=model.config)
         if samples > 1:
@@ -183,6 +187,44 @@ class HFRolloutEngine:
                 break
             step_ids, step_pos = token[:, None], step_pos + 1
         return torch.stack(new, dim=1)
+
+    def _prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, samples: int,
+        capacity: int, synced: bool,
+    ) -> Any:  # fmt: skip
+        """The KV cache of the ``[B, P]`` prompts, each prompt's states held `samples` times in buffers reserved for
+        `capacity` positions. Runs in passes of ``max_prefill_tokens // P`` prompts (at least one), each written into
+        the buffers and dropped. In one pass: under FSDP2 (`synced`: ranks must run as many forwards as each other),
+        and for a model whose cache has layers other than plain `DynamicLayer` (sliding windows, ...)."""
+        rows = len(input_ids)
+        limit = self.max_prefill_tokens
+        per_pass = rows if limit is None or synced else max(1, limit // input_ids.shape[1])
+        cache: Any = None
+        for start in range(0, rows, per_pass):
+            part = slice(start, start + per_pass)
+            states = self._prefill_pass(input_ids[part], attention_mask[part], positions[part])
+            if cache is None and (per_pass >= rows or not all(map(_plain_layer, states.layers))):
+                if per_pass < rows:  # not plain layers: start over with all prompts at once
+                    del states
+                    states = self._prefill_pass(input_ids, attention_mask, positions)
+                reserve_cache(states, samples, capacity)
+                return states
+            if cache is None:  # the call's buffers, shaped after the first pass's states
+                cache, sources = states, states.layers
+                cache.layers = [_ReservedLayer(s.keys, s.values, rows * samples, capacity) for s in sources]
+            else:
+                sources = states.layers
+            for layer, source in zip(cache.layers, sources, strict=True):
+                layer.fill(start, source.keys, source.values, samples)
+            del states, sources
+        return cache
+
+    def _prefill_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> Any:
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+            logits_to_keep=_NO_LOGITS.to(input_ids.device),
+        )  # fmt: skip
+        return _require_cache(out.past_key_values, self.model)
 
 
 _NO_LOGITS = torch.zeros(0, dtype=torch.long)  # logits_to_keep for the prefill: no logits at all
@@ -217,19 +259,25 @@ class _ReservedLayer(DynamicLayer):
     concatenation, so it is never wrong, only slower.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int, capacity: int) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int, capacity: int) -> None:
+        """Buffers of `rows` rows shaped after a prefill's ``[n, heads, length, dim]`` states, counted as filled up
+        to `length` (`fill` writes them)."""
         super().__init__()
-        rows, heads, length, _ = keys.shape
+        length = keys.shape[-2]
         self.dtype, self.device = keys.dtype, keys.device
-        buffers = []
-        for states in (keys, values):
-            buffer = states.new_empty(rows * repeats, heads, max(capacity, length), states.shape[-1])
-            # row i * repeats + j holds prompt i's states, without an intermediate repeat_interleave copy
-            buffer.view(rows, repeats, *buffer.shape[1:])[..., :length, :].copy_(states[:, None])
-            buffers.append(buffer)
-        self._key_buffer, self._value_buffer = buffers
+        self._key_buffer, self._value_buffer = (
+            states.new_empty(rows, states.shape[1], max(capacity, length), states.shape[-1])
+            for states in (keys, values)
+        )
         self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
         self.is_initialized = True
+
+    def fill(self, first: int, keys: torch.Tensor, values: torch.Tensor, repeats: int) -> None:
+        """Write the prefill states of prompts ``first, first + 1, ...`` to rows ``i * repeats + j`` (without an
+        intermediate repeat_interleave copy)."""
+        for buffer, states in ((self._key_buffer, keys), (self._value_buffer, values)):
+            grouped = buffer.view(-1, repeats, *buffer.shape[1:])  # [prompts, repeats, heads, capacity, dim]
+            grouped[first : first + len(states), :, :, : states.shape[-2]].copy_(states[:, None])
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -243,13 +291,20 @@ class _ReservedLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def _plain_layer(layer: Any) -> bool:
+    """A filled plain `DynamicLayer`: what `_ReservedLayer` replaces."""
+    return type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel() > 0
+
+
 def reserve_cache(cache: Any, repeats: int, capacity: int) -> None:
     """Turn every plain `DynamicLayer` of a filled `DynamicCache` into a `_ReservedLayer` holding each row
     `repeats` times (rows of one prompt together) with room for `capacity` positions. Other layer kinds (sliding
     windows, quantized caches) are repeated as they are."""
     for index, layer in enumerate(cache.layers):
-        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel() > 0:
-            cache.layers[index] = _ReservedLayer(layer.keys, layer.values, repeats, capacity)
+        if _plain_layer(layer):
+            reserved = _ReservedLayer(layer.keys, layer.values, len(layer.keys) * repeats, capacity)
+            reserved.fill(0, layer.keys, layer.values, repeats)
+            cache.layers[index] = reserved
         elif repeats > 1:
             layer.batch_repeat_interleave(repeats)
 
