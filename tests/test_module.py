@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -175,6 +176,25 @@ def test_a_later_micro_batch_adds_head_and_embedding_gradients_to_grad_in_place(
         torch.testing.assert_close(param.grad, reference[name], atol=1e-5, rtol=1e-4, msg=name)
     assert layouts[1] and set(layouts[1]) == {torch.sparse_coo}, layouts  # the second micro-batch: in place only
     assert "forward" not in vars(embedding)  # the lookup is the module's own again
+
+
+def test_row_sparse_embedding_adds_the_dense_backwards_gradient_bit_for_bit() -> None:
+    """Repeated ids, a padding id: `.grad` after the row-sparse add equals `.grad` after nn.Embedding's dense
+    backward exactly (the rows are summed in the same order before the add)."""
+    from thinktwice_pl.models import _embedding_gradient_in_place
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(40, 8, padding_idx=3)
+    ids = torch.tensor([[5, 3, 5, 9, 5], [9, 1, 3, 5, 0]])
+    upstream, start = torch.randn(2, 5, 8), torch.randn(40, 8)
+    results = []
+    for in_place in (False, True):
+        embedding.weight.grad = start.clone()
+        with _embedding_gradient_in_place(embedding) if in_place else contextlib.nullcontext():
+            embedding(ids).backward(upstream)
+        results.append(embedding.weight.grad)
+    assert not torch.equal(results[0], start) and torch.equal(results[0][3], start[3])
+    assert torch.equal(results[1], results[0])
 
 
 def test_a_layer_that_drops_the_shared_prompt_cache_is_an_error_not_wrong_log_probs(

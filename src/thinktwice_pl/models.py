@@ -362,7 +362,7 @@ def _embedding_gradient_in_place(embedding: Any) -> Iterator[None]:
     weight = getattr(embedding, "weight", None)
     plain = type(embedding) is torch.nn.Embedding and type(weight) in (torch.Tensor, torch.nn.Parameter)
     options = plain and (embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse)
-    if not plain or options or not weight.requires_grad:
+    if not plain or options or not weight.requires_grad:  # nothing to change
         yield
         return
 
