@@ -172,6 +172,45 @@ def test_prefill_in_passes_writes_the_cache_of_one_pass(engine: HFRolloutEngine)
         torch.testing.assert_close(a.keys[0::2], a.keys[1::2])  # each prompt's two samples: rows 2i and 2i + 1
 
 
+def test_a_sliding_window_model_is_prefilled_in_one_pass_and_decodes_as_generate(tiny_model_dir: Path) -> None:
+    """Layers other than plain full attention (here a sliding window of 6 in the second layer) keep their own cache
+    kind: the prefill runs in one pass whatever the budget, and greedy tokens equal transformers' `generate`."""
+    from torch.nn.utils.rnn import pad_sequence
+    from transformers import AutoConfig, Qwen2ForCausalLM
+
+    from thinktwice_pl.rollout.hf import eos_token_ids
+
+    settings = AutoConfig.from_pretrained(str(tiny_model_dir)).to_dict()
+    settings.update(use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    settings.pop("layer_types", None)
+    config = AutoConfig.for_model(**settings)
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    model = Qwen2ForCausalLM.from_pretrained(str(tiny_model_dir), config=config)
+    engine = HFRolloutEngine(max_prefill_tokens=8)
+    engine.setup(model, load_tokenizer(str(tiny_model_dir)))
+    tok = engine.tokenizer
+    prompts = [encode_chat(solve_messages(q), tok) for q in ("What is 2 + 3?", "Tom has 12 books.", "What is 7 + 1?")]
+    calls, handle = _decoder_calls(model)
+    try:
+        got = engine.generate(prompts, 2, SamplingConfig(temperature=0.0, max_new_tokens=8))
+    finally:
+        handle.remove()
+    assert calls[0] == (3, max(map(len, prompts)) - 1)  # one pass
+    rows = [torch.tensor(p) for p in prompts]
+    ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_token_id, padding_side="left")
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                             eos_token_id=eos_token_ids(model, tok), pad_token_id=tok.pad_token_id,
+                             repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)  # fmt: skip
+    eos, expected = set(eos_token_ids(model, tok)), []
+    for row in out[:, ids.shape[1] :].tolist():
+        stop = next((k for k, t in enumerate(row) if t in eos), None)
+        expected += [row if stop is None else row[: stop + 1]] * 2
+    assert [c.token_ids for g in got for c in g] == expected
+
+
 def test_max_prefill_tokens_rejects_non_positive_values() -> None:
     with pytest.raises(ValueError, match="max_prefill_tokens must be >= 1 or None, got 0"):
         HFRolloutEngine(max_prefill_tokens=0)

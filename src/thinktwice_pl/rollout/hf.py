@@ -193,38 +193,40 @@ class HFRolloutEngine:
         capacity: int, synced: bool,
     ) -> Any:  # fmt: skip
         """The KV cache of the ``[B, P]`` prompts, each prompt's states held `samples` times in buffers reserved for
-        `capacity` positions. Runs in passes of ``max_prefill_tokens // P`` prompts (at least one), each written into
-        the buffers and dropped. In one pass: under FSDP2 (`synced`: ranks must run as many forwards as each other),
-        and for a model whose cache has layers other than plain `DynamicLayer` (sliding windows, ...)."""
-        rows = len(input_ids)
+        `capacity` positions. Runs in passes of ``max_prefill_tokens // P`` prompts (at least one), whose attention
+        layers write their states straight into those buffers (`_ReservedLayer`), so only one pass's activations
+        come on top of them. In one pass under FSDP2 (`synced`: ranks must run as many forwards as each other); a
+        model whose cache has layers other than plain `DynamicLayer` (sliding windows, ...) is prefilled in one pass
+        into its own cache, then copied into the buffers (`reserve_cache`)."""
+        model, rows = self.model, len(input_ids)
+        cache = DynamicCache(config=model.config)
+        if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            states = self._prefill_pass(input_ids, attention_mask, positions, None)
+            reserve_cache(states, samples, capacity)
+            return states
+        cache.layers = [_ReservedLayer(rows * samples, samples, capacity) for _ in cache.layers]
         limit = self.max_prefill_tokens
         per_pass = rows if limit is None or synced else max(1, limit // input_ids.shape[1])
-        cache: Any = None
         for start in range(0, rows, per_pass):
+            for layer in cache.layers:
+                layer.first = start
             part = slice(start, start + per_pass)
-            states = self._prefill_pass(input_ids[part], attention_mask[part], positions[part])
-            if cache is None and (per_pass >= rows or not all(map(_plain_layer, states.layers))):
-                if per_pass < rows:  # not plain layers: start over with all prompts at once
-                    del states
-                    states = self._prefill_pass(input_ids, attention_mask, positions)
-                reserve_cache(states, samples, capacity)
-                return states
-            if cache is None:  # the call's buffers, shaped after the first pass's states
-                cache, sources = states, states.layers
-                cache.layers = [_ReservedLayer(s.keys, s.values, rows * samples, capacity) for s in sources]
-            else:
-                sources = states.layers
-            for layer, source in zip(cache.layers, sources, strict=True):
-                layer.fill(start, source.keys, source.values, samples)
-            del states, sources
+            self._prefill_pass(input_ids[part], attention_mask[part], positions[part], cache)
+        for layer in cache.layers:
+            layer.prefilled()
         return cache
 
-    def _prefill_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> Any:
+    def _prefill_pass(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> Any:
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-            logits_to_keep=_NO_LOGITS.to(input_ids.device),
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+            use_cache=True, logits_to_keep=_NO_LOGITS.to(input_ids.device),
         )  # fmt: skip
-        return _require_cache(out.past_key_values, self.model)
+        states = _require_cache(out.past_key_values, self.model)
+        if cache is not None and (states is not cache or any(not layer.is_initialized for layer in cache.layers)):
+            raise RuntimeError(f"{type(self.model).__name__} did not fill the KV cache it was given in the prefill")
+        return states
 
 
 _NO_LOGITS = torch.zeros(0, dtype=torch.long)  # logits_to_keep for the prefill: no logits at all
@@ -251,37 +253,30 @@ def _all_done(done: torch.Tensor, synced: bool) -> bool:
 
 
 class _ReservedLayer(DynamicLayer):
-    """A `DynamicLayer` whose keys and values are views into buffers reserved for the whole generation.
+    """A `DynamicLayer` whose keys and values live in buffers reserved for the whole generation: ``rows`` rows (each
+    prompt's states `repeats` times, rows of one prompt together) and room for `capacity` positions.
 
-    transformers' `DynamicLayer` appends a step with ``torch.cat``, which copies the layer's whole cache at every
-    step (quadratic in the length; 8% of a 64-token SmolLM2 generation on CPU). Here a step is written in place and
-    the returned keys/values are views of the filled part. Past the reserved capacity it falls back to
-    concatenation, so it is never wrong, only slower.
+    While prefilling (`first` set), each call writes the states of prompts ``first, first + 1, ...`` to their rows
+    (allocating the buffers at the first call, shaped after its states) and returns them as they are, and nothing
+    counts as cached yet, so the next pass of prompts starts at position 0 too; `prefilled` ends that. Decoding then
+    writes each step in place and returns views of the filled part: transformers' `DynamicLayer` appends a step
+    with ``torch.cat``, which copies the layer's whole cache at every step (quadratic in the length; 8% of a
+    64-token SmolLM2 generation on CPU). Past the reserved capacity it falls back to concatenation, so it is never
+    wrong, only slower.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int, capacity: int) -> None:
-        """Buffers of `rows` rows shaped after a prefill's ``[n, heads, length, dim]`` states, counted as filled up
-        to `length` (`fill` writes them)."""
+    def __init__(self, rows: int, repeats: int, capacity: int) -> None:
         super().__init__()
-        length = keys.shape[-2]
-        self.dtype, self.device = keys.dtype, keys.device
-        self._key_buffer, self._value_buffer = (
-            states.new_empty(rows, states.shape[1], max(capacity, length), states.shape[-1])
-            for states in (keys, values)
-        )
-        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
-        self.is_initialized = True
-
-    def fill(self, first: int, keys: torch.Tensor, values: torch.Tensor, repeats: int) -> None:
-        """Write the prefill states of prompts ``first, first + 1, ...`` to rows ``i * repeats + j`` (without an
-        intermediate repeat_interleave copy)."""
-        for buffer, states in ((self._key_buffer, keys), (self._value_buffer, values)):
-            grouped = buffer.view(-1, repeats, *buffer.shape[1:])  # [prompts, repeats, heads, capacity, dim]
-            grouped[first : first + len(states), :, :, : states.shape[-2]].copy_(states[:, None])
+        self.rows, self.repeats, self.capacity = rows, repeats, capacity
+        self.first: int | None = 0  # prefilling: the first prompt the next call writes; None once decoding
+        self.length = 0
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.first is not None:
+            self._write(key_states, value_states)
+            return key_states, value_states
         start, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
         if end > self._key_buffer.shape[-2] or self.keys.data_ptr() != self._key_buffer.data_ptr():
             return super().update(key_states, value_states, *args, **kwargs)
@@ -290,20 +285,37 @@ class _ReservedLayer(DynamicLayer):
         self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        assert self.first is not None
+        length = key_states.shape[-2]
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self._key_buffer, self._value_buffer = (
+                states.new_empty(self.rows, states.shape[1], max(self.capacity, length), states.shape[-1])
+                for states in (key_states, value_states)
+            )
+            self.keys, self.values = self._key_buffer[:, :, :0], self._value_buffer[:, :, :0]  # nothing cached yet
+            self.is_initialized = True
+        for buffer, states in ((self._key_buffer, key_states), (self._value_buffer, value_states)):
+            grouped = buffer.view(-1, self.repeats, *buffer.shape[1:])  # [prompts, repeats, heads, capacity, dim]
+            grouped[self.first : self.first + len(states), :, :, :length].copy_(states[:, None])
+        self.length = length
 
-def _plain_layer(layer: Any) -> bool:
-    """A filled plain `DynamicLayer`: what `_ReservedLayer` replaces."""
-    return type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel() > 0
+    def prefilled(self) -> None:
+        """End of the prefill: the written positions count as cached, and calls append to them."""
+        self.keys, self.values = self._key_buffer[:, :, : self.length], self._value_buffer[:, :, : self.length]
+        self.first = None
 
 
 def reserve_cache(cache: Any, repeats: int, capacity: int) -> None:
-    """Turn every plain `DynamicLayer` of a filled `DynamicCache` into a `_ReservedLayer` holding each row
+    """Turn every filled plain `DynamicLayer` of a `DynamicCache` into a `_ReservedLayer` holding each row
     `repeats` times (rows of one prompt together) with room for `capacity` positions. Other layer kinds (sliding
     windows, quantized caches) are repeated as they are."""
     for index, layer in enumerate(cache.layers):
-        if _plain_layer(layer):
-            reserved = _ReservedLayer(layer.keys, layer.values, len(layer.keys) * repeats, capacity)
-            reserved.fill(0, layer.keys, layer.values, repeats)
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel() > 0:
+            reserved = _ReservedLayer(len(layer.keys) * repeats, repeats, capacity)
+            reserved.update(layer.keys, layer.values)
+            reserved.prefilled()
             cache.layers[index] = reserved
         elif repeats > 1:
             layer.batch_repeat_interleave(repeats)
