@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -119,6 +120,30 @@ def _decoder_calls(model: torch.nn.Module) -> tuple[list[tuple[int, int]], objec
     return calls, handle
 
 
+def _transformers_greedy(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Each left-padded prompt's greedy continuation by transformers' own ``generate`` (no penalties), up to and
+    including the first EOS."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    from thinktwice_pl.rollout.hf import eos_token_ids
+
+    rows = [torch.tensor(p) for p in prompts]
+    ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_token_id, padding_side="left")
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos_token_ids(model, tok), pad_token_id=tok.pad_token_id,
+                             repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)  # fmt: skip
+    model.train(was_training)
+    eos, continuations = set(eos_token_ids(model, tok)), []
+    for row in out[:, ids.shape[1] :].tolist():
+        stop = next((k for k, t in enumerate(row) if t in eos), None)
+        continuations.append(row if stop is None else row[: stop + 1])
+    return continuations
+
+
 def test_each_prompt_is_prefilled_once_for_its_samples(engine: HFRolloutEngine) -> None:
     prompts = _prompts(engine)
     calls, handle = _decoder_calls(engine.model)
@@ -175,10 +200,7 @@ def test_prefill_in_passes_writes_the_cache_of_one_pass(engine: HFRolloutEngine)
 def test_a_sliding_window_model_is_prefilled_in_one_pass_and_decodes_as_generate(tiny_model_dir: Path) -> None:
     """Layers other than plain full attention (here a sliding window of 6 in the second layer) keep their own cache
     kind: the prefill runs in one pass whatever the budget, and greedy tokens equal transformers' `generate`."""
-    from torch.nn.utils.rnn import pad_sequence
     from transformers import AutoConfig, Qwen2ForCausalLM
-
-    from thinktwice_pl.rollout.hf import eos_token_ids
 
     settings = AutoConfig.from_pretrained(str(tiny_model_dir)).to_dict()
     settings.update(use_sliding_window=True, sliding_window=6, max_window_layers=1)
@@ -196,18 +218,7 @@ def test_a_sliding_window_model_is_prefilled_in_one_pass_and_decodes_as_generate
     finally:
         handle.remove()
     assert calls[0] == (3, max(map(len, prompts)) - 1)  # one pass
-    rows = [torch.tensor(p) for p in prompts]
-    ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_token_id, padding_side="left")
-    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
-                             eos_token_id=eos_token_ids(model, tok), pad_token_id=tok.pad_token_id,
-                             repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)  # fmt: skip
-    eos, expected = set(eos_token_ids(model, tok)), []
-    for row in out[:, ids.shape[1] :].tolist():
-        stop = next((k for k, t in enumerate(row) if t in eos), None)
-        expected += [row if stop is None else row[: stop + 1]] * 2
+    expected = [row for row in _transformers_greedy(model, tok, prompts, 8) for _ in range(2)]
     assert [c.token_ids for g in got for c in g] == expected
 
 
@@ -219,26 +230,10 @@ def test_max_prefill_tokens_rejects_non_positive_values() -> None:
 def test_decoding_from_the_reserved_cache_equals_transformers_generate(engine: HFRolloutEngine) -> None:
     """Greedy decoding of left-padded prompts of different lengths (prefill once, KV written in place into reserved
     buffers, one token per step) gives the tokens of transformers' own ``generate``."""
-    from torch.nn.utils.rnn import pad_sequence
-
-    from thinktwice_pl.rollout.hf import eos_token_ids
 
     prompts, tok, model = _prompts(engine), engine.tokenizer, engine.model
     got = engine.generate(prompts, 2, SamplingConfig(temperature=0.0, max_new_tokens=12))
-    rows = [torch.tensor(p) for p in prompts]
-    ids = pad_sequence(rows, batch_first=True, padding_value=tok.pad_token_id, padding_side="left")
-    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
-                             eos_token_id=eos_token_ids(model, tok), pad_token_id=tok.pad_token_id,
-                             repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)  # fmt: skip
-    model.train()
-    eos = set(eos_token_ids(model, tok))
-    expected = []
-    for row in out[:, ids.shape[1] :].tolist():
-        stop = next((k for k, t in enumerate(row) if t in eos), None)
-        expected += [row if stop is None else row[: stop + 1]] * 2
+    expected = [row for row in _transformers_greedy(model, tok, prompts, 12) for _ in range(2)]
     assert [c.token_ids for g in got for c in g] == expected
 
 
