@@ -97,6 +97,19 @@ def test_cli_fit_tiny_config(tiny_cli_run: Path) -> None:
     assert (run / "checkpoints" / "last.ckpt").resolve() == (run / "checkpoints" / files[0]).resolve()
 
 
+def test_validation_counts_phases_across_data_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An epoch of 6 phases (12 problems, 4 per batch, solve + refine) and a validation every 4 phases: the count
+    runs over the whole run, so phase 8 (in the second epoch) validates, as a run with longer epochs would."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("THINKTWICE_HOME", str(tmp_path / "home"))
+    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train.num_problems", "12",
+          "--model.mini_batch_problems", "null", "--trainer.max_steps", "8", "--trainer.val_check_interval", "4",
+          "--eval.num_samples", "1", "--model.log_completions", "0"])  # fmt: skip
+    metrics = pd.read_csv(tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv")
+    assert metrics[metrics["val/avg/solve/pass@1"].notna()]["step"].tolist() == [0, 4, 8]  # per epoch: [0, 4]
+    assert metrics["epoch"].max() == 1  # the run did cross into a second data epoch
+
+
 def test_module_entry_point_and_console_script() -> None:
     out = subprocess.run([sys.executable, "-m", "thinktwice_pl", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -53,6 +53,16 @@ from thinktwice_pl.resume import (
 )
 
 
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "log_every_n_steps": 1,
+    "num_sanity_val_steps": 0,
+    # An integer val_check_interval counts phases over the whole run, across data epochs (Lightning's default of
+    # 1 restarts the count at every epoch, so twins with different epoch lengths would validate at other steps).
+    "check_val_every_n_epoch": None,
+}
+"""The command's defaults for ``trainer:`` settings a config does not give."""
+
+
 class ThinkTwiceCLI(LightningCLI):
     """LightningCLI with ``rollout:`` and ``eval:`` sections (the always-present RolloutCallback and Evaluation
     callbacks), linked arguments, and the resume rules of `thinktwice_pl.resume`.
@@ -210,7 +220,7 @@ def main(args: list[str] | None = None) -> None:
             ThinkTwiceModule,
             ThinkTwiceDataModule,
             seed_everything_default=0,
-            trainer_defaults={"log_every_n_steps": 1, "num_sanity_val_steps": 0},
+            trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": False},
             args=None if args is None else argv,  # None: LightningCLI reads sys.argv (and does not warn)
             command=command,
