@@ -330,7 +330,9 @@ def test_evaluation_truncates_long_refine_prompts_as_training_does(
         validate(50)
 
 
-def test_remove_system_prompt_reaches_training_and_evaluation_prompts(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_remove_system_prompt_settings_of_training_and_evaluation(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """rollout.remove_system_prompt shapes training prompts; evaluation keeps the template's system turn unless
+    eval.remove_system_prompt is set (the reference evaluated Olmo-3 with it, trained without it)."""
     from test_prompts import OLMO3_LIKE
 
     from thinktwice_pl.builtin_models import CHATML_TEMPLATE
@@ -342,7 +344,7 @@ def test_remove_system_prompt_reaches_training_and_evaluation_prompts(tiny_model
     tokenizer.chat_template = OLMO3_LIKE  # inserts a default system turn into a chat without one
     tokenizer.save_pretrained(model_dir)
 
-    def fit(remove: bool) -> list[str]:
+    def fit(remove: bool, eval_remove: bool) -> tuple[list[str], list[str]]:
         engine = RecordingEngine()
         module = ThinkTwiceModule(model_name_or_path=str(model_dir), problems_per_batch=2, num_generations=2,
                                   mini_batch_problems=2, max_completion_length=8)  # fmt: skip
@@ -350,22 +352,32 @@ def test_remove_system_prompt_reaches_training_and_evaluation_prompts(tiny_model
                                     val={"arith": ProblemSource(num_problems=2, difficulty=0)})  # fmt: skip
         rollout = RolloutCallback(engine=engine, num_generations=2, max_completion_length=8, reward_workers=0,
                                   remove_system_prompt=remove)  # fmt: skip
+        evaluation = Evaluation(num_samples=2, max_completion_length=8, remove_system_prompt=eval_remove)
         trainer = pl.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, logger=False,
-                             callbacks=[rollout, Evaluation(num_samples=2, max_completion_length=8)],
-                             enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                             num_sanity_val_steps=0)  # fmt: skip
+                             callbacks=[rollout, evaluation], enable_progress_bar=False, enable_checkpointing=False,
+                             default_root_dir=tmp_path, num_sanity_val_steps=0)  # fmt: skip
         trainer.fit(module, datamodule=data)
         # validation of the base model, solve, refine, validation again; each validation makes 3 calls: sampled
         # answers, greedy answers, refinements
         assert len(engine.calls) == 3 + 2 + 3, len(engine.calls)
-        return [tokenizer.decode(ids) for prompts in engine.calls for ids in prompts]
+        texts = [[tokenizer.decode(ids) for ids in prompts] for prompts in engine.calls]
+        return [t for call in texts[3:5] for t in call], [t for call in texts[:3] + texts[5:] for t in call]
 
-    kept = fit(remove=False)
-    assert all(p.startswith("<|im_start|>system\nYou are a helpful function-calling AI assistant.") for p in kept)
-    removed = fit(remove=True)
-    assert all(p.startswith("<|im_start|>user\n") and "<|im_start|>system" not in p for p in removed)
+    def with_system(prompts: list[str]) -> bool:
+        return all(p.startswith("<|im_start|>system\nYou are a helpful function-calling AI assistant.") for p in prompts)
+
+    def without_system(prompts: list[str]) -> bool:
+        return all(p.startswith("<|im_start|>user\n") and "<|im_start|>system" not in p for p in prompts)
+
+    train, val = fit(remove=False, eval_remove=False)
+    assert with_system(train) and with_system(val)
+    train, val = fit(remove=True, eval_remove=False)  # the Olmo-3 recipe: trained without, evaluated with
+    assert without_system(train) and with_system(val)
+    train, val = fit(remove=True, eval_remove=True)
+    assert without_system(train) and without_system(val)
     # refine prompts: 2 in training, 2 x 2 sampled + 2 greedy answers refined in each of the 2 validations
-    assert sum("carefully review your previous solution" in p for p in removed) == 2 + 2 * (2 * 2 + 2)
+    assert sum("carefully review your previous solution" in p for p in train) == 2
+    assert sum("carefully review your previous solution" in p for p in val) == 2 * (2 * 2 + 2)
     tokenizer.chat_template = "<|im_start|>system\nAlways here.<|im_end|>\n" + CHATML_TEMPLATE  # cannot be cut out
     with pytest.raises(ValueError, match=r"rollout\.remove_system_prompt is set but the chat template writes"):
         RolloutCallback(remove_system_prompt=True).check_chat_template(tokenizer)  # on_fit_start: before any work

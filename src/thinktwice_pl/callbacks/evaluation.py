@@ -16,8 +16,9 @@ cheaper settings than test (``val_num_samples``; 0 = the greedy pass only, as th
 and during fit it also runs once before the first phase, so every validation curve starts at the base model.
 
 Generation goes through the engine of the `RolloutCallback` (HF or vLLM alike), prompts and grading
-use its prompt texts, chat rendering (``remove_system_prompt``), prompt limit and grader, so
-evaluation measures the same task the policy is trained on.
+use its prompt texts, prompt limit and grader, so evaluation measures the same task the policy is trained
+on. The chat template's default system prompt is kept in evaluation prompts unless
+``eval.remove_system_prompt`` is set, as the reference evaluation kept Olmo-3's while its training removed it.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class Evaluation(Callback):
         seed: base seed of the evaluation sampling (batch b of a run draws the same samples every time).
         records: also append one row per problem to ``<log dir>/eval_records.csv`` (`RECORD_COLUMNS`: its correct
             counts), for intervals over problems and paired comparisons of runs.
+        remove_system_prompt: leave out the system turn that the chat template inserts into a chat without one
+            (as ``rollout.remove_system_prompt`` does for training prompts). Off by default: the reference
+            evaluation kept the template's system prompt even for runs trained without it.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class Evaluation(Callback):
         validate_before_training: bool = True,
         seed: int = 0,
         records: bool = False,
+        remove_system_prompt: bool = False,
     ) -> None:
         super().__init__()
         if num_samples < 1:
@@ -111,6 +116,7 @@ class Evaluation(Callback):
         self.transitions = transitions
         self.seed = seed
         self.records = records
+        self.remove_system_prompt = remove_system_prompt
         self._started = 0.0
         self._split: Split = "val"
         self._pass: dict[str, tuple[PassAtK, PassAtK]] = {}  # benchmark -> (solve, refine)
@@ -203,14 +209,14 @@ class Evaluation(Callback):
         n, problems = self.num_samples_for(self._split), batch.problems
         seed = phase_seed(self.seed, batch.index, pl_module.global_rank)
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
-        solve = rollout.prompts(problems, tokenizer)
+        solve = rollout.prompts(problems, tokenizer, remove_system_prompt=self.remove_system_prompt)
         with rollout.awake() as engine:
             samples = engine.generate(solve.ids, n, replace(self.sampling, seed=seed)) if n else [[] for _ in problems]
             bases = [group[0] for group in engine.generate(solve.ids, 1, greedy)] if self.transitions else []  # [P]
             # one refinement of every sampled answer (problem-major), then of every greedy answer, as in training
             owners = [p for p, group in zip(problems, samples, strict=True) for _ in group] + problems[: len(bases)]
             reviewed = [c for group in samples for c in group] + bases
-            refine = rollout.prompts(owners, tokenizer, [c.text for c in reviewed])
+            refine = rollout.prompts(owners, tokenizer, [c.text for c in reviewed], self.remove_system_prompt)
             m = len(owners) - len(bases)  # refinements of sampled answers
             if self.refine_sampling.temperature == 0 or not m:  # one greedy call for both kinds of refinement
                 refined = [group[0] for group in engine.generate(refine.ids, 1, greedy)]

@@ -182,10 +182,20 @@ class RolloutCallback(Callback):
 
     # ------------------------------------------------------------------------------ services (training, evaluation)
 
-    def prompts(self, problems: list[Problem], tokenizer: Any, reviewed: list[str] | None = None) -> Prompts:
+    def prompts(
+        self,
+        problems: list[Problem],
+        tokenizer: Any,
+        reviewed: list[str] | None = None,
+        remove_system_prompt: bool | None = None,
+    ) -> Prompts:
         """Solve prompts, or refine prompts reviewing `reviewed[i]` for `problems[i]` (`build_prompts`); warns once
-        per run when refine prompts are left-truncated to ``max_prompt_length``."""
-        prompts = build_prompts(problems, tokenizer, self.prompt_settings, reviewed)
+        per run when refine prompts are left-truncated to ``max_prompt_length``. `remove_system_prompt` overrides
+        the rollout's setting (evaluation has its own); None keeps it."""
+        settings = self.prompt_settings
+        if remove_system_prompt is not None:
+            settings = dataclasses.replace(settings, remove_system_prompt=remove_system_prompt)
+        prompts = build_prompts(problems, tokenizer, settings, reviewed)
         if prompts.truncated and not self._warned_truncation:
             self._warned_truncation = True
             limit = self.prompt_settings.max_prompt_length
