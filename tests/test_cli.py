@@ -48,6 +48,26 @@ def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -
     assert "thinktwice fit --config" in config.read_text(), "each config states its launch command"
 
 
+@pytest.mark.parametrize(
+    "config", [c for c in CONFIGS if "procedural" in c.read_text()], ids=lambda p: str(p.relative_to(ROOT / "configs"))
+)
+def test_procedural_validation_and_test_sums_never_occur_among_training_problems(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config that generates its problems evaluates on texts that training never saw, so its validation figures
+    measure held-out problems."""
+    from thinktwice_pl.sources import load_problems
+
+    monkeypatch.chdir(tmp_path)
+    cli = ThinkTwiceCLI(ThinkTwiceModule, ThinkTwiceDataModule, run=False, args=["--config", str(config)])
+    data = cli.datamodule
+    train = {p.prompt_text for p in load_problems(data.train_source)}
+    for split in ("val", "test"):
+        for name, problems in data.eval_problems(split).items():
+            seen = [p.prompt_text for p in problems if p.prompt_text in train]
+            assert not seen, f"{config.name}: data.{split}.{name} holds training texts {seen[:3]}"
+
+
 def test_linked_arguments_reach_the_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     cli = ThinkTwiceCLI(
