@@ -364,7 +364,7 @@ def test_remove_system_prompt_settings_of_training_and_evaluation(tiny_model_dir
         return [t for call in texts[3:5] for t in call], [t for call in texts[:3] + texts[5:] for t in call]
 
     def with_system(prompts: list[str]) -> bool:
-        return all(p.startswith("<|im_start|>system\nYou are a helpful function-calling AI assistant.") for p in prompts)
+        return all(p.startswith("<|im_start|>system\nYou are a helpful function-calling AI") for p in prompts)
 
     def without_system(prompts: list[str]) -> bool:
         return all(p.startswith("<|im_start|>user\n") and "<|im_start|>system" not in p for p in prompts)

@@ -52,7 +52,6 @@ from thinktwice_pl.resume import (
     version_folder_of,
 )
 
-
 TRAINER_DEFAULTS: dict[str, Any] = {
     "log_every_n_steps": 1,
     "num_sanity_val_steps": 0,

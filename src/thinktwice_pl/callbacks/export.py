@@ -1,4 +1,8 @@
-"""HFExport: write the trained policy as a plain HF model directory at the end of training."""
+"""HFExport: write the trained policy as a plain HF model directory at the end of training.
+
+An export never replaces another: by default it goes into the run's own version folder; a fixed ``dirpath`` that
+already holds files is refused when the fit starts (before any training), and a destination that fills up during
+the run is written beside, under a free name, with a warning."""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from thinktwice_pl.errors import UserError
 from thinktwice_pl.models import is_peft_model
+from thinktwice_pl.resume import display_path
 
 log = logging.getLogger(__name__)
 
@@ -18,15 +24,27 @@ class HFExport(Callback):
     """Save the policy with ``save_pretrained`` (adapters merged) and its tokenizer when fit ends.
 
     Args:
-        dirpath: output directory; None = ``<trainer.log_dir>/hf_model``.
+        dirpath: output directory; None = ``<trainer.log_dir>/hf_model``, the run's own folder (recommended: a
+            fixed directory is shared by every run of the config, so a second run is refused at start).
     """
 
     def __init__(self, dirpath: str | None = None) -> None:
         super().__init__()
         self.dirpath = dirpath
+        self.exported: Path | None = None
+        """Where the last export was written."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.dirpath is not None and _holds_files(Path(self.dirpath)):
+            raise UserError(
+                f"HFExport dirpath={self.dirpath} already holds files (another run's export?) that this run's export "
+                "would overwrite: drop dirpath from the config (the export then goes into the run's own folder, "
+                "<log dir>/hf_model), give a new dirpath, or move those files away"
+            )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        out = Path(self.dirpath or Path(trainer.log_dir or ".") / "hf_model")
+        out = Path(trainer.strategy.broadcast(str(self._destination(trainer)) if trainer.is_global_zero else None))
+        self.exported = out
         policy = pl_module.policy
         if is_peft_model(policy):  # export a standalone model, adapters merged in
             policy = policy.merge_and_unload()
@@ -37,6 +55,24 @@ class HFExport(Callback):
             pl_module.tokenizer.save_pretrained(out)
             log.info("exported the trained policy to %s", out)
         trainer.strategy.barrier("hf_export")
+
+    def _destination(self, trainer: pl.Trainer) -> Path:
+        """The export folder: `dirpath` or ``<log dir>/hf_model``; if it holds files by now (a resumed run that had
+        exported, or a folder filled during the run), a free sibling name, said in a warning."""
+        out = Path(self.dirpath or Path(trainer.log_dir or ".") / "hf_model")
+        if not _holds_files(out):
+            return out
+        n = 2
+        while _holds_files(out.with_name(f"{out.name}-{n}")):
+            n += 1
+        free = out.with_name(f"{out.name}-{n}")
+        log.warning("%s already holds an exported model; this run's export goes to %s", display_path(out),
+                    display_path(free))  # fmt: skip
+        return free
+
+
+def _holds_files(folder: Path) -> bool:
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
 
 
 def _gathered_state_dict(model: Any) -> dict[str, Any] | None:
