@@ -179,6 +179,20 @@ def test_chunked_token_logprobs_match_full_log_softmax(temperature: float, head_
                                    full)  # fmt: skip
 
 
+def test_entropy_under_bf16_autocast_is_computed_in_fp32() -> None:
+    """Under bf16 autocast only the head's product runs in bf16: the entropy of those logits is an fp32 sum (a bf16
+    dot product over 4096 vocabulary entries is off by about 1e-3 nats)."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 8, 64), torch.randn(4096, 64) * 0.3
+    targets = torch.randint(0, 4096, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, entropy = token_logprobs(hidden, weight, targets, chunk_size=4, with_entropy=True)
+    logits = (hidden.bfloat16() @ weight.bfloat16().t()).double()  # the bf16 product, then exact arithmetic
+    expected = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+    assert entropy is not None and entropy.dtype == torch.float32
+    torch.testing.assert_close(entropy.double(), expected, rtol=0, atol=2e-5)
+
+
 def test_weight_head_under_autocast_matches_the_callable_head() -> None:
     """Under bf16 autocast the weight head multiplies in bf16 in forward and in backward's recomputation, as the
     callable head (an autocast `nn.Linear`) does."""

@@ -173,8 +173,10 @@ class _HeadLogProbs(torch.autograd.Function):
         s = e.sum(dim=-1)  # [chunk]
         log_s = s.log()
         lp = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - log_s
-        # sum(e * z) per row as a batched dot product: no [chunk, V] temporary
-        entropy = log_s - torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1) / s if with_entropy else lp.new_zeros(())
+        entropy = lp.new_zeros(())
+        if with_entropy:  # sum(e * z) per row as a batched dot product (no [chunk, V] temporary), in fp32
+            with torch.autocast(hid.device.type, enabled=False):
+                entropy = log_s - torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1) / s
         del z
         ctx.save_for_backward(hid, weight, tgt, top, s)
         ctx.kept = e if keep else None  # an intermediate, freed with the graph (or after its first use)
