@@ -31,6 +31,29 @@ def _long_prompt(tokenizer: object) -> list[int]:
     return ids
 
 
+def test_on_cpu_outputs_do_not_depend_on_how_prompts_are_batched(tiny_model_dir: Path) -> None:
+    """The CPU engine gives a prompt the same greedy tokens and log-probs alone as in a batch of 12, with and without
+    the prefix cache's hits: what batch_invariant gives on a GPU, the CPU engine does without it."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir))
+    prompts = [encode_chat(solve_messages(f"What is {i} + {i + 3}? Think it through."), tokenizer) for i in range(12)]
+    prompts[5] = _long_prompt(tokenizer)
+    with vllm_engine(model, tokenizer) as engine:
+        alone = [engine.generate([p], 1, GREEDY)[0][0] for p in prompts[3:7]]
+        batched = [group[0] for group in engine.generate(prompts, 1, GREEDY)][3:7]
+    assert [c.token_ids for c in alone] == [c.token_ids for c in batched]
+    assert [c.logprobs for c in alone] == [c.logprobs for c in batched]
+
+
+def test_batch_invariant_mode_is_refused_off_cuda(tiny_model_dir: Path) -> None:
+    from thinktwice_pl.rollout.vllm import VLLMRolloutEngine
+
+    engine = VLLMRolloutEngine(batch_invariant=True)
+    with pytest.raises(UserError, match=r"batch_invariant=true needs a CUDA GPU \(the policy is on cpu\)"):
+        engine.setup(load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)))
+    assert engine.llm is None
+
+
 def test_samples_and_logprobs_match_hf(tiny_model_dir: Path) -> None:
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = load_causal_lm(str(tiny_model_dir))

@@ -50,6 +50,22 @@ def _import_vllm() -> Any:
     return vllm
 
 
+def _enable_batch_invariance(vllm: Any, device: torch.device) -> None:
+    """Switch vLLM's batch-invariant mode on for the engine about to start (read from the environment at start)."""
+    if device.type != "cuda":
+        raise UserError(
+            f"rollout.engine.init_args.batch_invariant=true needs a CUDA GPU (the policy is on {device.type}): vLLM's "
+            "batch-invariant kernels are Triton kernels. Set it to false here; on the CPU the engine's outputs do not "
+            "depend on the batching of prompts anyway (tested in tests/test_rollout_vllm.py)"
+        )
+    if "VLLM_BATCH_INVARIANT" not in getattr(vllm.envs, "environment_variables", {}):
+        raise UserError(
+            f"rollout.engine.init_args.batch_invariant=true: the installed vLLM {vllm.__version__} has no "
+            "batch-invariant mode (VLLM_BATCH_INVARIANT); upgrade vLLM or set batch_invariant to false"
+        )
+    os.environ["VLLM_BATCH_INVARIANT"] = "1"
+
+
 class VLLMRolloutEngine:
     """Sample with a vLLM engine colocated in the training process, synced after every phase.
 
@@ -75,6 +91,11 @@ class VLLMRolloutEngine:
             names; works for every engine setting) or adapter (serve the adapter as a LoRA request,
             a new id after each sync; the base weights are pushed once, dequantised for QLoRA).
         max_lora_rank: engine limit on the adapter rank in adapter mode.
+        batch_invariant: run vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT``), as the reference does:
+            a prompt's tokens and log-probs then do not depend on which other prompts share its batch, so greedy
+            validation, and model selection by it, repeat exactly. CUDA only (the kernels are Triton); the engine
+            runs in the training process, so the mode's kernels (softmax, bmm, mean; cuBLAS without split-K, no
+            TF32) serve the trainer's forward and backward too.
         cpu_threads: CPU only: threads the engine starts and samples with. The engine runs inside the training
             process and shares torch's thread pool, so this count is set around each of its calls and the trainer's
             own (``torch.get_num_threads()`` when the engine starts: ``OMP_NUM_THREADS``, else one per core) is put
@@ -96,6 +117,7 @@ class VLLMRolloutEngine:
         max_num_seqs: int | None = None,
         lora_sync: Literal["merged", "adapter"] = "merged",
         max_lora_rank: int = 64,
+        batch_invariant: bool = False,
         cpu_threads: int | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -125,6 +147,7 @@ class VLLMRolloutEngine:
         self.max_num_seqs = max_num_seqs
         self.lora_sync = lora_sync
         self.max_lora_rank = max_lora_rank
+        self.batch_invariant = batch_invariant
         self.cpu_threads = cpu_threads
         self.engine_kwargs = dict(engine_kwargs or {})
 
@@ -220,6 +243,8 @@ class VLLMRolloutEngine:
             self._lora_dir = Path(tempfile.mkdtemp(prefix="thinktwice-lora-"))
         kwargs.update(self.engine_kwargs)
 
+        if self.batch_invariant:
+            _enable_batch_invariance(vllm, device)
         # in-process engine core: weights reach it as tensors; the trainer's RNG is left as it was
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self._on_cpu = device.type == "cpu"
