@@ -12,6 +12,9 @@ command); environment variables choose the fault:
   that a test can kill it between two phases.
 - ``FAULT_SLOW_SAVES=1``: every checkpoint is written in 64 KiB chunks, 50 ms apart, so that a test can kill the
   process in the middle of a write.
+
+With several processes Lightning starts the other ranks as ``python -m thinktwice_pl.__main__``, without these
+faults; `SigtermInPhase` is a callback given on the command line instead, so every rank has it.
 """
 
 from __future__ import annotations
@@ -19,10 +22,31 @@ from __future__ import annotations
 import io
 import os
 import runpy
+import signal
 import time
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class SigtermInPhase(Callback):
+    """Sends this process SIGTERM during phase batch `phase`, as a scheduler signals every rank of a job, each at
+    its own moment: rank 0 as the phase ends, the other ranks as it starts.
+
+        --trainer.callbacks+=fault_fit.SigtermInPhase --trainer.callbacks.phase=2
+    """
+
+    def __init__(self, phase: int) -> None:
+        self.phase = phase
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch.index == self.phase and trainer.global_rank != 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch.index == self.phase and trainer.global_rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _oom_in_phase(phase: int) -> None:

@@ -198,6 +198,62 @@ def test_crash_checkpoint_resumes_exactly_and_never_leaks_into_the_next_run(tmp_
     pd.testing.assert_frame_equal(_comparable(resumed), _comparable(reference))
 
 
+# --------------------------------------------------------------------------------------------- two processes
+
+TWO = {  # two gloo processes on CPU
+    "ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
+    "fsdp2": ["--trainer.devices", "2", "--trainer.strategy", "ModelParallelStrategy",
+              "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1"],
+}  # fmt: skip
+# RectifyFortifyTracker asks for trainer.log_dir (a broadcast) on rank 0 only, which hangs a run of two processes
+TRACKER = "    - class_path: thinktwice_pl.callbacks.RectifyFortifyTracker\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_sigterm_to_two_processes_saves_together_at_the_phase_boundary_and_resumes_there(
+    strategy: str, tmp_path: Path
+) -> None:
+    """A scheduler signals every rank, each at its own moment (tests/fault_fit.SigtermInPhase: rank 1 as phase 2
+    starts, rank 0 as it ends): both ranks stop after phase 2 and save one crash checkpoint together; ``--ckpt_path
+    last`` goes on with phase 3, and (DDP) the metrics equal those of an uninterrupted two-process run."""
+    assert TRACKER in Path(TINY).read_text()
+    (tmp_path / "two.yaml").write_text(Path(TINY).read_text().replace(TRACKER, ""))
+    fit = ["fit", "--config", "two.yaml", *SIGNAL, *TWO[strategy]]
+    run = tmp_path / "runs" / "tiny" / "version_0"
+
+    sigterm = ["--trainer.callbacks+=fault_fit.SigtermInPhase", "--trainer.callbacks.phase=2"]
+    code, out = _finish(_start([*fit, *sigterm], tmp_path, "stopped.log"), tmp_path, "stopped.log")
+    assert code == 143, out[-3000:]
+    crash = "runs/tiny/version_0/checkpoints/crash-step=6.ckpt"
+    command = shlex.join([sys.executable, "-m", "thinktwice_pl", *fit, *sigterm, "--ckpt_path", crash])
+    lines = out.split("\n")
+    assert "stopped: SIGTERM received (the current phase was finished first)" in lines, out[-3000:]
+    saved = lines.index(f"Saved the run after 3 phases, 6 optimizer steps to {crash}. Resume with:")
+    assert lines[saved + 1] == f"  {command}" and out.count("Resume with") == 1, out[-3000:]
+    assert _phase_rows(run / "metrics.csv") == [0, 1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "crash-step=6.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]  # fmt: skip
+    if strategy == "ddp":
+        state = torch.load(tmp_path / crash, weights_only=True)
+        assert (state["global_step"], state["ThinkTwiceDataModule"]["cursor"]) == (6, 3)
+    else:
+        assert len(list((tmp_path / crash).glob("*.distcp"))) == 2, "one shard per rank"
+
+    code, out = _finish(_start([*fit, "--ckpt_path", "last"], tmp_path, "resumed.log"), tmp_path, "resumed.log")
+    assert code == 0, out[-3000:]
+    assert f"Resuming from {crash} (3 phases, 6 optimizer steps)" in out, out[-3000:]
+    resumed = pd.read_csv(run / "metrics.csv")
+    assert _phase_rows(run / "metrics.csv") == [0, 1, 2, 3] and len(resumed) == 6, "4 phases, 2 validations, once"
+    if strategy == "ddp":
+        (tmp_path / "reference").mkdir()
+        (tmp_path / "reference" / "two.yaml").write_text((tmp_path / "two.yaml").read_text())
+        code, out = _finish(_start(fit, tmp_path / "reference", "fit.log"), tmp_path / "reference", "fit.log")
+        assert code == 0, out[-3000:]
+        reference = pd.read_csv(tmp_path / "reference" / "runs" / "tiny" / "version_0" / "metrics.csv")
+        pd.testing.assert_frame_equal(_comparable(resumed), _comparable(reference))
+
+
 # --------------------------------------------------------------------------------------------- user errors
 
 BAD_ROWS = '{"problem": "1 + 1?", "answer": "2"}\n{"problem": "2 + 2?", "solution": "4"}\n'

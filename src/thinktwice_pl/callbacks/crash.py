@@ -15,17 +15,28 @@ This callback instead:
 - after a SIGTERM (a scheduler's polite kill), which Lightning raises as an exception once the current phase is
   done, saves that completed phase.
 
-With several processes (DDP, FSDP2) no crash checkpoint is written: saving is collective, and a rank that failed
-alone would leave the others waiting. The note then points at ``--ckpt_path last``.
+With several processes (DDP, FSDP2) saving is collective, so every rank must stop at the same point:
+
+- a SIGTERM only marks this rank (it replaces Lightning's handler, which broadcasts from inside the handler, at
+  whatever collective the ranks are in, and lets each rank stop on its own flag);
+- at the end of every phase all ranks all-reduce their marks; if any rank was signalled, every rank sets Lightning's
+  SIGTERM flag there, so that all of them raise at the same phase boundary and save the crash checkpoint together.
+  A signal that arrives after that all-reduce counts at the next phase's end;
+- any other failure (a rank that fails alone) writes nothing; the note points at ``--ckpt_path last``.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from thinktwice_pl.errors import add_note
 from thinktwice_pl.resume import display_path, resolve_last, resume_command
@@ -43,6 +54,30 @@ class CrashCheckpoint(Callback):
         self.saved: Path | None = None
         self._phase: PhaseBatch | None = None  # the phase batch in progress, None between phases
         self._steps_at_phase_start = 0
+        self._signalled = False  # several processes: this rank received SIGTERM
+        self._stopping = False  # several processes: all ranks agreed to stop at this phase boundary
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With several processes, SIGTERM only marks this rank (Lightning restores the previous handler when the
+        fit ends). Lightning installs its own handler just before this hook."""
+        self._signalled = self._stopping = False
+        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._mark_sigterm)
+
+    def _mark_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self._signalled = True
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """The phase boundary: with several processes, stop every rank here when any rank was signalled."""
+        if trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return
+        marks = torch.tensor([int(self._signalled)], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(marks, op=torch.distributed.ReduceOp.MAX)  # every rank, once per phase
+        if marks.item():
+            self._stopping = True
+            _stop_at_this_phase_boundary(trainer)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -57,27 +92,33 @@ class CrashCheckpoint(Callback):
         if trainer.state.fn != "fit" or trainer.global_step == 0:
             return
         applied = trainer.global_step - self._steps_at_phase_start
-        if trainer.world_size > 1:
+        several = trainer.world_size > 1
+        if several and not (self._stopping and isinstance(exception, SIGTERMException)):
             add_note(exception, f"No crash checkpoint with {trainer.world_size} processes; {self._newest(trainer)}")
             return
-        if self._phase is not None and applied and not _completed(trainer, self._phase):
-            add_note(exception, f"No crash checkpoint: phase {self._phase.index} ({self._phase.phase}) had applied "
-                                f"{applied} optimizer step(s), so the state of a completed phase is gone; "
-                                f"{self._newest(trainer)}")  # fmt: skip
+        completed = self._phase is None or not applied or _completed(trainer, self._phase)
+        if several:  # every rank is here, at the same phase boundary: decide together, then save together
+            completed = _on_every_rank(trainer, completed)
+        if not completed:
+            assert self._phase is not None
+            _note(trainer, exception, f"No crash checkpoint: phase {self._phase.index} ({self._phase.phase}) had "
+                                      f"applied {applied} optimizer step(s), so the state of a completed phase is "
+                                      f"gone; {self._newest(trainer)}")  # fmt: skip
             return
         name = f"crash-step={trainer.global_step}.ckpt"
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / name
+        path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / name  # log_dir: rank 0's
         try:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
         except Exception as error:  # never hide the original failure behind this one
-            add_note(exception, f"The crash checkpoint could not be written ({type(error).__name__}: {error}); "
-                                f"{self._newest(trainer)}")  # fmt: skip
+            _note(trainer, exception, f"The crash checkpoint could not be written ({type(error).__name__}: {error}); "
+                                      f"{self._newest(trainer)}")  # fmt: skip
             return
         self.saved = path
         phases = getattr(trainer.datamodule, "cursor", None)  # type: ignore[attr-defined]
         done = f"{phases} phases, " if isinstance(phases, int) else ""
-        add_note(exception, f"Saved the run after {done}{trainer.global_step} optimizer steps to {display_path(path)}. "
-                            f"Resume with:\n  {resume_command(self.command, path)}")  # fmt: skip
+        _note(trainer, exception, f"Saved the run after {done}{trainer.global_step} optimizer steps to "
+                                  f"{display_path(path)}. Resume with:\n"
+                                  f"  {resume_command(self.command, path)}")  # fmt: skip
 
     def _newest(self, trainer: pl.Trainer) -> str:
         latest = resolve_last(trainer)
@@ -93,3 +134,27 @@ def _completed(trainer: pl.Trainer, phase: PhaseBatch) -> bool:
     done = getattr(trainer.datamodule, "cursor", None) == phase.index + 1  # type: ignore[attr-defined]
     logged = any(getattr(c, "last_logged", None) == phase.index for c in trainer.callbacks)  # type: ignore[attr-defined]
     return done and logged
+
+
+def _note(trainer: pl.Trainer, exception: BaseException, note: str) -> None:
+    """A note on rank 0's exception only: with several processes every rank ends with it, rank 0 prints the run's."""
+    if trainer.is_global_zero:
+        add_note(exception, note)
+
+
+def _on_every_rank(trainer: pl.Trainer, flag: bool) -> bool:
+    """Whether `flag` holds on every rank (a collective: every rank must call it)."""
+    value = torch.tensor([int(flag)], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _stop_at_this_phase_boundary(trainer: pl.Trainer) -> None:
+    """Sets the flag that Lightning's SIGTERM handler sets, so that its loops raise ``SIGTERMException`` after this
+    phase's hooks (and in a validation that follows), as they do on one process. Lightning 2.6's private
+    ``Trainer._signal_connector.received_sigterm``, read by ``Trainer.received_sigterm`` (no public setter);
+    tests/test_crash.py stops two processes through it."""
+    connector = trainer._signal_connector
+    if not hasattr(connector, "received_sigterm"):  # a Lightning without it: stop here, still on every rank
+        raise SIGTERMException()
+    connector.received_sigterm = True
