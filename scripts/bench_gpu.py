@@ -192,7 +192,12 @@ def _update(args: argparse.Namespace, out: Path, part: str, *, qlora: bool) -> N
         config["num_hidden_layers"] = min(config["num_hidden_layers"], 4)
         shape["problems"] = 2 * shape["mini_batch"]
     params = parameter_count(config)
-    append_record(out, part, {"kind": "shape", **shape, "model": config, "parameters": params,
+    full = TINY if args.cpu else QWEN3_4B
+    steps = shape["problems"] // shape["mini_batch"]
+    scale = (f"{config['num_hidden_layers']} of the model's {full['num_hidden_layers']} layers; one phase of "
+             f"{shape['problems']} problems x {shape['group']} samples ({steps} optimizer steps of "
+             f"{shape['mini_batch']} problems; the paper's phase: 32 problems, 4 steps)")  # fmt: skip
+    append_record(out, part, {"kind": "shape", "scale": scale, **shape, "model": config, "parameters": params,
                               "precision": "bf16-mixed", "gradient_checkpointing": True, "logprob_chunk_size": 256,
                               "qlora": qlora})  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -494,11 +499,13 @@ def summarize(parts: dict[str, Any]) -> dict[str, Any]:
     steps = [r for r in records if r["kind"] == "step"]
     measured = steps[1:] or steps
     if measured:
-        med = {k: sorted(r[k] for r in measured)[len(measured) // 2] for k in ("seconds", "tokens_per_s")}
+        med = {k: sorted(r[k] for r in measured)[len(measured) // 2] if measured[0][k] is not None else None
+               for k in ("seconds", "tokens_per_s", "mfu", "mfu_with_attention")}  # fmt: skip
         summary["update"] = {
-            "optimizer_steps_measured": len(measured), "first_step_left_out": len(steps) > 1,
+            "scale": records[0].get("scale"), "optimizer_steps_measured": len(measured),
+            "first_step_left_out": len(steps) > 1,
             "seconds_per_optimizer_step": med["seconds"], "training_tokens_per_s": med["tokens_per_s"],
-            "mfu": measured[-1]["mfu"], "mfu_with_attention": measured[-1]["mfu_with_attention"],
+            "mfu": med["mfu"], "mfu_with_attention": med["mfu_with_attention"],
             "peak_gib": max(r.get("peak_allocated_gib", r.get("peak_rss_gib", 0.0)) for r in steps),
         }  # fmt: skip
     generated = [r for r in parts.get("decode", {}).get("records", []) if r["kind"] == "generate"]

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # gpu_smoke.sh: the GPU-only checks, in a few minutes, on one CUDA GPU, offline.
 #
+# Which script for which machine: scripts/gpu_check.sh is for the lent GPU machines (torch 2.11, transformers 5.17,
+# lightning 2.6.6, peft, no vLLM, nothing installable but carried wheels): tests/test_gpu.py, the recipe's update
+# figures and decoding on a Qwen3-4B-shaped model, and one report. This script is for a machine with a full install
+# (vLLM on CUDA): what needs vLLM (colocated weight sync on the GPU, sleep levels), plus the memory figures below.
+#
 #   bash scripts/gpu_smoke.sh            # from the repository root; writes a log to $OUT or runs/gpu_smoke
 #
 # Assumes a machine with CUDA torch, lightning, transformers and peft installed and no package
