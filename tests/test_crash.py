@@ -1,6 +1,7 @@
 """Crash safety of the ``thinktwice`` command, tried as a user would: real processes that run out of memory, are
-killed with SIGKILL between two phases and in the middle of a checkpoint write, and resume; a crash that must not
-leak into the next run; and the one-line errors of user mistakes.
+killed with SIGKILL between two phases and in the middle of a checkpoint write, and resume; two processes (DDP,
+FSDP2) stopped by SIGTERM that save together and resume; a crash that must not leak into the next run; and the
+one-line errors of user mistakes.
 
 The faults come from tests/fault_fit.py (``python -m thinktwice_pl`` with an injected fault). Every fit uses
 configs/tiny.yaml with a reward that varies within groups (signal_rewards.even_length), so every phase trains:
