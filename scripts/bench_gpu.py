@@ -446,7 +446,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                            "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-                           "mode": "cpu (tiny model)" if args.cpu else "gpu"}  # fmt: skip
+                           "mode": "cpu (tiny model)" if args.cpu else "gpu",
+                           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}  # fmt: skip
     packages = ("lightning", "transformers", "peft", "torchmetrics", "jsonargparse", "datasets", "math_verify",
                 "bitsandbytes", "vllm", "pytest", "pytest_timeout")  # fmt: skip
     for name in packages:

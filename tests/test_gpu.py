@@ -1,4 +1,5 @@
-"""GPU-only checks (marker ``gpu``): bf16 steps, FSDP1, vLLM on CUDA with sleep/wake. Run by scripts/gpu_smoke.sh.
+"""GPU-only checks (marker ``gpu``): bf16 steps, FSDP1, vLLM on CUDA with sleep/wake. Run by scripts/gpu_check.sh (the
+lent GPU machines, no vLLM: its test skips) and scripts/gpu_smoke.sh (a machine with a full install).
 
 On a CPU machine every test here is skipped with its reason; nothing in them is mocked.
 """
@@ -20,7 +21,7 @@ from thinktwice_pl.module import ThinkTwiceModule
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run scripts/gpu_smoke.sh there)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run scripts/gpu_check.sh there)"),
 ]
 
 
