@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-from thinktwice_pl.callbacks import HFExport, RolloutCallback
+from thinktwice_pl.callbacks import HFExport, RectifyFortifyTracker, RolloutCallback
 from thinktwice_pl.checkpointing import make_checkpoints_atomic
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.module import ThinkTwiceModule
@@ -67,7 +67,7 @@ def main() -> None:
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=args.max_steps, logger=CSVLogger(root, name="run"),
         precision=args.precision,
-        callbacks=[rollout, checkpoint, HFExport(dirpath=str(root / "export"))], enable_progress_bar=False,
+        callbacks=[rollout, checkpoint, HFExport(), RectifyFortifyTracker()], enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=root,
     )  # fmt: skip
     make_checkpoints_atomic(trainer.strategy)  # as the thinktwice command does: FSDP2 directories renamed into place
@@ -76,7 +76,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     initial = AutoModelForCausalLM.from_pretrained(args.model).state_dict()
-    exported = AutoModelForCausalLM.from_pretrained(root / "export").state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(Path(trainer.log_dir) / "hf_model").state_dict()
     moved = exported_same = moved_elements = elements = 0
     dtypes = set()
     for name, value in module.policy.state_dict().items():  # FSDP2: DTensor shards, gathered on every rank

@@ -51,6 +51,8 @@ def test_two_process_fit_and_sharded_resume(strategy: str, tiny_model_dir: Path,
     assert full["world_size"] == 2 and full["global_step"] == 6 and full["cursor"] == 3
     assert full["moved"] == full["tensors"], "every parameter should move on the ranks' averaged gradients"
     assert full["exported"] == full["tensors"], "the HF export must hold the gathered (unsharded) weights"
+    assert (Path(full["log_dir"]) / "hf_model" / "config.json").exists()  # the run's own folder, by default
+    assert (Path(full["log_dir"]) / "rectify_fortify.csv").exists()  # the tracker writes on rank 0 without a hang
     if strategy == "ddp":  # replicas: one all-reduce per optimizer step keeps them identical
         assert full["same_weights_on_all_ranks"]
     assert full["same_cache_on_all_ranks"], "the refine cache must hold every rank's solve rollouts on every rank"

@@ -43,7 +43,9 @@ class HFExport(Callback):
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        out = Path(trainer.strategy.broadcast(str(self._destination(trainer)) if trainer.is_global_zero else None))
+        # log_dir is read on every rank (with several it is a broadcast); the free name is chosen by rank 0, which writes
+        planned = Path(self.dirpath) if self.dirpath is not None else Path(trainer.log_dir or ".") / "hf_model"
+        out = Path(trainer.strategy.broadcast(str(_free_destination(planned)) if trainer.is_global_zero else None))
         self.exported = out
         policy = pl_module.policy
         if is_peft_model(policy):  # export a standalone model, adapters merged in
@@ -56,19 +58,19 @@ class HFExport(Callback):
             log.info("exported the trained policy to %s", out)
         trainer.strategy.barrier("hf_export")
 
-    def _destination(self, trainer: pl.Trainer) -> Path:
-        """The export folder: `dirpath` or ``<log dir>/hf_model``; if it holds files by now (a resumed run that had
-        exported, or a folder filled during the run), a free sibling name, said in a warning."""
-        out = Path(self.dirpath or Path(trainer.log_dir or ".") / "hf_model")
-        if not _holds_files(out):
-            return out
-        n = 2
-        while _holds_files(out.with_name(f"{out.name}-{n}")):
-            n += 1
-        free = out.with_name(f"{out.name}-{n}")
-        log.warning("%s already holds an exported model; this run's export goes to %s", display_path(out),
-                    display_path(free))  # fmt: skip
-        return free
+
+def _free_destination(out: Path) -> Path:
+    """`out`, or when it holds files by now (a resumed run that had exported, a folder filled during the run) the
+    first free ``<out>-<n>`` beside it, said in a warning."""
+    if not _holds_files(out):
+        return out
+    n = 2
+    while _holds_files(out.with_name(f"{out.name}-{n}")):
+        n += 1
+    free = out.with_name(f"{out.name}-{n}")
+    log.warning("%s already holds an exported model; this run's export goes to %s", display_path(out),
+                display_path(free))  # fmt: skip
+    return free
 
 
 def _holds_files(folder: Path) -> bool:

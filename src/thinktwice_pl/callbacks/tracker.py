@@ -85,9 +85,10 @@ class RectifyFortifyTracker(Callback):
         self.rows.append({"step": float(step), **{k: v for k, v in row.items() if not math.isnan(v)}})
 
     def _write_csv(self, trainer: pl.Trainer) -> Path | None:
+        folder = self.dirpath or trainer.log_dir or trainer.default_root_dir  # on every rank: log_dir is a broadcast
         if not trainer.is_global_zero or not self.rows:
             return None
-        out = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir) / "rectify_fortify.csv"
+        out = Path(folder) / "rectify_fortify.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
         self.table().to_csv(out, index=False)
         return out
