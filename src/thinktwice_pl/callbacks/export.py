@@ -43,7 +43,7 @@ class HFExport(Callback):
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # log_dir is read on every rank (with several it is a broadcast); the free name is chosen by rank 0, which writes
+        # log_dir is read on every rank (with several it is a broadcast); rank 0, which writes, picks a free name
         planned = Path(self.dirpath) if self.dirpath is not None else Path(trainer.log_dir or ".") / "hf_model"
         out = Path(trainer.strategy.broadcast(str(_free_destination(planned)) if trainer.is_global_zero else None))
         self.exported = out
