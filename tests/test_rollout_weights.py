@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from thinktwice_pl.builtin_models import build_tiny_model
@@ -40,3 +41,45 @@ def test_fsdp2_sharded_policy_is_gathered_on_every_rank(tiny_model_dir: Path) ->
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("full tensors match") == 2
+
+
+def _small_lora_update(model: torch.nn.Module, ratio: float) -> torch.nn.Module:
+    """A peft LoRA on every linear layer whose update BA has `ratio` times the RMS of each base weight."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if hasattr(module, "lora_B") and "default" in module.lora_B:
+                b = module.lora_B["default"].weight
+                b.copy_(torch.randn(b.shape))
+                scale = module.get_base_layer().weight.float().pow(2).mean().sqrt()
+                b.mul_(ratio * scale / module.get_delta_weight("default").float().pow(2).mean().sqrt())
+    return peft_model
+
+
+def test_merge_rounding_measures_the_update_lost_in_16_bit_weights(tiny_model_dir: Path) -> None:
+    from thinktwice_pl.rollout.weights import MergeRounding
+
+    model = _small_lora_update(load_causal_lm(str(tiny_model_dir), dtype="bfloat16"), ratio=1e-4)
+    rounding = MergeRounding()
+    merged = dict(rollout_weights(model, rounding=rounding))
+    error_sq = delta_sq = 0.0  # the same figure, layer by layer from peft's own delta
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_B") and "default" in module.lora_B:
+            base = module.get_base_layer().weight.float()
+            delta = module.get_delta_weight("default").float()
+            carried = merged[name.removeprefix("base_model.model.") + ".weight"].float() - base
+            error_sq += float((carried - delta).pow(2).sum())
+            delta_sq += float(delta.pow(2).sum())
+    assert rounding.lost == pytest.approx((error_sq / delta_sq) ** 0.5, rel=1e-6)
+    assert rounding.lost > 0.9  # an update of 1e-4 of W's size is mostly below half a bf16 spacing of W
+    exact = MergeRounding()
+    fp32 = _small_lora_update(load_causal_lm(str(tiny_model_dir)), ratio=1e-4)
+    list(rollout_weights(fp32, rounding=exact))
+    assert exact.lost < 1e-3  # fp32 weights carry it
+    cast = MergeRounding()  # the same fp32 policy pushed into a bf16 engine
+    weights = dict(rollout_weights(fp32, dtype=torch.bfloat16, rounding=cast))
+    assert cast.lost > 0.9 and {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert MergeRounding().lost == 0.0

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from thinktwice_pl.errors import UserError
 from thinktwice_pl.models import is_peft_model
 from thinktwice_pl.resume import display_path
+from thinktwice_pl.rollout.weights import MergeRounding, rollout_weights
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class HFExport(Callback):
         out = Path(trainer.strategy.broadcast(str(_free_destination(planned)) if trainer.is_global_zero else None))
         self.exported = out
         policy = pl_module.policy
-        if is_peft_model(policy):  # export a standalone model, adapters merged in
+        if is_peft_model(policy):  # export a standalone model, adapters merged in, and the adapter itself
+            self._save_adapter(trainer, policy, out / "adapter")
             policy = policy.merge_and_unload()
         full_state = _gathered_state_dict(policy)  # FSDP2 shards: a collective, so on every rank
         if trainer.is_global_zero:
@@ -57,6 +59,23 @@ class HFExport(Callback):
             pl_module.tokenizer.save_pretrained(out)
             log.info("exported the trained policy to %s", out)
         trainer.strategy.barrier("hf_export")
+
+    def _save_adapter(self, trainer: pl.Trainer, policy: Any, folder: Path) -> None:
+        """Save the trained adapter (peft's format) and warn when merging it into the base's dtype rounds much of
+        its update away: the adapter then holds the trained model, the merged weights an approximation."""
+        rounding = MergeRounding()
+        for _ in rollout_weights(policy, rounding=rounding):  # merged per layer as the export will be; every rank
+            pass
+        if not trainer.is_global_zero:
+            return
+        if not _is_sharded(policy):  # peft's own save cannot gather FSDP2 shards
+            policy.save_pretrained(folder)
+        if rounding.lost >= 0.1:
+            log.warning(
+                "the merged export rounds %.0f%% of the LoRA update away (W + BA in the base weights' dtype): load the "
+                "base with the adapter saved in %s (peft) for the trained model itself",
+                100 * rounding.lost, display_path(folder),
+            )  # fmt: skip
 
 
 def _free_destination(out: Path) -> Path:
@@ -77,11 +96,15 @@ def _holds_files(folder: Path) -> bool:
     return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
 
 
-def _gathered_state_dict(model: Any) -> dict[str, Any] | None:
-    """The full (unsharded, CPU) state dict of an FSDP2-sharded model; None for a plain one."""
+def _is_sharded(model: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _gathered_state_dict(model: Any) -> dict[str, Any] | None:
+    """The full (unsharded, CPU) state dict of an FSDP2-sharded model; None for a plain one."""
+    if not _is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -33,7 +33,7 @@ from thinktwice_pl.models import base_model, is_peft_model
 from thinktwice_pl.optional import VLLM, require
 from thinktwice_pl.rollout import SamplingConfig
 from thinktwice_pl.rollout.hf import eos_token_ids
-from thinktwice_pl.rollout.weights import rollout_weights
+from thinktwice_pl.rollout.weights import MergeRounding, rollout_weights
 from thinktwice_pl.types import Completion, FinishReason
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,11 @@ class VLLMRolloutEngine:
         kv_cache_memory_bytes: KV-cache size in bytes instead of gpu_memory_utilization; on CPU it
             defaults to 1 GiB (vLLM's CPU backend would otherwise reserve a large share of the RAM).
         max_num_seqs: most sequences decoded at once; None = vLLM's default.
-        lora_sync: how a peft LoRA/QLoRA policy reaches the engine: merged (push W + BA under the base
-            names; works for every engine setting) or adapter (serve the adapter as a LoRA request,
-            a new id after each sync; the base weights are pushed once, dequantised for QLoRA).
+        lora_sync: how a peft LoRA/QLoRA policy reaches the engine: adapter (serve the adapter as a LoRA request,
+            a new id after each sync; the base weights are pushed once, dequantised for QLoRA): the engine adds the
+            adapter's output to the base layer's, as the trainer's forward does; or merged (push W + BA under the
+            base names): in a 16-bit engine every change below half a spacing of W rounds back to W, so early,
+            small adapter updates barely reach the sampler (a warning names the share lost; see `MergeRounding`).
         max_lora_rank: engine limit on the adapter rank in adapter mode.
         batch_invariant: run vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT``), as the reference does:
             a prompt's tokens and log-probs then do not depend on which other prompts share its batch, so greedy
@@ -115,7 +117,7 @@ class VLLMRolloutEngine:
         enforce_eager: bool = False,
         kv_cache_memory_bytes: int | None = None,
         max_num_seqs: int | None = None,
-        lora_sync: Literal["merged", "adapter"] = "merged",
+        lora_sync: Literal["merged", "adapter"] = "adapter",
         max_lora_rank: int = 64,
         batch_invariant: bool = False,
         cpu_threads: int | None = None,
@@ -165,6 +167,9 @@ class VLLMRolloutEngine:
         self._lora_id = 0
         self._can_sleep = False
         self._weights_dtype: torch.dtype | None = None
+        self.merge_rounding: MergeRounding | None = None
+        """With lora_sync merged: how much of the adapter's update the last push's rounded weights lost."""
+        self._warned_rounding = False
         self._on_cpu = False
 
     # ------------------------------------------------------------------------------ set-up
@@ -187,9 +192,7 @@ class VLLMRolloutEngine:
             )
         device = next(model.parameters()).device
         self._can_sleep = device.type == "cuda" and self.sleep_level > 0
-        adapter_mode = self.lora_sync == "adapter" and is_peft_model(model)
-        if self.lora_sync == "adapter" and not is_peft_model(model):
-            log.warning("rollout.engine.lora_sync=adapter but the policy has no LoRA adapter: syncing full weights")
+        adapter_mode = self.lora_sync == "adapter" and is_peft_model(model)  # a plain policy: full weights
 
         rank, world = _rank_and_world()
         engine_dtype = self._engine_dtype(model, compute_dtype)
@@ -316,22 +319,38 @@ class VLLMRolloutEngine:
             if self._asleep and not self._weights_awake:
                 self.llm.wake_up(tags=["weights"])
                 self._weights_awake = True
-            weights = (  # in the engine's dtype: vLLM would cast each tensor itself, warning every time
-                (name, t.to(self._weights_dtype) if self._weights_dtype and t.is_floating_point() else t)
-                for name, t in rollout_weights(model, merge_adapters=not adapter_mode)
-            )
+            rounding = MergeRounding() if not adapter_mode and is_peft_model(model) else None
+            # in the engine's dtype: vLLM would cast each tensor itself, warning every time
+            weights = rollout_weights(model, merge_adapters=not adapter_mode, dtype=self._weights_dtype,
+                                      rounding=rounding)  # fmt: skip
             with self._engine_threads():
                 self.llm.collective_rpc(
                     "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
                 )
                 if self._tied:
                     self.llm.collective_rpc(_refresh_tied_head)
+            if rounding is not None:
+                self._check_rounding(rounding)
         if adapter_mode:
             self._save_adapter(model)
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache (requests running): its KV would be stale")
         self._needs_push = False
         self.num_syncs += 1
+
+    def _check_rounding(self, rounding: MergeRounding) -> None:
+        """Warn (once per run) when the merged weights lose a tenth or more of the adapter's update."""
+        self.merge_rounding = rounding
+        if rounding.lost < 0.1 or self._warned_rounding:
+            return
+        self._warned_rounding = True
+        log.warning(
+            "rollout.engine.init_args.lora_sync=merged: rounding the merged weights W + BA to the engine's %s loses "
+            "%.0f%% of the adapter's update (relative error of BA as the engine holds it), so the sampler samples "
+            "from a model nearer the base than the one being trained. Use lora_sync: adapter (the default), which "
+            "applies the adapter in the engine's forward as the trainer does. (Warned once per run.)",
+            str(self._weights_dtype).removeprefix("torch."), 100 * rounding.lost,
+        )  # fmt: skip
 
     def _save_adapter(self, model: Any) -> None:
         from vllm.lora.request import LoRARequest

@@ -5,7 +5,9 @@ A colocated sampler keeps its own copy of the weights, in the layout of the orig
 
 - plain HF model: the parameters as they are;
 - LoRA (peft): ``W + scale * B @ A`` computed per layer from the adapter, without touching the
-  trained module (no merge/unmerge round trip that would drift bf16 weights a little each phase);
+  trained module (no merge/unmerge round trip that would drift bf16 weights a little each phase).
+  Cast to a 16-bit dtype, the merged weight rounds every change below half a spacing of W back to W:
+  `MergeRounding` measures how much of the adapter's update that loses;
 - QLoRA: the 4-bit base dequantised, then the adapter delta added; the sampler stays in 16 bits;
 - FSDP2 (``fully_shard``): each DTensor gathered with ``full_tensor()`` one parameter at a time, so
   at most one full parameter exists next to the shards;
@@ -19,7 +21,9 @@ policy must iterate it to the end (the gathers are collectives).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,17 +34,45 @@ from thinktwice_pl.models import base_model
 _WRAPPER_NAMES = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
 
 
-def rollout_weights(model: Any, *, merge_adapters: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+@dataclass
+class MergeRounding:
+    """How much of the adapters' update survives in merged weights: over all merged layers, the relative error
+    ``||round(W + D) - round(W) - D|| / ||D||`` of the update D as the merged weights carry it (0: kept exactly;
+    1: as if there were no update; W's own rounding is not counted)."""
+
+    error_sq: float = 0.0
+    delta_sq: float = 0.0
+
+    def add(self, carried: torch.Tensor, delta: torch.Tensor) -> None:
+        self.error_sq += float((carried - delta).pow(2).sum())
+        self.delta_sq += float(delta.pow(2).sum())
+
+    @property
+    def lost(self) -> float:
+        """The relative error; 0 before any update (D = 0)."""
+        return math.sqrt(self.error_sq / self.delta_sq) if self.delta_sq > 0 else 0.0
+
+
+def rollout_weights(
+    model: Any,
+    *,
+    merge_adapters: bool = True,
+    dtype: torch.dtype | None = None,
+    rounding: MergeRounding | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the policy's full weights under the base model's HF parameter names.
 
     Args:
         model: the policy: an HF causal LM, possibly peft-wrapped, 4-bit quantised or FSDP-sharded.
         merge_adapters: add each active LoRA adapter's delta to its base weight (True), or yield the
             base weights only (False; for engines that apply the adapter themselves).
+        dtype: cast floating-point weights to it (the engine's dtype); None = as held.
+        rounding: adds each merged layer's rounding of its adapter update (see `MergeRounding`).
     """
     base = base_model(model)
     with _full_params(base):
-        yield from _walk(base, "", merge_adapters, set())
+        for name, tensor in _walk(base, "", merge_adapters, set(), dtype, rounding):
+            yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 @contextlib.contextmanager
@@ -58,15 +90,17 @@ def _full_params(model: Any) -> Iterator[None]:
         yield
 
 
-def _walk(module: Any, prefix: str, merge: bool, seen: set[int]) -> Iterator[tuple[str, torch.Tensor]]:
+def _walk(
+    module: Any, prefix: str, merge: bool, seen: set[int], dtype: torch.dtype | None, rounding: MergeRounding | None
+) -> Iterator[tuple[str, torch.Tensor]]:
     lora_layer, modules_to_save = _peft_classes()
     if lora_layer is not None and isinstance(module, lora_layer):
-        yield from _lora_layer_weights(module, prefix, merge, seen)
+        yield from _lora_layer_weights(module, prefix, merge, seen, dtype, rounding)
         return
     if modules_to_save is not None and isinstance(module, modules_to_save):
         active = module.active_adapters[0] if module.active_adapters else None
         inner = module.modules_to_save[active] if active is not None else module.original_module
-        yield from _walk(inner, prefix, merge, seen)
+        yield from _walk(inner, prefix, merge, seen, dtype, rounding)
         return
     for name, param in module.named_parameters(recurse=False):
         if id(param) in seen:  # tied weights: once, under the first name (the input embedding)
@@ -75,10 +109,12 @@ def _walk(module: Any, prefix: str, merge: bool, seen: set[int]) -> Iterator[tup
         tensor = _dequantized(module) if name == "weight" and _is_quantized(param) else param
         yield prefix + name, _full(tensor).detach()
     for name, child in module.named_children():
-        yield from _walk(child, prefix if name in _WRAPPER_NAMES else f"{prefix}{name}.", merge, seen)
+        yield from _walk(child, prefix if name in _WRAPPER_NAMES else f"{prefix}{name}.", merge, seen, dtype, rounding)
 
 
-def _lora_layer_weights(layer: Any, prefix: str, merge: bool, seen: set[int]) -> Iterator[tuple[str, torch.Tensor]]:
+def _lora_layer_weights(
+    layer: Any, prefix: str, merge: bool, seen: set[int], dtype: torch.dtype | None, rounding: MergeRounding | None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """A peft LoRA layer as the plain layer it stands for: base weight (+ active adapter deltas), bias."""
     base_layer = layer.get_base_layer()
     weight = base_layer.weight
@@ -97,8 +133,11 @@ def _lora_layer_weights(layer: Any, prefix: str, merge: bool, seen: set[int]) ->
             deltas.append(_full(layer.get_delta_weight(adapter)).detach())
         if deltas:
             merged = full.float()
-            for delta in deltas:
-                merged = merged + delta.to(device=merged.device, dtype=torch.float32)
+            update = sum(delta.to(device=merged.device, dtype=torch.float32) for delta in deltas)
+            merged = merged + update
+            target = dtype if dtype is not None else full.dtype
+            if rounding is not None:  # what the update becomes once the merged weight is rounded to `target`
+                rounding.add(merged.to(target).float() - full.to(target).float(), update)
             full = merged.to(full.dtype)  # dense: quantised bases were dequantised above
     yield prefix + "weight", full
     bias = getattr(base_layer, "bias", None)
