@@ -229,7 +229,7 @@ def main(args: list[str] | None = None) -> None:
     except SystemExit as stop:  # --help, a parse error (printed by jsonargparse), Ctrl-C or SIGTERM during fit
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if isinstance(stop, SIGTERMException):
+        if isinstance(stop, SIGTERMException) and getattr(rank_zero_only, "rank", 0) == 0:  # once, not per rank
             print("stopped: SIGTERM received (the current phase was finished first)", file=sys.stderr)
         for note in notes_of(stop):
             print(note, file=sys.stderr)
