@@ -15,8 +15,8 @@ matter). Parts, in the order they run:
   4's limits (5120 / 3000 tokens). Synthetic rollouts (random tokens, rewards alternating in each group) replace
   the rollout callback. Per optimizer step: peak GPU memory, seconds, training tokens/s, model FLOPs utilisation;
 - ``decode``: the HF engine's sampling tokens/s on that model (fp32 weights under bf16 autocast, as in training);
-- ``head_grad``: the vocabulary-sized weight gradient of the LM head (grpo._HeadLogProbs backward, issue 21
-  defect 9b): the in-place fp32 ``addmm_`` of the grad_into path against the plain path's autocast product, TF32,
+- ``head_grad``: the vocabulary-sized weight gradient of the LM head (grpo._HeadLogProbs backward):
+  the in-place fp32 ``addmm_`` of the grad_into path against the plain path's autocast product, TF32,
   and a bf16 product accumulated into the fp32 gradient; per chunk and through `token_logprobs`;
 - ``qlora``: a QLoRA fit (4-bit base, LoRA) on CUDA when bitsandbytes is importable, else skipped with the reason.
 

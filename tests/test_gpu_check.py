@@ -51,7 +51,7 @@ def test_gpu_check_cpu_mode_writes_one_report_with_every_part(tmp_path: Path) ->
     generated = [r for r in parts["decode"]["records"] if r["kind"] == "generate"]
     assert generated and all(0 < r["new_tokens"] <= 2 * 2 * 16 and r["tokens_per_s"] > 0 for r in generated)
 
-    # defect 9b: every variant of the head's weight gradient measured or its error recorded; the fp32 one exact
+    # every variant of the head's weight gradient measured or its error recorded; the fp32 one exact
     chunks = {r["variant"]: r for r in parts["head_grad"]["records"] if r["kind"] == "chunk"}
     assert len(chunks) == 5
     assert chunks["fp32_addmm (grad_into now)"]["relative_error"] < 1e-5
