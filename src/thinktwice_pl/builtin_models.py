@@ -103,6 +103,8 @@ def _build_atomically(target: Path, builder: Any) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         builder(tmp)
+        if not (tmp / "config.json").is_file():
+            raise RuntimeError(f"building {target.name} wrote no config.json into {tmp}")
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is as good as ours
@@ -162,9 +164,21 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, tie_word_embeddings: bo
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
     out = Path(out_dir)
-    model.save_pretrained(out)
+    _save_on_this_rank(model, out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _save_on_this_rank(model: Any, out: Path) -> None:
+    """``save_pretrained``'s files, written by this process whatever its rank: under an initialised process group,
+    transformers' ``save_pretrained`` writes the model only on rank 0, and a built-in model is built by whichever
+    rank needs it first (every rank's ``configure_model``)."""
+    from safetensors.torch import save_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})  # tied weights stored once
 
 
 def convert_smollm2(out_dir: str | Path) -> Path:
@@ -193,7 +207,7 @@ def convert_smollm2(out_dir: str | Path) -> Path:
         if not torch.allclose(model(probe).logits, gguf_model(probe).logits, atol=1e-5):
             raise RuntimeError("SmolLM2 conversion changed the logits; the GGUF loader of this transformers differs")
     out = Path(out_dir)
-    model.save_pretrained(out)
+    _save_on_this_rank(model, out)
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out)
     return out
