@@ -135,10 +135,12 @@ def _lora_layer_weights(
             merged = full.float()
             update = sum(delta.to(device=merged.device, dtype=torch.float32) for delta in deltas)
             merged = merged + update
-            target = dtype if dtype is not None else full.dtype
-            if rounding is not None:  # what the update becomes once the merged weight is rounded to `target`
-                rounding.add(merged.to(target).float() - full.to(target).float(), update)
-            full = merged.to(full.dtype)  # dense: quantised bases were dequantised above
+            # rounded once, straight to the dtype the weights are yielded in (dense: quantised bases were
+            # dequantised above)
+            rounded = merged.to(dtype if dtype is not None else full.dtype)
+            if rounding is not None:  # what the update became in the rounded weight
+                rounding.add(rounded.float() - full.to(rounded.dtype).float(), update)
+            full = rounded
     yield prefix + "weight", full
     bias = getattr(base_layer, "bias", None)
     if bias is not None:
