@@ -15,7 +15,7 @@ matter). Parts, in the order they run:
   4's limits (5120 / 3000 tokens). Synthetic rollouts (random tokens, rewards alternating in each group) replace
   the rollout callback. Per optimizer step: peak GPU memory, seconds, training tokens/s, model FLOPs utilisation;
 - ``decode``: the HF engine's sampling tokens/s on that model (fp32 weights under bf16 autocast, as in training);
-- ``head_grad``: the vocabulary-sized weight gradient of the LM head (grpo._HeadLogProbs backward):
+- ``head_grad``: the vocabulary-sized weight gradient of the LM head (lm_head._HeadLogProbs backward):
   the in-place fp32 ``addmm_`` of the grad_into path against the plain path's autocast product, TF32,
   and a bf16 product accumulated into the fp32 gradient; per chunk and through `token_logprobs`;
 - ``qlora``: a QLoRA fit (4-bit base, LoRA) on CUDA when bitsandbytes is importable, else skipped with the reason.
@@ -326,9 +326,9 @@ def part_decode(args: argparse.Namespace, out: Path) -> None:
 
 
 def part_head_grad(args: argparse.Namespace, out: Path) -> None:
-    """The head's [V, H] weight gradient per chunk (grpo._HeadLogProbs backward), four ways, and `token_logprobs`
+    """The head's [V, H] weight gradient per chunk (lm_head._HeadLogProbs backward), four ways, and `token_logprobs`
     forward + backward under bf16 autocast with and without the in-place path."""
-    from thinktwice_pl.grpo import token_logprobs
+    from thinktwice_pl.lm_head import token_logprobs
 
     device = device_of(args)
     vocab, hidden = (TINY if args.cpu else QWEN3_4B)["vocab_size"], (TINY if args.cpu else QWEN3_4B)["hidden_size"]

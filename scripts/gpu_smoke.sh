@@ -51,7 +51,7 @@ rc=${PIPESTATUS[0]}
 echo "== CUDA memory figures"
 "$PY" - <<'PY' 2>&1 | tee "$LOG_DIR/memory.txt"
 import torch
-from thinktwice_pl.grpo import token_logprobs
+from thinktwice_pl.lm_head import token_logprobs
 if not torch.cuda.is_available():
     print("skipped: no CUDA GPU"); raise SystemExit(0)
 vocab, hidden, n, length = 151_936, 2560, 4, 2048   # Qwen3-4B's vocabulary and width, 4 sequences of 2k tokens

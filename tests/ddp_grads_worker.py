@@ -43,7 +43,7 @@ class _Update(torch.nn.Module):
         self.policy = policy
 
     def forward(self, batch: Any, weights: torch.Tensor) -> torch.Tensor:
-        from thinktwice_pl.models import completion_logprobs
+        from thinktwice_pl.logprobs import completion_logprobs
 
         logprobs, _ = completion_logprobs(self.policy, batch, temperature=0.8, chunk_size=4, with_grad=True)
         return (logprobs * weights).sum()

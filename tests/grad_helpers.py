@@ -1,4 +1,4 @@
-"""The gradients that `models.completion_logprobs` must reproduce, computed the plain way: one HF forward per row."""
+"""The gradients that `logprobs.completion_logprobs` must reproduce, computed the plain way: one HF forward per row."""
 
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def test_close_process_group_destroys_the_group_and_is_a_no_op_without_one() -> 
 def test_ddp_reduces_both_shares_of_the_shared_prompt_update(tmp_path: Path) -> None:
     """Under DDP the reducer all-reduces a parameter's gradient when the parameter's own accumulation runs. The
     update's forward sends one use of each weight through gradient leaves that add into `.grad` early
-    (`models.completion_logprobs`); the reduced gradients must still hold both uses' shares: they equal plain HF
+    (`logprobs.completion_logprobs`); the reduced gradients must still hold both uses' shares: they equal plain HF
     forwards' gradients of both ranks' rows, averaged (two passes, the first under no_sync, as in a fit)."""
     from thinktwice_pl.builtin_models import build_tiny_model
 

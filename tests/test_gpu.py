@@ -131,7 +131,8 @@ def test_hf_decoding_and_shared_prompt_update_on_cuda_bf16(tiny_model_dir: Path)
     the update, on CUDA: greedy tokens (fp32) equal transformers' generate; under bf16 autocast sampled tokens are
     valid and shared-prompt log-probs and gradients match the joint forward to bf16 precision."""
     from thinktwice_pl.batching import collate
-    from thinktwice_pl.models import completion_logprobs, load_causal_lm, load_tokenizer
+    from thinktwice_pl.logprobs import completion_logprobs
+    from thinktwice_pl.models import load_causal_lm, load_tokenizer
     from thinktwice_pl.prompts import encode_chat, solve_messages
     from thinktwice_pl.rollout import HFRolloutEngine, SamplingConfig
 

@@ -38,7 +38,7 @@ from thinktwice_pl.callbacks.rollout import RolloutCallback
 from thinktwice_pl.checkpointing import checkpoint_progress, make_checkpoints_atomic, remove_partials
 from thinktwice_pl.data import ThinkTwiceDataModule
 from thinktwice_pl.errors import DEBUG_ENV, UserError, describe, notes_of, report
-from thinktwice_pl.models import configure_host_allocator
+from thinktwice_pl.hostmem import configure_host_allocator
 from thinktwice_pl.module import ThinkTwiceModule
 from thinktwice_pl.parallel import close_process_group, exit_skipping_native_teardown
 from thinktwice_pl.resume import (

@@ -1,4 +1,4 @@
-"""GRPO math as pure tensor functions: group advantages, chunked token log-probs, the clipped loss.
+"""GRPO math as pure tensor functions: group advantages, the clipped policy loss, the k3 KL.
 
 No Lightning, no I/O. Shapes are in comments: ``N`` rollouts, ``T`` completion length, ``S`` full
 sequence length, ``H`` hidden size, ``V`` vocabulary size.
@@ -17,11 +17,9 @@ What the ThinkTwice reference code runs (METHOD.md section 3), and what we defau
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-import torch.utils.checkpoint
 
 ScaleRewards = Literal["none", "group", "batch"]
 LossType = Literal["dapo", "grpo", "dr_grpo"]
@@ -57,178 +55,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards
         std = rewards.float().std() if rewards.numel() > 1 else rewards.new_zeros(())
         return (centred / (std + eps)).view(-1)
     raise ValueError(f"scale_rewards must be 'none', 'group' or 'batch', got {scale!r}")
-
-
-def token_logprobs(
-    hidden: torch.Tensor,
-    lm_head: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    with_entropy: bool = False,
-    grad_into: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities of `targets` under the head, without materialising all fp32 logits at once.
-
-    The head is applied to at most `chunk_size` positions at a time; each chunk's logits are upcast
-    to fp32, turned into log-probs of the target tokens and dropped. Backward recomputes each chunk's
-    logits, so peak memory is one chunk of ``[chunk_size, V]`` fp32 logits instead of ``[N * T, V]``.
-
-    `lm_head` is either the weight ``[V, H]`` of a bias-free linear head or any callable head. With the
-    weight, each chunk runs through `_HeadLogProbs`: the log-softmax, the entropy and their gradient are
-    written out by hand, with one exponential of the logits in forward and one in backward (autograd through
-    ``logsumexp``, ``gather`` and a per-chunk checkpoint made about twice the passes over a chunk's logits, and
-    the checkpoint recomputed the entropy, a metric without gradient, in backward), and the last chunk
-    keeps its exponentials for backward instead of recomputing them (backward starts with it, so at most one
-    chunk of them exists at a time, as in the forward). Chunks are cut from the end, so that last chunk is a
-    whole one. A callable head (LoRA on the head, a sharded or quantized one) goes through activation
-    checkpointing per chunk instead. Both give the same values and gradients up to float rounding.
-
-    Args:
-        hidden: ``[N, T, H]`` hidden states at the positions that predict each target (i.e. already
-            shifted: ``hidden[:, t]`` predicts ``targets[:, t]``).
-        lm_head: the head's weight ``[V, H]``, or a map from ``[..., H]`` to ``[..., V]`` logits.
-        targets: ``[N, T]`` token ids.
-        temperature: logits are divided by it (the sampling temperature, so ratios compare the
-            distributions the sampler drew from).
-        chunk_size: positions per chunk.
-        with_entropy: also return the per-token entropy (no gradient).
-        grad_into: the parameter whose ``.grad`` receives the weight's gradient (the weight itself, or the
-            parameter behind a gradient leaf of it), for a backward that fills ``.grad`` (not
-            ``torch.autograd.grad``). With a weight head, once that ``.grad`` exists (a later micro-batch, the second
-            use of a tied weight) each chunk's ``[V, H]`` weight gradient is added to it in place
-            (`grad_in_place`) instead of being allocated, held and summed by autograd.
-
-    Returns:
-        ``(logprobs [N, T], entropy [N, T] or None)``.
-    """
-    n, t, h = hidden.shape
-    flat_hidden = hidden.reshape(n * t, h)  # [N*T, H]
-    flat_targets = targets.reshape(n * t)  # [N*T]
-    logprob_chunks: list[torch.Tensor] = []
-    entropy_chunks: list[torch.Tensor] = []
-    total = n * t
-    bounds = [(max(0, end - chunk_size), end) for end in range(total, 0, -chunk_size)][::-1]  # the last is whole
-    for index, (start, end) in enumerate(bounds):
-        hid, tgt = flat_hidden[start:end], flat_targets[start:end]  # [chunk, H], [chunk]
-        if isinstance(lm_head, torch.Tensor):
-            keep = index == len(bounds) - 1
-            lp, ent = _HeadLogProbs.apply(hid, lm_head, tgt, temperature, with_entropy, keep, grad_into)
-        elif hid.requires_grad:  # recompute the chunk's logits in backward instead of keeping them
-            lp, ent = torch.utils.checkpoint.checkpoint(
-                _callable_head_logprobs, lm_head, hid, tgt, temperature, with_entropy, use_reentrant=False
-            )
-        else:
-            lp, ent = _callable_head_logprobs(lm_head, hid, tgt, temperature, with_entropy)
-        logprob_chunks.append(lp)
-        entropy_chunks.append(ent.detach())
-    logprobs = torch.cat(logprob_chunks).view(n, t)  # [N, T]
-    entropy = torch.cat(entropy_chunks).view(n, t) if with_entropy else None  # [N, T]
-    return logprobs, entropy
-
-
-def _callable_head_logprobs(
-    lm_head: Callable[[torch.Tensor], torch.Tensor],
-    hid: torch.Tensor,
-    tgt: torch.Tensor,
-    temperature: float,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = lm_head(hid).float()  # [chunk, V]
-    if temperature != 1.0:
-        logits = logits / temperature
-    log_norm = torch.logsumexp(logits, dim=-1)  # [chunk]
-    lp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - log_norm  # [chunk]
-    if not with_entropy:
-        return lp, lp.new_zeros(())
-    with torch.no_grad():  # H = logsumexp(z) - sum_v p_v z_v
-        entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # [chunk]
-    return lp, entropy
-
-
-def _shifted_logits(hid: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """fp32 ``hid @ weight.T / temperature``, in place where it can be."""
-    logits = (hid @ weight.t()).float()  # [chunk, V]; under autocast the product runs in the autocast dtype
-    return logits.div_(temperature) if temperature != 1.0 else logits
-
-
-class _HeadLogProbs(torch.autograd.Function):
-    """Log-probs of the targets (and entropies, without gradient) for one chunk of a linear head's inputs.
-
-    With ``z = hid @ W.T / T - m`` (m the row maximum), ``e = exp(z)`` and ``s = sum(e)``: ``lp = z[y] - log s``
-    and ``H = log s - sum(e * z) / s``. Backward: ``dlp / dlogits = (onehot(y) - e / s) / T``; ``e`` is
-    recomputed from the saved ``m`` and ``s`` unless the chunk kept it.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, hid: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, temperature: float,
-        with_entropy: bool, keep: bool, grad_into: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        z = _shifted_logits(hid, weight, temperature)  # [chunk, V]
-        top = z.amax(dim=-1, keepdim=True)  # [chunk, 1]
-        z.sub_(top)
-        e = torch.exp(z)
-        s = e.sum(dim=-1)  # [chunk]
-        log_s = s.log()
-        lp = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - log_s
-        entropy = lp.new_zeros(())
-        if with_entropy:  # sum(e * z) per row as a batched dot product (no [chunk, V] temporary), in fp32
-            with torch.autocast(hid.device.type, enabled=False):
-                entropy = log_s - torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1) / s
-        del z
-        ctx.save_for_backward(hid, weight, tgt, top, s)
-        ctx.kept = e if keep else None  # an intermediate, freed with the graph (or after its first use)
-        ctx.temperature, ctx.grad_into = temperature, grad_into
-        device = hid.device.type  # the backward's recomputation runs under the forward's autocast
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        ctx.mark_non_differentiable(entropy)
-        return lp, entropy
-
-    @staticmethod
-    def backward(ctx: Any, grad_lp: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple[Any, ...]:
-        hid, weight, tgt, top, s = ctx.saved_tensors
-        temperature = ctx.temperature
-        device, dtype, enabled = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            e, ctx.kept = ctx.kept, None  # a second backward through a retained graph recomputes
-            if e is None:
-                e = _shifted_logits(hid, weight, temperature).sub_(top).exp_()
-            grad = grad_lp / temperature  # [chunk]
-            grad_logits = e.mul_((-grad / s).unsqueeze(-1))  # -g p / T, in the exponentials' buffer
-            grad_logits.scatter_add_(-1, tgt.unsqueeze(-1), grad.unsqueeze(-1))  # + g onehot(y) / T
-            grad_logits = grad_logits.to(hid.dtype)
-            grad_hid = grad_logits @ weight if ctx.needs_input_grad[0] else None
-            grad_weight = None
-            if ctx.needs_input_grad[1]:
-                into = grad_in_place(ctx.grad_into, grad_logits.dtype)
-                if into is None:
-                    grad_weight = grad_logits.t() @ hid
-                else:
-                    into.addmm_(grad_logits.t(), hid)
-                    grad_weight = added_in_place(weight)
-        return grad_hid, grad_weight, None, None, None, None, None
-
-
-def grad_in_place(param: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """``param.grad`` when a backward may add a gradient of `dtype` to it in place, else None: it exists, dense,
-    of that dtype, outside autograd (the first micro-batch of an optimizer step has none yet; its gradient is then
-    allocated and stolen by autograd as usual)."""
-    grad = None if param is None else param.grad
-    if grad is None or grad.layout != torch.strided or grad.dtype != dtype or grad.requires_grad:
-        return None
-    return grad
-
-
-def added_in_place(weight: torch.Tensor) -> torch.Tensor:
-    """The gradient a backward returns for `weight` after adding its gradient to ``.grad`` itself: an empty
-    sparse tensor of the weight's shape. Autograd still accumulates it, so the hooks on that accumulation (a DDP
-    reducer's, a gradient leaf's) run as they would for a dense gradient (Megatron-LM's fused weight-gradient
-    accumulation returns a placeholder for the same reason)."""
-    rows = torch.zeros(1, 0, dtype=torch.long, device=weight.device)
-    values = weight.new_zeros(0, *weight.shape[1:])
-    return torch.sparse_coo_tensor(rows, values, weight.shape, is_coalesced=True, check_invariants=False)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

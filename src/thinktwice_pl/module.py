@@ -39,17 +39,16 @@ from thinktwice_pl.callbacks.phase_log import PhaseLogger
 from thinktwice_pl.checkpointing import check_weights_fit
 from thinktwice_pl.errors import OutOfMemoryInPhase, UserError, is_out_of_memory, out_of_memory_message
 from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_loss
+from thinktwice_pl.hostmem import trim_host_memory
+from thinktwice_pl.logprobs import completion_logprobs, prompt_sharing_blocker
 from thinktwice_pl.metrics import StepStats, phase_metrics
 from thinktwice_pl.models import (
     LoraSettings,
     QuantizationSettings,
     check_supported,
-    completion_logprobs,
     is_peft_model,
     load_causal_lm,
     load_tokenizer,
-    prompt_sharing_blocker,
-    trim_host_memory,
 )
 from thinktwice_pl.parallel import check_divisible, check_precision, check_strategy, check_update_resolution, shard
 from thinktwice_pl.types import EvalBatch, PhaseBatch, Rollout, RolloutBatch

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from thinktwice_pl.batching import rank_slice
 from thinktwice_pl.errors import OutOfMemoryInPhase, is_out_of_memory
-from thinktwice_pl.models import trim_host_memory
+from thinktwice_pl.hostmem import trim_host_memory
 from thinktwice_pl.parallel import check_cpu_bf16, compute_dtype
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,

@@ -10,7 +10,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from thinktwice_pl.models import checkpointed_modules, is_quantized, is_sharded, trim_host_memory
+from thinktwice_pl.hostmem import trim_host_memory
+from thinktwice_pl.models import checkpointed_modules, is_quantized, is_sharded
 from thinktwice_pl.types import Completion, FinishReason
 
 if TYPE_CHECKING:
