@@ -69,7 +69,7 @@ def naive():
     return torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
 def chunked():
     return token_logprobs(h, head, targets, temperature=1.0, chunk_size=1024, with_entropy=False)[0]
-def by_weight():  # the hand-written log-softmax (grpo._HeadLogProbs), with entropies as in the update
+def by_weight():  # the hand-written log-softmax (lm_head._HeadLogProbs), with entropies as in the update
     return token_logprobs(h, head.weight, targets, temperature=0.7, chunk_size=1024, with_entropy=True)[0]
 def timed(fn):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
