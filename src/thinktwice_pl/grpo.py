@@ -17,6 +17,7 @@ What the ThinkTwice reference code runs (METHOD.md section 3), and what we defau
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -55,6 +56,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards
         std = rewards.float().std() if rewards.numel() > 1 else rewards.new_zeros(())
         return (centred / (std + eps)).view(-1)
     raise ValueError(f"scale_rewards must be 'none', 'group' or 'batch', got {scale!r}")
+
+
+def truncated_importance_weights(log_ratio: torch.Tensor, mask: torch.Tensor, cap: float) -> tuple[torch.Tensor, float]:
+    """Truncated importance weights ``min(pi_old / pi_sampler, cap)`` per token (Yao et al. 2025), from the log-ratio
+    ``[N, T]``, and how many masked tokens the cap bound."""
+    ratio = torch.exp(log_ratio.clamp(max=math.log(cap) + 1.0))  # [N, T]; anything past log(cap) is capped anyway
+    capped = float(((ratio > cap).float() * mask).sum())
+    return ratio.clamp(max=cap), capped
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

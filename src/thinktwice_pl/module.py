@@ -38,7 +38,7 @@ from thinktwice_pl.builtin_models import check_model_name_or_path, resolve_model
 from thinktwice_pl.callbacks.phase_log import PhaseLogger
 from thinktwice_pl.checkpointing import check_weights_fit
 from thinktwice_pl.errors import OutOfMemoryInPhase, UserError, is_out_of_memory, out_of_memory_message
-from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_loss
+from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_loss, truncated_importance_weights
 from thinktwice_pl.hostmem import trim_host_memory
 from thinktwice_pl.logprobs import completion_logprobs, prompt_sharing_blocker
 from thinktwice_pl.metrics import StepStats, phase_metrics
@@ -51,6 +51,7 @@ from thinktwice_pl.models import (
     load_tokenizer,
 )
 from thinktwice_pl.parallel import check_divisible, check_precision, check_strategy, check_update_resolution, shard
+from thinktwice_pl.settings import BatchingSettings, LossSettings, OptimizerSettings, PolicySettings, pick
 from thinktwice_pl.types import EvalBatch, PhaseBatch, Rollout, RolloutBatch
 
 
@@ -78,9 +79,8 @@ class ThinkTwiceModule(pl.LightningModule):
             phase. None = one optimizer step per phase.
         micro_batch_size: sequences per forward/backward inside an optimizer step (gradient
             accumulation); None = the whole mini-batch at once.
-        max_tokens_per_microbatch: at most this many (padded) prompt + completion tokens per forward/backward
-            on each rank; sequences are packed by length. None = no token budget. A longer single sequence
-            goes alone. The loss normaliser covers the whole optimizer step either way.
+        max_tokens_per_microbatch: at most this many (padded) prompt + completion tokens per forward/backward on
+            each rank, sequences packed by length (a longer one goes alone); None = no token budget.
         num_generations: G, samples per prompt in both phases (linked from rollout.num_generations).
         num_iterations: passes over each phase's rollouts (PPO epochs; the paper uses 1).
         epsilon: lower clip range, ratio >= 1 - epsilon.
@@ -95,15 +95,11 @@ class ThinkTwiceModule(pl.LightningModule):
             from rollout.temperature).
         max_completion_length: completion token limit (linked from rollout.max_completion_length);
             the dr_grpo normaliser.
-        logprob_chunk_size: positions per chunk when computing token log-probs (memory knob): the fp32 logits of
-            at most this many positions exist at once, with their exponentials (256 x vocabulary x 4 bytes each:
-            50 MB for SmolLM2, 156 MB for Qwen3); the last chunk's exponentials stay from the forward to the
-            backward, which starts with them instead of recomputing that chunk.
-        share_prompts: in each forward/backward, run a prompt shared by several sequences (a group's samples) once
-            and reuse its KV cache for their completions: the same log-probs and gradients for fewer tokens (with
-            or without gradient checkpointing). A group's rows are then packed into passes together, and its
-            prompt counts once in `max_tokens_per_microbatch`. Not used under FSDP or on models with
-            sliding-window attention.
+        logprob_chunk_size: positions per chunk of the LM head's log-softmax (memory knob): the fp32 logits of at
+            most this many positions exist at once (256 x vocabulary x 4 bytes: 156 MB for Qwen3).
+        share_prompts: run a prompt shared by a group's samples once per forward/backward and reuse its KV cache for
+            their completions: the same log-probs and gradients for fewer tokens; the prompt counts once in
+            `max_tokens_per_microbatch`. Not used under FSDP or with sliding-window attention.
         log_completions: sample completions written to the loggers per phase (0 = none).
         importance_sampling_cap: truncated importance-sampling correction for the sampler/trainer
             mismatch (Yao et al., 2025): each token's policy-gradient loss is weighted by
@@ -150,87 +146,88 @@ class ThinkTwiceModule(pl.LightningModule):
             lora = LoraSettings(**lora)
         if isinstance(quantization, dict):
             quantization = QuantizationSettings(**quantization)
-        if quantization is not None and lora is None:
-            raise UserError("model.quantization (QLoRA) needs model.lora: 4-bit base weights are not trained directly")
-        self.lora, self.quantization = lora, quantization
+        check_model_name_or_path(model_name_or_path)  # before any run folder is made, and before transformers
         self.save_hyperparameters()
+        flat = {**self.hparams, "lora": lora, "quantization": quantization}
+        self.policy_settings = pick(PolicySettings, flat)
+        self.optim = pick(OptimizerSettings, flat)
+        self.batching = pick(BatchingSettings, flat)
+        self.loss = pick(LossSettings, flat)
+        self.log_completions = log_completions
         # plain python in checkpoints: torch.load(weights_only=True), Lightning's default on resume, refuses classes
         self.hparams["lora"] = dataclasses.asdict(lora) if lora is not None else None
         self.hparams["quantization"] = dataclasses.asdict(quantization) if quantization is not None else None
-        mini = mini_batch_problems or problems_per_batch
-        if problems_per_batch % mini:
-            raise UserError(
-                f"data.problems_per_batch={problems_per_batch} is not divisible by "
-                f"model.mini_batch_problems={mini_batch_problems}: each optimizer step takes whole problems"
-            )
-        if num_generations < 2:
-            raise UserError(f"rollout.num_generations={num_generations}: GRPO needs at least 2 samples per group")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise UserError(f"model.micro_batch_size must be >= 1 or None, got {micro_batch_size}")
-        if max_tokens_per_microbatch is not None and max_tokens_per_microbatch < 1:
-            raise UserError(f"model.max_tokens_per_microbatch must be >= 1 or None, got {max_tokens_per_microbatch}")
-        if num_iterations < 1:
-            raise UserError(f"model.num_iterations must be >= 1, got {num_iterations}")
-        if importance_sampling_cap is not None and importance_sampling_cap <= 0:
-            raise UserError(f"model.importance_sampling_cap must be > 0 or None, got {importance_sampling_cap}")
-        if temperature <= 0:
-            raise UserError(f"rollout.temperature={temperature}: training needs sampling (temperature > 0)")
-        check_model_name_or_path(model_name_or_path)  # before any run folder is made, and before transformers
         self.automatic_optimization = False
         self.policy: Any = None
         self.ref_policy: Any = None
         self.tokenizer: Any = None
         self._rows_in_pass: list[int] = []
 
+    @property
+    def lora(self) -> LoraSettings | None:
+        return self.policy_settings.lora
+
     # ----------------------------------------------------------------------------------- set-up
 
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        hp: Any = self.hparams
-        path = resolve_model_path(hp.model_name_or_path)
+        settings = self.policy_settings
+        path = resolve_model_path(settings.model_name_or_path)
         try:
             self.tokenizer = load_tokenizer(path)
             self.policy = load_causal_lm(
-                path, dtype=hp.dtype, attn_implementation=hp.attn_implementation, lora=self.lora,
-                gradient_checkpointing=hp.gradient_checkpointing, disable_dropout=hp.disable_dropout,
-                quantization=self.quantization,
-            )  # fmt: skip
+                path,
+                dtype=settings.dtype,
+                attn_implementation=settings.attn_implementation,
+                gradient_checkpointing=settings.gradient_checkpointing,
+                disable_dropout=settings.disable_dropout,
+                lora=settings.lora,
+                quantization=settings.quantization,
+            )
         except OSError as error:  # transformers: a hub name it cannot fetch, a directory without weights
-            raise UserError(f"model.model_name_or_path={hp.model_name_or_path} could not be loaded: {error}") from error
+            name = settings.model_name_or_path
+            raise UserError(f"model.model_name_or_path={name} could not be loaded: {error}") from error
         check_supported(self.policy, path)
-        if hp.beta > 0 and self.lora is None:  # frozen initial policy; kept out of checkpoints (rebuilt from the path)
+        if self.loss.beta > 0 and self.lora is None:  # frozen initial policy, rebuilt from the path (not checkpointed)
             self.ref_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
         if self.device_mesh is not None:  # set by ModelParallelStrategy: FSDP2
+            precision = str(self.trainer.precision)
             for model in (m for m in (self.policy, self.ref_policy) if m is not None):
-                shard(model, self.trainer.strategy, self.device_mesh, str(self.trainer.precision),
-                      lora=self.lora is not None, quantized=self.quantization is not None)  # fmt: skip
+                shard(model, self.trainer.strategy, self.device_mesh, precision, **self._adapters())
+
+    def _adapters(self) -> dict[str, bool]:
+        return {"lora": self.lora is not None, "quantized": self.policy_settings.quantization is not None}
 
     def configure_callbacks(self) -> list[Callback]:
         """The per-phase logger rows, sample completions and warnings (after the trainer's own callbacks, so after
         the rollout callback's weight sync)."""
-        return [PhaseLogger(log_completions=self.hparams.log_completions)]
+        return [PhaseLogger(log_completions=self.log_completions)]
 
     def setup(self, stage: str) -> None:
         check_precision(str(self.trainer.precision))
-        check_strategy(self.trainer.strategy, lora=self.lora is not None, quantized=self.quantization is not None)
-        hp: Any = self.hparams
-        check_divisible(hp.problems_per_batch, hp.mini_batch_problems or hp.problems_per_batch, self.trainer.world_size)
+        check_strategy(self.trainer.strategy, **self._adapters())
+        batching = self.batching
+        check_divisible(batching.problems_per_batch, batching.step_problems, self.trainer.world_size)
 
     def configure_optimizers(self) -> Any:
-        hp: Any = self.hparams
+        optim = self.optim
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        check_update_resolution(self.policy, hp.learning_rate, str(self.trainer.precision), hp.dtype)
-        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, betas=hp.betas, weight_decay=hp.weight_decay,
-                                      fused=_fused_on_cpu(params))  # fmt: skip
-        if hp.lr_scheduler == "constant" and hp.warmup_steps == 0:
+        precision = str(self.trainer.precision)
+        check_update_resolution(self.policy, optim.learning_rate, precision, self.policy_settings.dtype)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=optim.learning_rate,
+            betas=optim.betas,
+            weight_decay=optim.weight_decay,
+            fused=_fused_on_cpu(params),
+        )
+        if optim.lr_scheduler == "constant" and optim.warmup_steps == 0:
             return optimizer
         total = self.trainer.max_steps
-        if hp.lr_scheduler != "constant" and (total is None or total < 1):
-            raise UserError(f"model.lr_scheduler={hp.lr_scheduler} needs trainer.max_steps (optimizer steps)")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, hp.warmup_steps, total, hp.lr_scheduler)
-        )
+        if optim.lr_scheduler != "constant" and (total is None or total < 1):
+            raise UserError(f"model.lr_scheduler={optim.lr_scheduler} needs trainer.max_steps (optimizer steps)")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: optim.lr_factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -274,24 +271,31 @@ class ThinkTwiceModule(pl.LightningModule):
     def training_step(self, batch: PhaseBatch, batch_idx: int) -> dict[str, float]:
         """One phase, solve or refine (METHOD.md section 1): group advantages, the phase's optimizer steps, and its
         metrics, which reach the callbacks as ``outputs``."""
-        hp: Any = self.hparams
+        loss, batching = self.loss, self.batching
         start = time.perf_counter()
         rollouts = _rollouts_of(batch)
         rewards = torch.tensor([r.reward for r in rollouts.rollouts], dtype=torch.float32)  # [N]
-        advantages = group_advantages(rewards, rollouts.group_size, hp.scale_rewards)  # [N]
-        in_loss = [not (hp.mask_truncated_completions and r.truncated) for r in rollouts.rollouts]
+        advantages = group_advantages(rewards, rollouts.group_size, loss.scale_rewards)  # [N]
+        in_loss = [not (loss.mask_truncated_completions and r.truncated) for r in rollouts.rollouts]
+        # a sequence with advantage 0 has no gradient without a KL term: it counts in the normaliser, unforwarded
+        forwarded = [keep and (loss.beta > 0 or a != 0) for keep, a in zip(in_loss, advantages.tolist(), strict=True)]
         plan = plan_phase(
-            [(len(r.prompt_ids), len(r.completion_ids)) for r in rollouts.rollouts], rollouts.group_size, in_loss,
-            [keep and (hp.beta > 0 or a != 0) for keep, a in zip(in_loss, advantages.tolist(), strict=True)],
-            mini_batch_groups=hp.mini_batch_problems, micro_batch_size=hp.micro_batch_size,
-            max_tokens=hp.max_tokens_per_microbatch, num_iterations=hp.num_iterations, rank=self.global_rank,
+            [(len(r.prompt_ids), len(r.completion_ids)) for r in rollouts.rollouts],
+            rollouts.group_size,
+            in_loss,
+            forwarded,
+            mini_batch_groups=batching.mini_batch_problems,
+            micro_batch_size=batching.micro_batch_size,
+            max_tokens=batching.max_tokens_per_microbatch,
+            num_iterations=batching.num_iterations,
+            rank=self.global_rank,
             world_size=self.trainer.world_size,
-            share_prompts=hp.share_prompts and prompt_sharing_blocker(self.policy) is None,
-        )  # fmt: skip
+            share_prompts=batching.share_prompts and prompt_sharing_blocker(self.policy) is None,
+        )
         stats, scheduler = StepStats(), self.lr_schedulers()
         try:
             old = self._old_logprobs(rollouts.rollouts, plan.old_passes) if plan.needs_old else {}
-            for _ in range(hp.num_iterations):
+            for _ in range(batching.num_iterations):
                 for step in plan.steps:
                     stats += self._optimizer_step(rollouts.rollouts, step, advantages, old)
                     if scheduler is not None:
@@ -304,16 +308,20 @@ class ThinkTwiceModule(pl.LightningModule):
         self.optimizers().zero_grad(set_to_none=True)  # gradients are not needed until the next phase
         trim_host_memory()  # nor their pages: a validation or the next generation starts from the weights and AdamW
         stats = stats.reduced(lambda t, op: self.trainer.strategy.reduce(t, reduce_op=op), self.trainer.world_size)
-        return phase_metrics(batch.phase, rollouts, stats, trained=len(plan.trained),
-                             train_s=time.perf_counter() - start,
-                             importance_sampling=hp.importance_sampling_cap is not None)  # fmt: skip
+        return phase_metrics(
+            batch.phase,
+            rollouts,
+            stats,
+            trained=len(plan.trained),
+            train_s=time.perf_counter() - start,
+            importance_sampling=loss.importance_sampling_cap is not None,
+        )
 
     def _optimizer_step(
         self, rollouts: list[Rollout], step: StepPlan, advantages: torch.Tensor, old: dict[int, torch.Tensor]
     ) -> StepStats:
         """One optimizer step: this rank's passes, gradient clipping, AdamW. A NaN or infinite gradient norm skips
         the update (no parameter or AdamW state changes) and counts it; the step still counts for Lightning."""
-        hp: Any = self.hparams
         opt, world = self.optimizers(), self.trainer.world_size
         opt.zero_grad(set_to_none=False)  # zero tensors, not None: AdamW steps every parameter, as the reference
         stats = StepStats()
@@ -321,23 +329,28 @@ class ThinkTwiceModule(pl.LightningModule):
         for n, work in enumerate(step.passes):
             logprobs, entropy, mask = self._logprobs(rollouts, work.rows, grad=True)  # [n, C] each
             old_lp = _stack([old[i] for i in work.rows], mask) if old and work.weight else logprobs.detach()
-            ref = self._ref_logprobs(rollouts, work.rows) if hp.beta > 0 else None
+            ref = self._ref_logprobs(rollouts, work.rows) if self.loss.beta > 0 else None
             is_weights, sampler = self._sampler_mismatch(rollouts, work.rows, old_lp, mask)
             loss, loss_stats = policy_loss(
-                logprobs, old_lp, advantages[work.rows].to(logprobs.device), mask, epsilon_low=hp.epsilon,
-                epsilon_high=hp.epsilon_high if hp.epsilon_high is not None else hp.epsilon,
-                clip_ratio_c=hp.clip_ratio_c, loss_type=hp.loss_type, max_completion_length=hp.max_completion_length,
-                ref_logprobs=ref, beta=hp.beta, num_tokens=step.num_tokens, num_sequences=step.num_sequences,
+                logprobs,
+                old_lp,
+                advantages[work.rows].to(logprobs.device),
+                mask,
+                ref_logprobs=ref,
+                num_tokens=step.num_tokens,
+                num_sequences=step.num_sequences,
                 is_weights=is_weights,
-            )  # fmt: skip
+                **self.loss.policy_loss_kwargs(),
+            )
             # the strategies average gradients over ranks; the normaliser already counts all ranks' tokens. DDP
             # all-reduces once, in the step's last backward (the earlier ones accumulate locally)
             with block_sync() if n < len(step.passes) - 1 else nullcontext():
                 self.manual_backward(loss * (world * work.weight))
             trim_host_memory()  # the pass's freed activations: the next pass's peak starts from the gradients
             if work.weight:  # a padding pass runs the collectives only
-                stats += dataclasses.replace(sampler, loss=float(loss.detach()), entropy=float((entropy * mask).sum()),
-                                             **{k: float(v) for k, v in loss_stats.items()})  # fmt: skip
+                entropy_sum = float((entropy * mask).sum())
+                sums = {k: float(v) for k, v in loss_stats.items()}
+                stats += dataclasses.replace(sampler, loss=float(loss.detach()), entropy=entropy_sum, **sums)
         grad_norm = self._clip_gradients()
         if not math.isfinite(grad_norm):  # the norm of the reduced (DDP) or sharded (FSDP2) gradient: same on all ranks
             opt.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient: no moment, no weight decay
@@ -354,7 +367,7 @@ class ThinkTwiceModule(pl.LightningModule):
     ) -> tuple[torch.Tensor | None, StepStats]:
         """The engine's log-probs against the trainer's "old" ones (same weights, other numerics): the gap's
         statistics, and the truncated importance weights ``[n, C]`` when the correction is on."""
-        cap = self.hparams.importance_sampling_cap
+        cap = self.loss.importance_sampling_cap
         if any(rollouts[i].sampler_logprobs is None for i in rows):
             if cap is not None:
                 raise UserError(
@@ -363,20 +376,22 @@ class ThinkTwiceModule(pl.LightningModule):
                 )
             return None, StepStats()
         sampler = _stack([torch.tensor(rollouts[i].sampler_logprobs, dtype=torch.float32) for i in rows], mask)
-        gap = (old.float() - sampler.to(old.device)) * mask  # [n, C], log(pi_old / pi_sampler) per token
-        stats = StepStats(sampler_diff=float(gap.abs().sum()), sampler_diff_max=float(gap.abs().max()),
-                          sampler_tokens=float(mask.sum()))  # fmt: skip
+        gap = (old.float() - sampler.to(old.device)) * mask  # [n, C]: log(pi_old / pi_sampler) per token
+        stats = StepStats(
+            sampler_diff=float(gap.abs().sum()),
+            sampler_diff_max=float(gap.abs().max()),
+            sampler_tokens=float(mask.sum()),
+        )
         if cap is None:
             return None, stats
-        ratio = torch.exp(gap.clamp(max=math.log(cap) + 1.0))  # [n, C]; anything past log(cap) is capped anyway
-        stats.is_capped = float(((ratio > cap).float() * mask).sum())
-        return ratio.clamp(max=cap), stats
+        weights, stats.is_capped = truncated_importance_weights(gap, mask, cap)
+        return weights, stats
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.policy.parameters() if p.grad is not None]
         if not params:
             return 0.0
-        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm is not None else float("inf")
+        max_norm = self.optim.max_grad_norm if self.optim.max_grad_norm is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
         return float(norm)
@@ -385,20 +400,25 @@ class ThinkTwiceModule(pl.LightningModule):
         """What ran out of memory (the phase, the pass's sequences, the longest one) and the settings that help."""
         rows = self._rows_in_pass or list(range(len(rollouts)))
         sizes = [(len(rollouts[i].prompt_ids), len(rollouts[i].completion_ids)) for i in rows]
-        return out_of_memory_message(f"phase {batch.index} ({batch.phase})", sizes, len(rollouts),
-                                     self.trainer.world_size, dict(self.hparams))  # fmt: skip
+        where = f"phase {batch.index} ({batch.phase})"
+        return out_of_memory_message(where, sizes, len(rollouts), self.trainer.world_size, dict(self.hparams))
 
     def _logprobs(
         self, rollouts: list[Rollout], rows: list[int], *, grad: bool, model: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(log-probs, entropies, completion mask)`` of the completions of `rows`, each ``[n, C]``."""
         self._rows_in_pass = rows  # named by the error when this pass runs out of memory
-        batch = collate([rollouts[i].prompt_ids for i in rows], [rollouts[i].completion_ids for i in rows],
-                        self.tokenizer.pad_token_id or 0)  # fmt: skip
+        prompts = [rollouts[i].prompt_ids for i in rows]
+        completions = [rollouts[i].completion_ids for i in rows]
+        batch = collate(prompts, completions, self.tokenizer.pad_token_id or 0)
         logprobs, entropy = completion_logprobs(
-            model if model is not None else self.policy, batch, temperature=self.hparams.temperature,
-            chunk_size=self.hparams.logprob_chunk_size, with_grad=grad, share_prompts=self.hparams.share_prompts,
-        )  # fmt: skip
+            model if model is not None else self.policy,
+            batch,
+            temperature=self.loss.temperature,
+            chunk_size=self.batching.logprob_chunk_size,
+            with_grad=grad,
+            share_prompts=self.batching.share_prompts,
+        )
         return logprobs, entropy, batch.completion_mask.to(logprobs.device, logprobs.dtype)
 
     @torch.no_grad()
@@ -439,22 +459,10 @@ class ThinkTwiceModule(pl.LightningModule):
         _require_evaluated(batch)
 
 
-def lr_factor(step: int, warmup: int, total: int | None, shape: str) -> float:
-    """The learning-rate multiplier of optimizer step `step` (0-based): linear warm-up from 1 / warmup to 1 over
-    `warmup` steps, then constant, or linear or cosine decay to 0 at `total`. Unlike transformers' schedulers the
-    first warm-up step already runs at lr / warmup, not 0 (an RL phase is too costly to waste on lr 0)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if shape == "constant" or total is None:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 1.0 - progress if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def _fused_on_cpu(params: list[torch.nn.Parameter]) -> bool | None:
     """True (fused AdamW) when every trained parameter is a plain CPU tensor, else None (torch's choice: foreach on
-    GPUs). On CPU torch's default is a per-parameter loop: 0.9-1.1 s per step for SmolLM2-135M on one thread against
-    0.16-0.18 s fused, same memory, the same update up to float rounding (about 1e-9 on weights of 0.02)."""
+    GPUs). On CPU torch's default is a loop over parameters, several times slower; fused gives the same update up
+    to float rounding (`scripts/bench_step.py` times a step)."""
     from torch.distributed.tensor import DTensor
 
     plain_cpu = all(p.device.type == "cpu" and not isinstance(p, DTensor) for p in params)
