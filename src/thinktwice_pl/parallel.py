@@ -62,10 +62,9 @@ def compute_dtype(precision: str, model: Any) -> torch.dtype:
 def lost_update_fraction(model: Any, learning_rate: float) -> float:
     """Share of the trainable 16-bit weights that an update of size `learning_rate` would leave unchanged.
 
-    AdamW's step on a weight is about `learning_rate` in size (its update is normalised by the gradient's running
-    RMS). Added to a bf16 weight ``w`` it is rounded away when it is below half the spacing of bf16 numbers near
-    ``w`` (``2**(floor(log2|w|) - 7)``), i.e. for |w| above roughly 256 x lr. fp32 weights lose nothing at the
-    learning rates used here (0 for them). Measured on up to 65,536 elements of each tensor (this rank's shard).
+    AdamW's step is about `learning_rate` in size; added to a bf16 weight ``w`` it rounds away when it is below half
+    the spacing of bf16 numbers near ``w`` (``2**(floor(log2|w|) - 7)``), i.e. for |w| above about 256 x lr. fp32
+    weights count as losing nothing. Estimated on up to 65,536 elements of each tensor (this rank's shard).
     """
     lost = total = 0
     for param in model.parameters():
@@ -114,12 +113,8 @@ def native_cpu_bf16() -> bool:
 
 
 def check_cpu_bf16(precision: str, model: Any, device_type: str) -> bool:
-    """Warn (once, rank 0) when a CPU run computes in bf16 (`compute_dtype`) on a CPU without bf16 hardware; returns
-    whether it warned.
-
-    Measured on a 2-core AVX2 EPYC, one thread: a 256x576 by 576x1536 matmul took 9 ms in fp32 and 89-95 ms in bf16
-    (also under autocast), and the SmolLM2 recipe (bf16-mixed, vLLM in bf16) ran its phases 16-40x slower than on an
-    EPYC with AVX512-BF16. The warning names the flags; the run goes on (the numbers are right, only slow).
+    """Warn (once, rank 0) when a CPU run computes in bf16 (`compute_dtype`) on a CPU without bf16 hardware, where
+    torch emulates bf16 matmuls (correct but much slower); returns whether it warned. The run goes on.
     """
     if device_type != "cpu" or compute_dtype(precision, model) != torch.bfloat16 or native_cpu_bf16():
         return False
@@ -189,8 +184,10 @@ def fsdp2_mixed_precision(precision: str) -> Any:
 
 def check_divisible(problems_per_batch: int, mini_batch_problems: int, world_size: int) -> None:
     """Every rank takes an equal share of the problems of every optimizer step."""
-    for flag, value in (("data.problems_per_batch", problems_per_batch),
-                        ("model.mini_batch_problems", mini_batch_problems)):  # fmt: skip
+    for flag, value in (
+        ("data.problems_per_batch", problems_per_batch),
+        ("model.mini_batch_problems", mini_batch_problems),
+    ):
         if value % world_size:
             raise UserError(
                 f"{flag}={value} is not divisible by the {world_size} ranks (trainer.devices x trainer.num_nodes): "
@@ -212,12 +209,10 @@ def shard(model: Any, strategy: Any, mesh: Any, precision: str, *, lora: bool, q
 
 
 def close_process_group() -> bool:
-    """Destroy the default process group, if this process has one, while the interpreter is still whole; True when
-    there was one.
+    """Destroy the default process group, if there is one, while the interpreter is still whole; True when there was.
 
-    Lightning destroys it at exit only for NCCL. A gloo group left to interpreter finalization can abort the
-    process (SIGABRT, "terminate called without an active exception") when its C++ worker threads release
-    tensors after Python has gone: a finished run would then exit with -6 (pytorch/pytorch#179291 describes it).
+    Lightning destroys it at exit only for NCCL; a gloo group left to interpreter finalization can abort the process
+    with SIGABRT (pytorch/pytorch#179291).
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -229,12 +224,9 @@ def exit_skipping_native_teardown(code: int) -> NoReturn:
     """End a process that ran torch.distributed, once its work is done and written: run the ``atexit`` handlers
     (loggers, Lightning's launcher, multiprocessing) and flush, then leave without interpreter finalization.
 
-    Destroying the process group (`close_process_group`) did not stop the abort at exit: a 2-process gloo run still
-    ended with SIGABRT ("terminate called without an active exception") after writing all its results, in about one
-    of three runs of the test suite (DDP once, FSDP2 once), and not in 8 runs of the same script alone. The cause is
-    not pinned down; a likely one is that objects still holding the group (the DDP reducer, FSDP2's device mesh)
-    keep its native threads alive into the C++ teardown after Python's. Nothing the run produced is lost by
-    skipping that teardown.
+    Objects that still hold a gloo group (the DDP reducer, FSDP2's device mesh) can keep its native threads alive
+    into the C++ teardown, which then aborts with SIGABRT even after `close_process_group`. Skipping that teardown
+    loses nothing the run wrote.
     """
     atexit._run_exitfuncs()  # what a normal exit would run first; CPython's own entry point for it
     for stream in (sys.stdout, sys.stderr):

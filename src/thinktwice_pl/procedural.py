@@ -1,8 +1,8 @@
 """Generated arithmetic word problems, offline: problem i depends only on (seed, difficulty, i).
 
-Six difficulties, from bare one-digit sums (small models such as the CPU quickstart's get about a third right) to
-two-step stories; every answer is a non-negative integer. `text_side` splits the problem texts into two halves by a
-hash, so a training set and a held-out set drawn from different halves never share a problem text.
+Six difficulties, from bare one-digit sums (within reach of the CPU quickstart's small model) to two-step
+stories; every answer is a non-negative integer. `text_side` splits the problem texts into two halves by a hash, so
+a training set and a held-out set drawn from different halves never share a problem text.
 """
 
 from __future__ import annotations
@@ -15,14 +15,33 @@ from thinktwice_pl.errors import UserError
 from thinktwice_pl.types import Problem
 
 _NAMES = [
-    ("Mia", "she"), ("Liam", "he"), ("Ava", "she"), ("Noah", "he"), ("Emma", "she"), ("Omar", "he"),
-    ("Sofia", "she"), ("Lucas", "he"), ("Zoe", "she"), ("Ben", "he"), ("Priya", "she"), ("Kenji", "he"),
-]  # fmt: skip
+    ("Mia", "she"),
+    ("Liam", "he"),
+    ("Ava", "she"),
+    ("Noah", "he"),
+    ("Emma", "she"),
+    ("Omar", "he"),
+    ("Sofia", "she"),
+    ("Lucas", "he"),
+    ("Zoe", "she"),
+    ("Ben", "he"),
+    ("Priya", "she"),
+    ("Kenji", "he"),
+]
 _OBJECTS = [
-    ("apple", "apples"), ("marble", "marbles"), ("pencil", "pencils"), ("sticker", "stickers"), ("book", "books"),
-    ("cookie", "cookies"), ("shell", "shells"), ("card", "cards"), ("stamp", "stamps"), ("balloon", "balloons"),
-    ("candy", "candies"), ("toy car", "toy cars"),
-]  # fmt: skip
+    ("apple", "apples"),
+    ("marble", "marbles"),
+    ("pencil", "pencils"),
+    ("sticker", "stickers"),
+    ("book", "books"),
+    ("cookie", "cookies"),
+    ("shell", "shells"),
+    ("card", "cards"),
+    ("stamp", "stamps"),
+    ("balloon", "balloons"),
+    ("candy", "candies"),
+    ("toy car", "toy cars"),
+]
 _CONTAINERS = ["bags", "boxes", "jars", "packs"]
 
 
