@@ -72,8 +72,12 @@ def select_bases(groups: list[list[Rollout]], mode: BaseSelection, rng: random.R
 
     def fill(right: bool | None, distinct: bool = True) -> None:
         """Samples of the whole batch (right or wrong ones only, unless None) until B are chosen."""
-        slots = [(g, j) for g, group in enumerate(groups) for j, r in enumerate(group)
-                 if (right is None or r.correct == right) and (g, j) not in chosen]  # fmt: skip
+        slots = [
+            (g, j)
+            for g, group in enumerate(groups)
+            for j, r in enumerate(group)
+            if (right is None or r.correct == right) and (g, j) not in chosen
+        ]
         for g, j in shuffled(slots):
             if len(chosen) == want:
                 return

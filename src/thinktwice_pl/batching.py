@@ -168,19 +168,28 @@ def plan_phase(
     steps: list[StepPlan] = []
     for rows in steps_rows:
         plans = [  # every rank's micro-batches, so each rank knows how many passes the others run
-            micro_batches([i for i in rank_share(rows, group_size, r, world_size) if i in chosen], lengths,
-                          micro_batch_size, max_tokens, shared_group)
+            micro_batches(
+                [i for i in rank_share(rows, group_size, r, world_size) if i in chosen],
+                lengths,
+                micro_batch_size,
+                max_tokens,
+                shared_group,
+            )
             for r in range(world_size)
-        ]  # fmt: skip
-        steps.append(StepPlan(
-            passes=padded_passes(plans, rank, filler=rows[:1]),
-            num_tokens=float(sum(lengths[i][1] for i in rows if in_loss[i])),
-            num_sequences=float(sum(1 for i in rows if in_loss[i])),
-        ))  # fmt: skip
+        ]
+        steps.append(
+            StepPlan(
+                passes=padded_passes(plans, rank, filler=rows[:1]),
+                num_tokens=float(sum(lengths[i][1] for i in rows if in_loss[i])),
+                num_sequences=float(sum(1 for i in rows if in_loss[i])),
+            )
+        )
     old_passes: list[Pass] = []
     if len(steps) > 1 or num_iterations > 1:
-        shares = [[i for rows in steps_rows for i in rank_share(rows, group_size, r, world_size) if i in chosen]
-                  for r in range(world_size)]  # fmt: skip
+        shares = [
+            [i for rows in steps_rows for i in rank_share(rows, group_size, r, world_size) if i in chosen]
+            for r in range(world_size)
+        ]
         plans = [micro_batches(share, lengths, micro_batch_size, max_tokens, shared_group) for share in shares]
         old_passes = padded_passes(plans, rank, filler=[0])
     return PhasePlan(steps, old_passes, trained)

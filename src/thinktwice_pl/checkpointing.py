@@ -161,16 +161,23 @@ def checkpoint_progress(path: str | Path, *, weights_only: bool | None = None) -
     path = Path(path)
     meta = path / SHARDED_METADATA if path.is_dir() else path
     try:
-        state = torch.load(meta, map_location="cpu", mmap=not path.is_dir(),
-                           weights_only=True if weights_only is None else weights_only)  # fmt: skip
+        state = torch.load(
+            meta,
+            map_location="cpu",
+            mmap=not path.is_dir(),
+            weights_only=True if weights_only is None else weights_only,
+        )
     except Exception as error:
         raise UserError(
             f"--ckpt_path {path} is not a readable checkpoint ({type(error).__name__}: {error}); give another one "
             f"(in {path.parent}: {', '.join(sorted(p.name for p in path.parent.glob('*.ckpt'))) or 'none'})"
         ) from error
     data = next((v for v in state.values() if isinstance(v, dict) and "cursor" in v and "fingerprint" in v), None)
-    return Progress(global_step=int(state.get("global_step", 0)), phases=int(data["cursor"]) if data else None,
-                    model_hparams=dict(state.get("hyper_parameters", {})))  # fmt: skip
+    return Progress(
+        global_step=int(state.get("global_step", 0)),
+        phases=int(data["cursor"]) if data else None,
+        model_hparams=dict(state.get("hyper_parameters", {})),
+    )
 
 
 def _rename_into_place(partial: Path, final: Path) -> None:
@@ -214,10 +221,14 @@ def check_weights_fit(ours: dict[str, torch.Tensor], checkpoint: dict[str, Any],
     shapes = [k for k in sorted(ours.keys() & theirs.keys()) if tuple(ours[k].shape) != tuple(theirs[k].shape)]
     if not (missing or unexpected or shapes):
         return
-    problems = [f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else "",
-                f"{len(unexpected)} unknown (e.g. {unexpected[0]})" if unexpected else "",
-                f"{len(shapes)} of another shape (e.g. {shapes[0]}: {tuple(theirs[shapes[0]].shape)} in the "
-                f"checkpoint, {tuple(ours[shapes[0]].shape)} here)" if shapes else ""]  # fmt: skip
+    problems = [
+        f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else "",
+        f"{len(unexpected)} unknown (e.g. {unexpected[0]})" if unexpected else "",
+        f"{len(shapes)} of another shape (e.g. {shapes[0]}: {tuple(theirs[shapes[0]].shape)} in the "
+        f"checkpoint, {tuple(ours[shapes[0]].shape)} here)"
+        if shapes
+        else "",
+    ]
     written_for = checkpoint.get("hyper_parameters", {})
     raise UserError(
         f"the checkpoint does not fit this model ({'; '.join(p for p in problems if p)}): it was written for "

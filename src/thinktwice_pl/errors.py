@@ -120,8 +120,10 @@ def out_of_memory_message(
     prompt, completion = max(sizes, key=sum)
     padded = len(sizes) * (max(p for p, _ in sizes) + max(c for _, c in sizes))
     share = " (this rank's share)" if world_size > 1 else ""
-    fixes = [f"{'set' if hparams.get(name) is None else 'lower'} model.{name} (now {describe(hparams.get(name))})"
-             for name in ("max_tokens_per_microbatch", "micro_batch_size")]  # fmt: skip
+    fixes = [
+        f"{'set' if hparams.get(name) is None else 'lower'} model.{name} (now {describe(hparams.get(name))})"
+        for name in ("max_tokens_per_microbatch", "micro_batch_size")
+    ]
     if not hparams.get("gradient_checkpointing"):
         fixes.append("set model.gradient_checkpointing=true")
     fixes.append(f"shorten rollout.max_completion_length (now {hparams.get('max_completion_length')})")

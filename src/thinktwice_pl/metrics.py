@@ -271,9 +271,13 @@ def phase_metrics(
         "skipped_steps": stats.skipped_steps,
     }
     if stats.tokens:  # else nothing was forwarded (all advantages 0): token statistics are undefined
-        for key, total in (("clip_frac_low", stats.clip_low), ("clip_frac_high", stats.clip_high),
-                           ("clip_frac_dual", stats.clip_dual), ("kl", stats.kl),
-                           ("entropy", stats.entropy)):  # fmt: skip
+        for key, total in (
+            ("clip_frac_low", stats.clip_low),
+            ("clip_frac_high", stats.clip_high),
+            ("clip_frac_dual", stats.clip_dual),
+            ("kl", stats.kl),
+            ("entropy", stats.entropy),
+        ):
             values[key] = total / tokens
     if stats.sampler_tokens:
         values["sampler_logprob_diff_mean"] = stats.sampler_diff / stats.sampler_tokens
@@ -286,6 +290,12 @@ def phase_metrics(
     out = {f"train/{phase}/{key}": value for key, value in values.items() if not math.isnan(value)}
     wall = batch.generate_s + batch.score_s + train_s
     all_tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
-    out.update({"perf/generate_s": batch.generate_s, "perf/score_s": batch.score_s, "perf/train_s": train_s,
-                "perf/tokens_per_s": all_tokens / wall if wall > 0 else 0.0})  # fmt: skip
+    out.update(
+        {
+            "perf/generate_s": batch.generate_s,
+            "perf/score_s": batch.score_s,
+            "perf/train_s": train_s,
+            "perf/tokens_per_s": all_tokens / wall if wall > 0 else 0.0,
+        }
+    )
     return out

@@ -20,10 +20,15 @@ from thinktwice_pl.optional import MATPLOTLIB, require
 VAL_COLUMNS = {"fix_wrong": "val/transition/fix_wrong", "damage_correct": "val/transition/damage_correct"}
 TRAIN_COLUMNS = {"fix_wrong": "train/refine/fix_rate", "keep_right": "train/refine/keep_rate"}
 TRACKED = (
-    "val/transition/fix_wrong", "val/transition/damage_correct", "val/transition/keep_right",
-    "val/transition/stay_wrong", "train/refine/base_correct_frac", "train/refine/fix_rate",
-    "train/refine/keep_rate", "train/refine/reward_share_from_wrong",
-)  # fmt: skip
+    "val/transition/fix_wrong",
+    "val/transition/damage_correct",
+    "val/transition/keep_right",
+    "val/transition/stay_wrong",
+    "train/refine/base_correct_frac",
+    "train/refine/fix_rate",
+    "train/refine/keep_rate",
+    "train/refine/reward_share_from_wrong",
+)
 """The columns of rectify_fortify.csv besides ``step``."""
 
 
@@ -78,8 +83,10 @@ def plot_dynamics(runs: dict[str, pd.DataFrame], out: str | Path, title: str | N
         table = dynamics(metrics)
         color = colors[run_index % len(colors)]
         for ax, curve in zip(axes, ("fix_wrong", "damage_correct"), strict=True):
-            for source, style in (("val", {"marker": "o", "linewidth": 2.0}),
-                                  ("train", {"linestyle": "--", "linewidth": 1.0, "alpha": 0.6})):  # fmt: skip
+            for source, style in (
+                ("val", {"marker": "o", "linewidth": 2.0}),
+                ("train", {"linestyle": "--", "linewidth": 1.0, "alpha": 0.6}),
+            ):
                 rows = table[(table["curve"] == curve) & (table["source"] == source)]
                 if len(rows):
                     name = f"{label} ({'validation, greedy' if source == 'val' else 'training, sampled'})"

@@ -117,8 +117,9 @@ def default_system_turn(tokenizer: Any) -> tuple[str, str, str] | None:
     plain = _apply_template(user, tokenizer, add_generation_prompt=True)
     head = plain[: plain.index(_PROBE_USER)]  # lead + [system turn] + user header
     try:
-        with_system = _apply_template([{"role": "system", "content": _PROBE_SYSTEM}, *user], tokenizer,
-                                      add_generation_prompt=True)  # fmt: skip
+        with_system = _apply_template(
+            [{"role": "system", "content": _PROBE_SYSTEM}, *user], tokenizer, add_generation_prompt=True
+        )
     except TemplateError:  # e.g. "System role not supported"
         with_system = ""
     if _PROBE_SYSTEM in with_system and _PROBE_USER in with_system:
@@ -205,8 +206,10 @@ def build_prompts(
     if reviewed is None:
         chats = [solve_messages(p.prompt_text, settings.solve_suffix) for p in problems]
     else:
-        chats = [refine_messages(p.prompt_text, answer, tokenizer, settings.solve_suffix, settings.refine_instruction)
-                 for p, answer in zip(problems, reviewed, strict=True)]  # fmt: skip
+        chats = [
+            refine_messages(p.prompt_text, answer, tokenizer, settings.solve_suffix, settings.refine_instruction)
+            for p, answer in zip(problems, reviewed, strict=True)
+        ]
     texts = [render_chat(chat, tokenizer, settings.remove_system_prompt) for chat in chats]
     ids = [tokenize_rendered(text, tokenizer) for text in texts]
     limit = settings.max_prompt_length

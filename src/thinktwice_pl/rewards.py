@@ -80,8 +80,11 @@ def _trl_wrapper(grader: Callable[[list[str], list[str]], list[float]], name: st
 math_verify_reward_fn = _trl_wrapper(math_verify_reward, "math_verify")
 boxed_reward_fn = _trl_wrapper(boxed_reward, "boxed")
 last_number_reward_fn = _trl_wrapper(last_number_reward, "last_number")
-_BUILTIN: dict[str, RewardFn] = {"math_verify": math_verify_reward_fn, "boxed": boxed_reward_fn,
-                                 "last_number": last_number_reward_fn}  # fmt: skip
+_BUILTIN: dict[str, RewardFn] = {
+    "math_verify": math_verify_reward_fn,
+    "boxed": boxed_reward_fn,
+    "last_number": last_number_reward_fn,
+}
 
 
 def resolve_reward(spec: str) -> RewardFn:

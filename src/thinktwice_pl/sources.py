@@ -76,8 +76,9 @@ class ProblemSource:
         if self.preset is not None:
             if self.preset not in PRESETS:
                 raise UserError(f"ProblemSource.preset={self.preset!r} is unknown; use one of {', '.join(PRESETS)}")
-            changed = [f"{name}={getattr(self, name)!r}" for name in _PRESET_FIELDS
-                       if getattr(self, name) != _DEFAULTS[name]]  # fmt: skip
+            changed = [
+                f"{name}={getattr(self, name)!r}" for name in _PRESET_FIELDS if getattr(self, name) != _DEFAULTS[name]
+            ]
             if changed:
                 raise UserError(
                     f"ProblemSource(preset={self.preset!r}) sets path, split and the columns itself, but "
@@ -98,30 +99,56 @@ class ProblemSource:
 
 # ---------------------------------------------------------------------------------------------- presets
 
-_PRESET_FIELDS = ("path", "split", "subset", "problem_field", "answer_field", "id_field", "answer_is_solution",
-                  "context_field")  # fmt: skip
+_PRESET_FIELDS = (
+    "path",
+    "split",
+    "subset",
+    "problem_field",
+    "answer_field",
+    "id_field",
+    "answer_is_solution",
+    "context_field",
+)
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ProblemSource)}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # MATH train (7,500 problems, all subjects and levels): gold = last \boxed{} of the reference solution
-    "math_train": {"path": "DigitalLearningGmbH/MATH-lighteval", "split": "train", "answer_field": "solution",
-                   "answer_is_solution": True},
+    "math_train": {
+        "path": "DigitalLearningGmbH/MATH-lighteval",
+        "split": "train",
+        "answer_field": "solution",
+        "answer_is_solution": True,
+    },
     # AIME 2022-2024 (90 problems)
     "aime": {"path": "AI-MO/aimo-validation-aime", "split": "train", "id_field": "id", "answer_is_solution": False},
     # AMC 2022-2023 (83 problems); answers are floats in the hub file (142.0 -> "142")
     "amc": {"path": "AI-MO/aimo-validation-amc", "split": "train", "id_field": "id", "answer_is_solution": False},
     # MATH-500 (500 problems)
-    "math500": {"path": "HuggingFaceH4/MATH-500", "split": "test", "id_field": "unique_id",
-                "answer_is_solution": False},
+    "math500": {
+        "path": "HuggingFaceH4/MATH-500",
+        "split": "test",
+        "id_field": "unique_id",
+        "answer_is_solution": False,
+    },
     # Minerva Math (272 problems)
-    "minerva_math": {"path": "math-ai/minervamath", "split": "test", "problem_field": "question",
-                     "answer_is_solution": False},
+    "minerva_math": {
+        "path": "math-ai/minervamath",
+        "split": "test",
+        "problem_field": "question",
+        "answer_is_solution": False,
+    },
     # OlympiadBench, English, text-only, math (581 problems): context before the question, the first of the
     # final answers with its $...$ removed (as the reference evaluation does)
-    "olympiadbench": {"path": "afraamn/olympiadbench_math_textonly", "split": "test_en", "problem_field": "question",
-                      "answer_field": "final_answer", "id_field": "question_id", "context_field": "context",
-                      "answer_is_solution": False},
-}  # fmt: skip
+    "olympiadbench": {
+        "path": "afraamn/olympiadbench_math_textonly",
+        "split": "test_en",
+        "problem_field": "question",
+        "answer_field": "final_answer",
+        "id_field": "question_id",
+        "context_field": "context",
+        "answer_is_solution": False,
+    },
+}
 """Hub names and column mappings of the paper's training set and its five benchmarks (METHOD.md sections 4 and 6),
 as in the ThinkTwice reference code's data preparation."""
 
@@ -346,15 +373,22 @@ def _strip_math_delimiters(answer: str) -> str:
 
 def _champ_problems(source: ProblemSource) -> list[Problem]:
     """The 270 competition problems of CHAMP (MIT licence, the PyPI package champ-dataset), offline."""
-    require(CHAMP, "data source 'champ'", "pip install champ-dataset (the champ extra), or use path: procedural or "
-            "a local problem file")  # fmt: skip
+    require(
+        CHAMP,
+        "data source 'champ'",
+        "pip install champ-dataset (the champ extra), or use path: procedural or a local problem file",
+    )
     import champ_dataset
 
     problems = [
-        Problem(id=f"champ-{key}", prompt_text=str(p.text).strip(), source="champ",
-                answer=_strip_math_delimiters(str(p.answer).strip()))
+        Problem(
+            id=f"champ-{key}",
+            prompt_text=str(p.text).strip(),
+            source="champ",
+            answer=_strip_math_delimiters(str(p.answer).strip()),
+        )
         for key, p in champ_dataset.load("v0").problems.items()
-    ]  # fmt: skip
+    ]
     return problems[: source.limit] if source.limit else problems
 
 
@@ -366,10 +400,14 @@ def write_parquet(problems: list[Problem], path: str | Path) -> Path:
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({
-        "id": [p.id for p in problems], "problem": [p.prompt_text for p in problems],
-        "answer": [p.answer for p in problems], "source": [p.source for p in problems],
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "id": [p.id for p in problems],
+            "problem": [p.prompt_text for p in problems],
+            "answer": [p.answer for p in problems],
+            "source": [p.source for p in problems],
+        }
+    )
     pq.write_table(table, out)
     return out
 
