@@ -4,6 +4,7 @@ run once per group."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Iterator
 from typing import Any
@@ -22,95 +23,129 @@ def completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token log-probs and entropies of the completions of a collated micro-batch: ``([n, C], [n, C])``.
 
-    Only the completion positions go through the LM head. The forward enters through the model itself with an
-    empty `logits_to_keep` (under FSDP2 the root unit's forward gathers the embeddings and the head, which stay
-    gathered until backward); a hook takes the decoder's last hidden state and the head is applied to it in chunks
-    (`token_logprobs`), so the fp32 logits of the whole micro-batch never exist at once. Entropies are zeros
-    without `with_grad` (only the update reports them).
+    The model runs without logits (an empty `logits_to_keep`; under FSDP2 the root unit still gathers the embeddings
+    and the head); a hook takes the decoder's last hidden state at the completion positions and `token_logprobs`
+    applies the head in chunks, so the micro-batch's fp32 logits never exist at once. Entropies are zeros without
+    `with_grad` (only the update reports them).
 
-    With `share_prompts`, when rows share a prompt (the samples of a group), each distinct prompt runs once and its
-    KV cache is gathered to its rows for a second forward over the completions only (`prompt_sharing_blocker`
-    says when this is off). Same log-probs up to float rounding and the same gradients (the rows' gradients reach
-    the shared prompt's activations through the gather), for fewer tokens: 16 rows of a 212-token refine prompt
-    in 4 groups run 4 x 212 prompt tokens instead of 16 x 212.
+    With `share_prompts`, rows that share a prompt (a group's samples) run it once, and its KV cache is gathered to
+    the rows for a forward over the completions alone: the same log-probs and gradients for fewer tokens
+    (`prompt_sharing_blocker` says when this is off).
 
-    A weight used twice in one graph (every weight, with a shared prompt; a tied embedding and head) has its
-    gradient summed by autograd before any of it reaches `.grad`: the first use's gradient of every weight would be
-    held until the other use's backward ends (a second copy of all gradients, for the shared-prompt forward). With
-    `with_grad`, the use that backward reaches first (the completions' forward, the head) goes through
-    `gradient_leaves`, whose gradients are added to `.grad` as backward produces them; the last use (the prompt's
-    forward, the input embedding) accumulates through the parameter itself, so a DDP reducer, which all-reduces a
-    gradient from that accumulation, finds both shares in it. Not under FSDP, whose parameters are its own.
-    Likewise, once `.grad` holds a micro-batch's gradients, the two vocabulary-sized ones (the head's weight and the
-    input embedding's, ``[V, H]`` each) are added to it in place (`token_logprobs`'s `grad_into`,
-    `_RowSparseEmbedding`) instead of arriving as dense temporaries at the peak of backward.
+    With `with_grad` (not under FSDP, whose parameters are its own), gradients reach ``.grad`` as backward produces
+    them instead of when a weight's last use is done (`thinktwice_pl.grad_accumulation`): the use backward reaches
+    first (the completions' forward, a tied head) goes through gradient leaves, the last (the prompt's forward, the
+    input embedding) through the parameter itself, where a DDP reducer looks for it; the head's and the input
+    embedding's ``[V, H]`` gradients are added to an existing ``.grad`` in place.
     """
     base = base_model(model)
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
     device = next(model.parameters()).device
-    input_ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
-    positions = batch.position_ids.to(device)
-    start, width = batch.prompt_width, batch.completion_mask.shape[1]
-    no_logits = torch.zeros(0, dtype=torch.long, device=device)
-    shared = share_prompts and batch.num_prompts < len(input_ids) and prompt_sharing_blocker(model) is None
+    on_device = _to_device(batch, device)
+    shared = share_prompts and batch.num_prompts < len(batch.input_ids) and prompt_sharing_blocker(model) is None
     sharded = fsdp_wrapped(model)
     direct = with_grad and not sharded
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad} if direct and shared else {}
-    # a plain bias-free linear head goes to `token_logprobs` as its weight (the hand-written log-softmax)
-    head_input: Any = head.weight if _plain_linear(head) and not sharded else head
-    if direct and getattr(head, "weight", None) is base.get_input_embeddings().weight and head.weight.requires_grad:
-        # tied embeddings: the head's gradient would wait for the embedding's, at the end of backward
-        head_leaf = gradient_leaves({"weight": head.weight})
-        head_input = (
-            head_leaf["weight"]
-            if head_input is head.weight
-            else functools.partial(torch.func.functional_call, head, head_leaf)
-        )
-    captured: list[torch.Tensor] = []
-    hook = decoder.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
+    head = base.get_output_embeddings()
     embedding = base.get_input_embeddings()
     with (
         torch.enable_grad() if with_grad else torch.no_grad(),
         embedding_gradient_in_place(embedding) if direct else contextlib.nullcontext(),
     ):
-        try:
-            if shared:
-                index = batch.prompt_index.to(device)
-                with _cache_kept_under_checkpointing(model):
-                    first, recorder = batch.first_rows.to(device), _PromptRecorder.cache()
-                    model(input_ids=input_ids[first, :start], attention_mask=attention[first, :start],
-                          position_ids=positions[first, :start], past_key_values=recorder, use_cache=False,
-                          logits_to_keep=no_logits)  # fmt: skip
-                    reader = _PromptReader.cache(recorder, index)
-                    completions = dict(input_ids=input_ids[:, start:], attention_mask=attention,
-                                       position_ids=positions[:, start:], past_key_values=reader, use_cache=False,
-                                       logits_to_keep=no_logits)  # fmt: skip
-                    if direct:  # backward reaches this forward first: its weight gradients go to .grad at once
-                        torch.func.functional_call(model, gradient_leaves(trainable), args=(), kwargs=completions)
-                    else:
-                        model(**completions)
-                if not reader.layers or any(layer.reads == 0 for layer in reader.layers):
-                    raise RuntimeError(f"{type(base).__name__}: a layer did not read the shared prompt's KV cache; "
-                                       "set model.share_prompts=false")  # fmt: skip
-            else:
-                model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False,
-                      logits_to_keep=no_logits)  # fmt: skip
-        finally:
-            hook.remove()
-        if shared:  # the prompt's last position predicts the first completion token, each completion position the next
-            hidden = torch.cat([captured[0][:, -1:][index], captured[1][:, :-1]], dim=1)  # [n, C, H]
-        else:
-            hidden = captured[-1][:, start - 1 : start + width - 1]  # [n, C, H]: position t predicts token t + 1
+        forward = functools.partial(_shared_prompt_hidden, direct=direct) if shared else _joint_hidden
+        hidden = forward(model, on_device)  # [n, C, H]
         logprobs, entropy = token_logprobs(
             hidden,
-            head_input,
-            input_ids[:, start:],
+            _head_input(base, direct=direct, sharded=sharded),
+            on_device.input_ids[:, batch.prompt_width :],
             temperature=temperature,
             chunk_size=chunk_size,
             with_entropy=with_grad,
             grad_into=head.weight if direct else None,
         )  # [n, C] each
     return logprobs, entropy if entropy is not None else torch.zeros_like(logprobs)
+
+
+def _to_device(batch: Collated, device: torch.device) -> Collated:
+    tensors = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if f.name != "prompt_width"}
+    return dataclasses.replace(batch, **{name: t.to(device) for name, t in tensors.items()})
+
+
+def _head_input(base: Any, *, direct: bool, sharded: bool) -> Any:
+    """What `token_logprobs` applies: a plain bias-free linear head's weight (its hand-written log-softmax), else
+    the head module; a tied head that trains goes through a gradient leaf, so its gradient does not wait for the
+    input embedding's at the end of backward."""
+    head = base.get_output_embeddings()
+    head_input: Any = head.weight if _plain_linear(head) and not sharded else head
+    tied = getattr(head, "weight", None) is base.get_input_embeddings().weight
+    if direct and tied and head.weight.requires_grad:
+        leaf = gradient_leaves({"weight": head.weight})
+        if head_input is head.weight:
+            return leaf["weight"]
+        return functools.partial(torch.func.functional_call, head, leaf)
+    return head_input
+
+
+@contextlib.contextmanager
+def _decoder_outputs(model: Any) -> Iterator[list[torch.Tensor]]:
+    """The last hidden states ``[rows, positions, H]`` of each decoder call while the context is open."""
+    captured: list[torch.Tensor] = []
+    decoder = base_model(model).get_decoder()
+    hook = decoder.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
+    try:
+        yield captured
+    finally:
+        hook.remove()
+
+
+def _joint_hidden(model: Any, batch: Collated) -> torch.Tensor:
+    """Hidden states ``[n, C, H]`` that predict each completion token, from one forward over prompts and completions."""
+    no_logits = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
+    with _decoder_outputs(model) as captured:
+        model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            logits_to_keep=no_logits,
+        )
+    start, width = batch.prompt_width, batch.completion_mask.shape[1]
+    return captured[-1][:, start - 1 : start + width - 1]  # position t predicts token t + 1
+
+
+def _shared_prompt_hidden(model: Any, batch: Collated, *, direct: bool) -> torch.Tensor:
+    """Hidden states ``[n, C, H]`` that predict each completion token, from a forward over each distinct prompt and
+    one over the completions, which read their prompt's KV cache. With `direct` the completions' forward goes
+    through gradient leaves (backward reaches it first): its weight gradients go to ``.grad`` at once."""
+    start, first = batch.prompt_width, batch.first_rows
+    no_logits = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
+    recorder = _PromptRecorder.cache()
+    with _cache_kept_under_checkpointing(model), _decoder_outputs(model) as captured:
+        model(
+            input_ids=batch.input_ids[first, :start],
+            attention_mask=batch.attention_mask[first, :start],
+            position_ids=batch.position_ids[first, :start],
+            past_key_values=recorder,
+            use_cache=False,
+            logits_to_keep=no_logits,
+        )
+        reader = _PromptReader.cache(recorder, batch.prompt_index)
+        completions = {
+            "input_ids": batch.input_ids[:, start:],
+            "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids[:, start:],
+            "past_key_values": reader,
+            "use_cache": False,
+            "logits_to_keep": no_logits,
+        }
+        if direct:
+            trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+            torch.func.functional_call(model, gradient_leaves(trainable), args=(), kwargs=completions)
+        else:
+            model(**completions)
+    if not reader.layers or any(layer.reads == 0 for layer in reader.layers):
+        name = type(base_model(model)).__name__
+        raise RuntimeError(f"{name}: a layer did not read the shared prompt's KV cache; set model.share_prompts=false")
+    # the prompt's last position predicts the first completion token, each completion position the next
+    return torch.cat([captured[0][:, -1:][batch.prompt_index], captured[1][:, :-1]], dim=1)
 
 
 def _plain_linear(module: Any) -> bool:
