@@ -60,10 +60,10 @@ def embedding_gradient_in_place(embedding: Any) -> Iterator[None]:
 class _RowSparseEmbedding(torch.autograd.Function):
     """``F.embedding(ids, weight)`` whose backward, when ``grad_into.grad`` exists (a later micro-batch, or the
     second use of a tied weight, after the head), returns the gradient as a sparse tensor over the looked-up rows:
-    autograd adds it to that ``.grad`` in place, where the plain lookup's backward allocates a zero ``[V, H]`` tensor
-    first (the vocabulary's rows, ~108 MiB for SmolLM2 in fp32, at the end of backward when every other gradient
-    exists). Duplicate ids are summed in order before the add, as the dense backward does, so ``.grad`` comes out
-    bit for bit the same. Without a ``.grad`` yet, the dense gradient is returned (it becomes ``.grad``)."""
+    autograd adds it to that ``.grad`` in place, where the plain lookup's backward allocates a dense ``[V, H]`` tensor
+    at the end of backward, when every other gradient exists. Duplicate ids are summed in order before the add, as
+    the dense backward does, so ``.grad`` comes out bit for bit the same.
+    Without a ``.grad`` yet, the dense gradient is returned (it becomes ``.grad``)."""
 
     @staticmethod
     def forward(

@@ -10,11 +10,10 @@ from typing import Any
 def trim_host_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a no-op).
 
-    Tensors of a few MiB (activations, KV caches) come from glibc's heap, and freed ones stay resident until a
-    request of a fitting size reuses them. Phases alternate between shapes (short solve prompts, long refine prompts,
-    generation caches that grow token by token, an update's activations), so without this the resident set keeps the
-    high-water mark of every shape seen so far. Called after each phase's generation and update; it costs a few
-    milliseconds."""
+    Freed heap blocks stay resident until a request of a fitting size reuses them. Phases alternate between shapes
+    (short solve prompts, long refine prompts, growing KV caches, an update's activations), so without this the
+    resident set keeps the high-water mark of every shape seen so far. Called after each generation and update pass;
+    it costs milliseconds."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
@@ -26,10 +25,9 @@ def configure_host_allocator() -> None:
     """Serve host allocations of 4 MiB and more with their own mappings, returned to the system when freed (glibc
     ``mallopt(M_MMAP_THRESHOLD)``; a no-op elsewhere, or when ``MALLOC_MMAP_THRESHOLD_`` is set in the environment).
 
-    glibc starts with a 128 KiB threshold and raises it to the size of each mapped block that is freed, up to
-    32 MiB: after the first few logits chunks and KV buffers, every tensor under 32 MiB comes from the heap, where
-    freed blocks stay resident until a request of a fitting size reuses them. A fixed threshold stops that. Measured
-    on the quickstart (4 phases, 2 cores): the update's resident peak 2.89 GiB instead of 3.00-3.13, same time."""
+    glibc raises its threshold to the size of each mapped block that is freed, up to 32 MiB, so after the first
+    logits chunks and KV buffers every tensor under 32 MiB would come from the heap, whose freed blocks stay
+    resident. A fixed threshold keeps large tensors out of the heap."""
     if _LIBC is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD)
 

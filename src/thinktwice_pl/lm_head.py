@@ -27,15 +27,12 @@ def token_logprobs(
     to fp32, turned into log-probs of the target tokens and dropped. Backward recomputes each chunk's
     logits, so peak memory is one chunk of ``[chunk_size, V]`` fp32 logits instead of ``[N * T, V]``.
 
-    `lm_head` is either the weight ``[V, H]`` of a bias-free linear head or any callable head. With the
-    weight, each chunk runs through `_HeadLogProbs`: the log-softmax, the entropy and their gradient are
-    written out by hand, with one exponential of the logits in forward and one in backward (autograd through
-    ``logsumexp``, ``gather`` and a per-chunk checkpoint made about twice the passes over a chunk's logits, and
-    the checkpoint recomputed the entropy, a metric without gradient, in backward), and the last chunk
-    keeps its exponentials for backward instead of recomputing them (backward starts with it, so at most one
-    chunk of them exists at a time, as in the forward). Chunks are cut from the end, so that last chunk is a
-    whole one. A callable head (LoRA on the head, a sharded or quantized one) goes through activation
-    checkpointing per chunk instead. Both give the same values and gradients up to float rounding.
+    `lm_head` is either the weight ``[V, H]`` of a bias-free linear head or any callable head. A weight goes through
+    `_HeadLogProbs`, whose log-softmax, entropy and gradient are written by hand: one exponential of the logits in
+    forward and one in backward, the entropy (a metric) never recomputed, and the last chunk's exponentials kept for
+    backward, which starts with it (chunks are cut from the end, so that chunk is whole). A callable head (LoRA on
+    the head, a sharded or quantized one) runs under activation checkpointing per chunk. Both give the same values
+    and gradients up to float rounding.
 
     Args:
         hidden: ``[N, T, H]`` hidden states at the positions that predict each target (i.e. already
@@ -46,11 +43,10 @@ def token_logprobs(
             distributions the sampler drew from).
         chunk_size: positions per chunk.
         with_entropy: also return the per-token entropy (no gradient).
-        grad_into: the parameter whose ``.grad`` receives the weight's gradient (the weight itself, or the
-            parameter behind a gradient leaf of it), for a backward that fills ``.grad`` (not
-            ``torch.autograd.grad``). With a weight head, once that ``.grad`` exists (a later micro-batch, the second
-            use of a tied weight) each chunk's ``[V, H]`` weight gradient is added to it in place
-            (`grad_in_place`) instead of being allocated, held and summed by autograd.
+        grad_into: the parameter whose ``.grad`` receives a weight head's gradient (the weight, or the parameter
+            behind a gradient leaf of it). Once that ``.grad`` exists, each chunk's ``[V, H]`` gradient is added to
+            it in place (`grad_in_place`) instead of being allocated and summed by autograd; for a backward that
+            fills ``.grad``, not ``torch.autograd.grad``.
 
     Returns:
         ``(logprobs [N, T], entropy [N, T] or None)``.
@@ -115,9 +111,15 @@ class _HeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, hid: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, temperature: float,
-        with_entropy: bool, keep: bool, grad_into: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        ctx: Any,
+        hid: torch.Tensor,
+        weight: torch.Tensor,
+        tgt: torch.Tensor,
+        temperature: float,
+        with_entropy: bool,
+        keep: bool,
+        grad_into: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         z = _shifted_logits(hid, weight, temperature)  # [chunk, V]
         top = z.amax(dim=-1, keepdim=True)  # [chunk, 1]
         z.sub_(top)
