@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 
-def accumulate_plain_gradients(model: Any, batch: Any, weights: torch.Tensor, temperature: float,
-                               scale: float = 1.0) -> None:  # fmt: skip
+def accumulate_plain_gradients(
+    model: Any, batch: Any, weights: torch.Tensor, temperature: float, scale: float = 1.0
+) -> None:
     """Add to the parameters' `.grad` the gradient of ``scale * sum(weights * completion log-probs)`` of a collated
     batch, through a plain HF forward over each row's unpadded prompt + completion (standard autograd)."""
     for row in range(len(batch.input_ids)):

@@ -22,15 +22,30 @@ SRC = HERE.parent / "src"
 
 
 def _launch(strategy: str, model: Path, root: Path, max_steps: int, ckpt: Path | None = None, *extra: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    command = [sys.executable, str(HERE / "dist_fit.py"), "--strategy", strategy, "--model", str(model),
-               "--root", str(root), "--max-steps", str(max_steps)]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [
+        sys.executable,
+        str(HERE / "dist_fit.py"),
+        "--strategy",
+        strategy,
+        "--model",
+        str(model),
+        "--root",
+        str(root),
+        "--max-steps",
+        str(max_steps),
+    ]
     if ckpt is not None:
         command += ["--ckpt", str(ckpt)]
     command += list(extra)
-    process = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = process.communicate(timeout=180)
     except subprocess.TimeoutExpired:
@@ -118,11 +133,19 @@ def test_ddp_reduces_both_shares_of_the_shared_prompt_update(tmp_path: Path) -> 
     from thinktwice_pl.builtin_models import build_tiny_model
 
     model = build_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     out = tmp_path / "grads.json"
-    done = subprocess.run([sys.executable, str(HERE / "ddp_grads_worker.py"), str(model), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(HERE / "ddp_grads_worker.py"), str(model), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(out.read_text())
     assert len(result["diff"]) > 10

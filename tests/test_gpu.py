@@ -37,17 +37,30 @@ def _fit(
 ) -> tuple[Any, pd.DataFrame]:
     pl.seed_everything(0)
     module = ThinkTwiceModule(
-        model_name_or_path=str(model_dir), dtype=dtype, problems_per_batch=2, num_generations=4,
-        max_completion_length=12, learning_rate=lr, mini_batch_problems=1,
-    )  # fmt: skip
+        model_name_or_path=str(model_dir),
+        dtype=dtype,
+        problems_per_batch=2,
+        num_generations=4,
+        max_completion_length=12,
+        learning_rate=lr,
+        mini_batch_problems=1,
+    )
     data = ThinkTwiceDataModule(train=ProblemSource(path="procedural", num_problems=16), problems_per_batch=2)
-    rollout = RolloutCallback(num_generations=4, max_completion_length=12, reward="signal_rewards.even_length",
-                              reward_workers=0)  # fmt: skip
+    rollout = RolloutCallback(
+        num_generations=4, max_completion_length=12, reward="signal_rewards.even_length", reward_workers=0
+    )
     trainer = pl.Trainer(
-        accelerator="gpu", devices=1, precision=precision, strategy=strategy, max_steps=max_steps,
-        logger=pl.loggers.CSVLogger(root, name="run"), callbacks=[rollout], enable_progress_bar=False,
-        enable_checkpointing=False, default_root_dir=root,
-    )  # fmt: skip
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=pl.loggers.CSVLogger(root, name="run"),
+        callbacks=[rollout],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+    )
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=data)
     print(f"peak CUDA memory of the fit: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
@@ -165,8 +178,9 @@ def test_hf_decoding_and_shared_prompt_update_on_cuda_bf16(tiny_model_dir: Path)
     for share in (True, False):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logprobs, _ = completion_logprobs(model, batch, temperature=1.0, chunk_size=64, with_grad=True,
-                                              share_prompts=share)  # fmt: skip
+            logprobs, _ = completion_logprobs(
+                model, batch, temperature=1.0, chunk_size=64, with_grad=True, share_prompts=share
+            )
         (logprobs * batch.completion_mask.cuda()).sum().backward()
         results.append((logprobs.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
     (shared, shared_grad), (joint, joint_grad) = results

@@ -34,8 +34,9 @@ def test_chunked_token_logprobs_match_full_log_softmax(temperature: float, head_
         got = torch.autograd.grad((chunked * weights).sum(), (hidden, head.weight), retain_graph=True)
         torch.testing.assert_close(got, expected)
     with torch.no_grad():  # no graph: the same values
-        torch.testing.assert_close(token_logprobs(hidden, lm_head, targets, temperature=temperature, chunk_size=4)[0],
-                                   full)  # fmt: skip
+        torch.testing.assert_close(
+            token_logprobs(hidden, lm_head, targets, temperature=temperature, chunk_size=4)[0], full
+        )
 
 
 def test_entropy_under_bf16_autocast_is_computed_in_fp32() -> None:

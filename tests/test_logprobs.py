@@ -17,9 +17,16 @@ from thinktwice_pl.types import Rollout
 def _rollout(
     prompt: list[int], completion: list[int], reward: float = 0.0, base_correct: bool | None = None
 ) -> Rollout:
-    return Rollout(problem_id="p", phase="refine" if base_correct is not None else "solve", prompt_ids=prompt,
-                   completion_ids=completion, completion_text="", finish_reason="stop", reward=reward,
-                   base_correct=base_correct)  # fmt: skip
+    return Rollout(
+        problem_id="p",
+        phase="refine" if base_correct is not None else "solve",
+        prompt_ids=prompt,
+        completion_ids=completion,
+        completion_text="",
+        finish_reason="stop",
+        reward=reward,
+        base_correct=base_correct,
+    )
 
 
 def test_padded_micro_batch_logprobs_equal_unpadded_forward(tiny_model_dir: Path) -> None:
@@ -72,10 +79,12 @@ def test_shared_prompt_forward_gives_the_log_probs_and_gradients_of_the_joint_fo
         model.zero_grad(set_to_none=True)
         calls: list[tuple[int, int]] = []
         hook = model.get_decoder().register_forward_pre_hook(
-            lambda _m, _a, kw, calls=calls: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)  # fmt: skip
+            lambda _m, _a, kw, calls=calls: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+        )
         try:
-            logprobs, entropy = completion_logprobs(model, batch, temperature=0.8, chunk_size=5, with_grad=True,
-                                                    share_prompts=share)  # fmt: skip
+            logprobs, entropy = completion_logprobs(
+                model, batch, temperature=0.8, chunk_size=5, with_grad=True, share_prompts=share
+            )
         finally:
             hook.remove()
         (logprobs * weights).sum().backward()
@@ -115,14 +124,16 @@ def test_weight_gradients_reach_grad_while_backward_runs(tmp_path: Path, share: 
     outputs: list[torch.Tensor] = []
     hook = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: outputs.append(out))
     try:
-        logprobs, _ = completion_logprobs(model, batch, temperature=1.0, chunk_size=4, with_grad=True,
-                                          share_prompts=share)  # fmt: skip
+        logprobs, _ = completion_logprobs(
+            model, batch, temperature=1.0, chunk_size=4, with_grad=True, share_prompts=share
+        )
     finally:
         hook.remove()
     assert len(outputs) == (2 if share else 1)
     missing: list[list[str]] = []
-    outputs[-1].register_hook(lambda _grad: missing.append(
-        [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]))  # fmt: skip
+    outputs[-1].register_hook(
+        lambda _grad: missing.append([n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()])
+    )
     model.zero_grad(set_to_none=True)
     logprobs.sum().backward()
     assert missing == [[]]  # the embedding's own share comes next; the prompt's (shared) after it
@@ -162,8 +173,9 @@ def test_a_later_micro_batch_adds_head_and_embedding_gradients_to_grad_in_place(
     try:
         for batch, weights in batches:
             layouts.append([])
-            logprobs, _ = completion_logprobs(model, batch, temperature=0.9, chunk_size=4, with_grad=True,
-                                              share_prompts=share)  # fmt: skip
+            logprobs, _ = completion_logprobs(
+                model, batch, temperature=0.9, chunk_size=4, with_grad=True, share_prompts=share
+            )
             (logprobs * weights).sum().backward()
     finally:
         for handle in handles:

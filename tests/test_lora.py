@@ -30,16 +30,23 @@ def _fit(
 ) -> tuple[ThinkTwiceModule, pd.DataFrame, pl.Trainer]:
     pl.seed_everything(0)
     kwargs = {"mini_batch_problems": 1, "learning_rate": 5e-2, "weight_decay": 0.0, **module_kw}
-    module = ThinkTwiceModule(model_name_or_path=str(model_dir), problems_per_batch=2, num_generations=4,
-                              max_completion_length=10, **kwargs)  # fmt: skip
+    module = ThinkTwiceModule(
+        model_name_or_path=str(model_dir), problems_per_batch=2, num_generations=4, max_completion_length=10, **kwargs
+    )
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=8), problems_per_batch=2, seed=0)
-    rollout = RolloutCallback(num_generations=4, max_completion_length=10, reward="signal_rewards.even_length",
-                              reward_workers=0)  # fmt: skip
+    rollout = RolloutCallback(
+        num_generations=4, max_completion_length=10, reward="signal_rewards.even_length", reward_workers=0
+    )
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=CSVLogger(root, name="run"),
-        callbacks=[rollout, *(callbacks or [])], enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []), default_root_dir=root,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=CSVLogger(root, name="run"),
+        callbacks=[rollout, *(callbacks or [])],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
+        default_root_dir=root,
+    )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module, pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv"), trainer
 
@@ -72,8 +79,9 @@ def test_lora_fit_trains_and_checkpoints_only_adapters_and_export_merges(tiny_mo
     saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)
     assert saved["state_dict"] and all("lora_" in k for k in saved["state_dict"]), "only adapters in the checkpoint"
     assert saved["hyper_parameters"]["lora"]["rank"] == 4
-    resumed, _, _ = _fit(tiny_model_dir, tmp_path / "b", max_steps=4, lora=lora,
-                         ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))  # fmt: skip
+    resumed, _, _ = _fit(
+        tiny_model_dir, tmp_path / "b", max_steps=4, lora=lora, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    )
     for name, value in _split(resumed)[0].items():  # resumed after solve, refine again: same adapters
         torch.testing.assert_close(value, adapters[name], rtol=0, atol=0)
 
@@ -87,8 +95,9 @@ def test_lora_fit_trains_and_checkpoints_only_adapters_and_export_merges(tiny_mo
 
 
 def test_lora_kl_reference_is_the_model_with_adapters_disabled(tiny_model_dir: Path, tmp_path: Path) -> None:
-    module, metrics, _ = _fit(tiny_model_dir, tmp_path, max_steps=2, beta=0.1, mini_batch_problems=2,
-                              lora=LoraSettings(rank=4, alpha=8))  # fmt: skip
+    module, metrics, _ = _fit(
+        tiny_model_dir, tmp_path, max_steps=2, beta=0.1, mini_batch_problems=2, lora=LoraSettings(rank=4, alpha=8)
+    )
     assert module.ref_policy is None  # no second copy of the weights
     kl = metrics["train/solve/kl"].dropna().tolist() + metrics["train/refine/kl"].dropna().tolist()
     assert kl[0] == pytest.approx(0.0, abs=1e-7)  # lora_B = 0 at the start: adapters off == adapters on
@@ -101,15 +110,22 @@ def test_qlora_fit_on_cpu_trains_adapters_over_frozen_4bit_weights(tiny_model_di
 
     quant = QuantizationSettings(compute_dtype="float32")
     pl.seed_everything(0)
-    module, metrics, _ = _fit(tiny_model_dir, tmp_path, max_steps=4, lora=LoraSettings(rank=4, alpha=8),
-                              quantization=quant)  # fmt: skip
+    module, metrics, _ = _fit(
+        tiny_model_dir, tmp_path, max_steps=4, lora=LoraSettings(rank=4, alpha=8), quantization=quant
+    )
     four_bit = [m for m in module.policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit and all(m.weight.quant_state.quant_type == "nf4" for m in four_bit)
     adapters, _ = _split(module)
     assert all(p.abs().sum() > 0 for n, p in adapters.items() if "lora_B" in n)
     # the 4-bit base did not move: re-quantising the original weights gives the same packed bytes
-    fresh = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, mini_batch_problems=1,
-                             num_generations=4, lora=LoraSettings(rank=4, alpha=8), quantization=quant)  # fmt: skip
+    fresh = ThinkTwiceModule(
+        model_name_or_path=str(tiny_model_dir),
+        problems_per_batch=2,
+        mini_batch_problems=1,
+        num_generations=4,
+        lora=LoraSettings(rank=4, alpha=8),
+        quantization=quant,
+    )
     fresh.configure_model()
     packed = {n: m.weight.data for n, m in module.policy.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     for name, m in fresh.policy.named_modules():
@@ -126,9 +142,12 @@ def test_qlora_generation_keeps_its_kv_cache_under_gradient_checkpointing(tiny_m
     from thinktwice_pl.prompts import encode_chat, solve_messages
     from thinktwice_pl.rollout import HFRolloutEngine, SamplingConfig
 
-    module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), lora=LoraSettings(rank=4, alpha=8),
-                              quantization=QuantizationSettings(compute_dtype="float32"),
-                              gradient_checkpointing=True)  # fmt: skip
+    module = ThinkTwiceModule(
+        model_name_or_path=str(tiny_model_dir),
+        lora=LoraSettings(rank=4, alpha=8),
+        quantization=QuantizationSettings(compute_dtype="float32"),
+        gradient_checkpointing=True,
+    )
     module.configure_model()
     policy, tok = module.policy, module.tokenizer
     checkpointed = [m for m in policy.modules() if getattr(m, "gradient_checkpointing", False) is True]
@@ -138,8 +157,11 @@ def test_qlora_generation_keeps_its_kv_cache_under_gradient_checkpointing(tiny_m
     prompt = encode_chat(solve_messages("What is 2 + 3?"), tok)
     tokens: list[int] = []
     handle = policy.get_decoder().register_forward_pre_hook(
-        lambda _m, args, kwargs: tokens.append((kwargs.get("input_ids") if kwargs.get("input_ids") is not None
-                                                else args[0]).shape[1]), with_kwargs=True)  # fmt: skip
+        lambda _m, args, kwargs: tokens.append(
+            (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[1]
+        ),
+        with_kwargs=True,
+    )
     try:
         out = engine.generate([prompt], 2, SamplingConfig(temperature=1.0, max_new_tokens=6, seed=0))
     finally:

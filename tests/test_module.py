@@ -19,9 +19,16 @@ from thinktwice_pl.types import Rollout
 def _rollout(
     prompt: list[int], completion: list[int], reward: float = 0.0, base_correct: bool | None = None
 ) -> Rollout:
-    return Rollout(problem_id="p", phase="refine" if base_correct is not None else "solve", prompt_ids=prompt,
-                   completion_ids=completion, completion_text="", finish_reason="stop", reward=reward,
-                   base_correct=base_correct)  # fmt: skip
+    return Rollout(
+        problem_id="p",
+        phase="refine" if base_correct is not None else "solve",
+        prompt_ids=prompt,
+        completion_ids=completion,
+        completion_text="",
+        finish_reason="stop",
+        reward=reward,
+        base_correct=base_correct,
+    )
 
 
 def test_refine_signals_by_hand() -> None:
@@ -75,21 +82,29 @@ def test_token_budget_micro_batches_give_the_gradient_of_one_big_batch(tiny_mode
 
     torch.manual_seed(0)
     lengths = [(7, 5), (3, 9), (11, 2), (4, 4), (6, 8), (2, 3)]  # (prompt, completion) tokens
-    rollouts = [_rollout(torch.randint(5, 500, (p,)).tolist(), torch.randint(5, 500, (c,)).tolist())
-                for p, c in lengths]  # fmt: skip
+    rollouts = [
+        _rollout(torch.randint(5, 500, (p,)).tolist(), torch.randint(5, 500, (c,)).tolist()) for p, c in lengths
+    ]
     advantages = torch.tensor([0.5, -0.5, 0.25, -0.25, 0.75, -0.75])
 
     def gradients(budget: int | None) -> tuple[dict[str, torch.Tensor], int]:
-        module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=1, num_generations=6,
-                                  mini_batch_problems=1, max_grad_norm=None, loss_type=loss_type,
-                                  max_tokens_per_microbatch=budget)  # fmt: skip
+        module = ThinkTwiceModule(
+            model_name_or_path=str(tiny_model_dir),
+            problems_per_batch=1,
+            num_generations=6,
+            mini_batch_problems=1,
+            max_grad_norm=None,
+            loss_type=loss_type,
+            max_tokens_per_microbatch=budget,
+        )
         module.configure_model()
         module._trainer = SimpleNamespace(world_size=1, global_rank=0, strategy=None)  # what _optimizer_step reads
         module.manual_backward = lambda loss: loss.backward()
         opt = torch.optim.SGD(module.policy.parameters(), lr=0.0)  # lr 0: the gradients stay to be compared
         module.optimizers = lambda: opt
-        plan = plan_phase(lengths, 6, [True] * 6, [True] * 6, mini_batch_groups=1, micro_batch_size=None,
-                          max_tokens=budget)  # fmt: skip
+        plan = plan_phase(
+            lengths, 6, [True] * 6, [True] * 6, mini_batch_groups=1, micro_batch_size=None, max_tokens=budget
+        )
         [step] = plan.steps
         for work in step.passes:  # the budget holds: rows x (longest prompt + longest completion)
             width = max(lengths[i][0] for i in work.rows) + max(lengths[i][1] for i in work.rows)
