@@ -9,24 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from grad_helpers import accumulate_plain_gradients
+from rollout_helpers import make_rollout
 
 from thinktwice_pl.module import ThinkTwiceModule
-from thinktwice_pl.types import Rollout
-
-
-def _rollout(
-    prompt: list[int], completion: list[int], reward: float = 0.0, base_correct: bool | None = None
-) -> Rollout:
-    return Rollout(
-        problem_id="p",
-        phase="refine" if base_correct is not None else "solve",
-        prompt_ids=prompt,
-        completion_ids=completion,
-        completion_text="",
-        finish_reason="stop",
-        reward=reward,
-        base_correct=base_correct,
-    )
 
 
 def test_padded_micro_batch_logprobs_equal_unpadded_forward(tiny_model_dir: Path) -> None:
@@ -36,9 +21,9 @@ def test_padded_micro_batch_logprobs_equal_unpadded_forward(tiny_model_dir: Path
     module.configure_model()
     torch.manual_seed(0)
     rollouts = [  # different prompt and completion lengths: left and right padding both in play
-        _rollout(torch.randint(5, 500, (7,)).tolist(), torch.randint(5, 500, (5,)).tolist()),
-        _rollout(torch.randint(5, 500, (3,)).tolist(), torch.randint(5, 500, (9,)).tolist()),
-        _rollout(torch.randint(5, 500, (11,)).tolist(), torch.randint(5, 500, (1,)).tolist()),
+        make_rollout(torch.randint(5, 500, (7,)).tolist(), torch.randint(5, 500, (5,)).tolist()),
+        make_rollout(torch.randint(5, 500, (3,)).tolist(), torch.randint(5, 500, (9,)).tolist()),
+        make_rollout(torch.randint(5, 500, (11,)).tolist(), torch.randint(5, 500, (1,)).tolist()),
     ]
     logprobs, entropy, mask = module._logprobs(rollouts, [0, 1, 2], grad=False)
     assert mask.sum(1).tolist() == [5, 9, 1]

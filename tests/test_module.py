@@ -8,37 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from rollout_helpers import make_rollout
 
 from thinktwice_pl.batching import plan_phase
 from thinktwice_pl.metrics import refine_signals
 from thinktwice_pl.module import ThinkTwiceModule
 from thinktwice_pl.parallel import check_precision
-from thinktwice_pl.types import Rollout
-
-
-def _rollout(
-    prompt: list[int], completion: list[int], reward: float = 0.0, base_correct: bool | None = None
-) -> Rollout:
-    return Rollout(
-        problem_id="p",
-        phase="refine" if base_correct is not None else "solve",
-        prompt_ids=prompt,
-        completion_ids=completion,
-        completion_text="",
-        finish_reason="stop",
-        reward=reward,
-        base_correct=base_correct,
-    )
 
 
 def test_refine_signals_by_hand() -> None:
     rollouts = [
-        _rollout([1], [2], reward=1.0, base_correct=False),  # fixed
-        _rollout([1], [2], reward=0.0, base_correct=False),  # still wrong
-        _rollout([1], [2], reward=0.0, base_correct=False),
-        _rollout([1], [2], reward=1.0, base_correct=True),  # kept
-        _rollout([1], [2], reward=1.0, base_correct=True),
-        _rollout([1], [2], reward=0.0, base_correct=True),  # damaged
+        make_rollout([1], [2], reward=1.0, base_correct=False),  # fixed
+        make_rollout([1], [2], reward=0.0, base_correct=False),  # still wrong
+        make_rollout([1], [2], reward=0.0, base_correct=False),
+        make_rollout([1], [2], reward=1.0, base_correct=True),  # kept
+        make_rollout([1], [2], reward=1.0, base_correct=True),
+        make_rollout([1], [2], reward=0.0, base_correct=True),  # damaged
     ]
     signals = refine_signals(rollouts)
     assert signals["base_correct_frac"] == pytest.approx(3 / 6)
@@ -83,7 +68,7 @@ def test_token_budget_micro_batches_give_the_gradient_of_one_big_batch(tiny_mode
     torch.manual_seed(0)
     lengths = [(7, 5), (3, 9), (11, 2), (4, 4), (6, 8), (2, 3)]  # (prompt, completion) tokens
     rollouts = [
-        _rollout(torch.randint(5, 500, (p,)).tolist(), torch.randint(5, 500, (c,)).tolist()) for p, c in lengths
+        make_rollout(torch.randint(5, 500, (p,)).tolist(), torch.randint(5, 500, (c,)).tolist()) for p, c in lengths
     ]
     advantages = torch.tensor([0.5, -0.5, 0.25, -0.25, 0.75, -0.75])
 

@@ -78,10 +78,10 @@ def load_causal_lm(
     *,
     dtype: str = "float32",
     attn_implementation: str | None = None,
+    quantization: QuantizationSettings | None = None,
+    lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
     disable_dropout: bool = True,
-    lora: LoraSettings | None = None,
-    quantization: QuantizationSettings | None = None,
 ) -> Any:
     """Load an HF causal LM for training: the given dtype, train mode, cache off, optional checkpointing.
 

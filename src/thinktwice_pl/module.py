@@ -176,15 +176,7 @@ class ThinkTwiceModule(pl.LightningModule):
         path = resolve_model_path(settings.model_name_or_path)
         try:
             self.tokenizer = load_tokenizer(path)
-            self.policy = load_causal_lm(
-                path,
-                dtype=settings.dtype,
-                attn_implementation=settings.attn_implementation,
-                gradient_checkpointing=settings.gradient_checkpointing,
-                disable_dropout=settings.disable_dropout,
-                lora=settings.lora,
-                quantization=settings.quantization,
-            )
+            self.policy = load_causal_lm(path, **settings.loader_options())
         except OSError as error:  # transformers: a hub name it cannot fetch, a directory without weights
             name = settings.model_name_or_path
             raise UserError(f"model.model_name_or_path={name} could not be loaded: {error}") from error

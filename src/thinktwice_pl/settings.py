@@ -34,6 +34,10 @@ class PolicySettings:
     lora: LoraSettings | None
     quantization: QuantizationSettings | None
 
+    def loader_options(self) -> dict[str, Any]:
+        """The keyword arguments of `load_causal_lm` (every field but the path)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model_name_or_path"}
+
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UserError(f"model.dtype must be one of {['auto', *DTYPES]}, got {self.dtype!r}")
