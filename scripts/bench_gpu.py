@@ -1,7 +1,7 @@
 """The measurements of scripts/gpu_check.sh: one report (JSON and markdown) from one command on one GPU, offline.
 
     python scripts/bench_gpu.py --out runs/gpu_check          # every part, each in its own process with a time limit
-    python scripts/bench_gpu.py --out runs/gpu_check --cpu    # the same logic on a tiny model on CPU (CI, ~1 min)
+    python scripts/bench_gpu.py --out runs/gpu_check --cpu    # the same logic on a tiny model on CPU (CI)
     python scripts/bench_gpu.py --out DIR --part update       # one part (what the driver runs in a child process)
 
 No weights are read: models are built from their configs with random weights (`random_weights`), a Qwen3-4B-shaped
@@ -54,12 +54,20 @@ LIMITS_CPU_S = {"tests": 60, "update": 90, "decode": 40, "head_grad": 40, "qlora
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
 
 QWEN3_4B = dict(
-    hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-    intermediate_size=9728, vocab_size=151_936, tie_word_embeddings=True, rms_norm_eps=1e-6,
-    max_position_embeddings=262_144, rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0},
-)  # fmt: skip
-TINY = dict(QWEN3_4B, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-            intermediate_size=128, vocab_size=512, max_position_embeddings=4096)  # fmt: skip
+    hidden_size=2560,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=9728,
+    vocab_size=151_936,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=262_144,
+    rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0},
+)
+TINY = dict(QWEN3_4B, hidden_size=64, intermediate_size=128, vocab_size=512, max_position_embeddings=4096)
+TINY.update(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
 # the update's shape: METHOD.md section 4 on one GPU, and its CPU miniature
 RECIPE = dict(problems=24, group=8, mini_batch=8, prompt=5120, completion=3000, token_budget=20_000)
 RECIPE_CPU = dict(problems=6, group=4, mini_batch=2, prompt=24, completion=40, token_budget=200)
@@ -132,8 +140,10 @@ def random_weights(device: torch.device) -> Any:
 
 def memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
-        return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-                "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}  # fmt: skip
+        return {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+        }
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
 
 
@@ -194,30 +204,51 @@ def _update(args: argparse.Namespace, out: Path, part: str, *, qlora: bool) -> N
     params = parameter_count(config)
     full = TINY if args.cpu else QWEN3_4B
     steps = shape["problems"] // shape["mini_batch"]
-    scale = (f"{config['num_hidden_layers']} of the model's {full['num_hidden_layers']} layers; one phase of "
-             f"{shape['problems']} problems x {shape['group']} samples ({steps} optimizer steps of "
-             f"{shape['mini_batch']} problems; the paper's phase: 32 problems, 4 steps)")  # fmt: skip
-    append_record(out, part, {"kind": "shape", "scale": scale, **shape, "model": config, "parameters": params,
-                              "precision": "bf16-mixed", "gradient_checkpointing": True, "logprob_chunk_size": 256,
-                              "qlora": qlora})  # fmt: skip
+    scale = (
+        f"{config['num_hidden_layers']} of the model's {full['num_hidden_layers']} layers; one phase of "
+        f"{shape['problems']} problems x {shape['group']} samples ({steps} optimizer steps of "
+        f"{shape['mini_batch']} problems; the paper's phase: 32 problems, 4 steps)"
+    )
+    append_record(
+        out,
+        part,
+        {
+            "kind": "shape",
+            "scale": scale,
+            **shape,
+            "model": config,
+            "parameters": params,
+            "precision": "bf16-mixed",
+            "gradient_checkpointing": True,
+            "logprob_chunk_size": 256,
+            "qlora": qlora,
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         model_dir = make_model_dir(Path(tmp), config, save_weights_on=device if qlora else None)
         module = ThinkTwiceModule(
-            model_name_or_path=str(model_dir), dtype="float32", gradient_checkpointing=True,
-            problems_per_batch=shape["problems"], num_generations=shape["group"],
-            mini_batch_problems=shape["mini_batch"], max_tokens_per_microbatch=shape["token_budget"],
-            max_completion_length=shape["completion"], learning_rate=1e-6, log_completions=0,
+            model_name_or_path=str(model_dir),
+            dtype="float32",
+            gradient_checkpointing=True,
+            problems_per_batch=shape["problems"],
+            num_generations=shape["group"],
+            mini_batch_problems=shape["mini_batch"],
+            max_tokens_per_microbatch=shape["token_budget"],
+            max_completion_length=shape["completion"],
+            learning_rate=1e-6,
+            log_completions=0,
             lora=LoraSettings(rank=16, alpha=32) if qlora else None,
             quantization=QuantizationSettings(compute_dtype="bfloat16") if qlora else None,
-        )  # fmt: skip
+        )
         with random_weights(device) if not qlora else contextlib.nullcontext():
             module.configure_model()
         module.policy.to(device)
         sync(device)
         trained = sum(p.numel() for p in module.policy.parameters() if p.requires_grad)
-        append_record(out, part, {"kind": "model", "trained_parameters": trained,
-                                  "build_s": time.perf_counter() - start})  # fmt: skip
+        append_record(
+            out, part, {"kind": "model", "trained_parameters": trained, "build_s": time.perf_counter() - start}
+        )
 
     g = torch.Generator().manual_seed(0)
     vocab = config["vocab_size"]
@@ -228,9 +259,18 @@ def _update(args: argparse.Namespace, out: Path, part: str, *, qlora: bool) -> N
     rollouts = []
     for problem in range(shape["problems"]):
         prompt = tokens(shape["prompt"])  # the group's samples share their prompt
-        rollouts += [Rollout(problem_id=f"p{problem}", phase="refine", prompt_ids=prompt,
-                             completion_ids=tokens(shape["completion"]), completion_text="", finish_reason="stop",
-                             reward=float(j % 2)) for j in range(shape["group"])]  # fmt: skip
+        rollouts += [
+            Rollout(
+                problem_id=f"p{problem}",
+                phase="refine",
+                prompt_ids=prompt,
+                completion_ids=tokens(shape["completion"]),
+                completion_text="",
+                finish_reason="stop",
+                reward=float(j % 2),
+            )
+            for j in range(shape["group"])
+        ]
     problems = [Problem(id=f"p{i}", prompt_text="", answer="") for i in range(shape["problems"])]
     batch = PhaseBatch(phase="refine", problems=problems, index=0, pair=0, epoch=0)
 
@@ -260,24 +300,40 @@ def _update(args: argparse.Namespace, out: Path, part: str, *, qlora: bool) -> N
         flops = 6.0 * params * distinct
         attention = 12.0 * layers * heads * context
         record = {
-            "kind": "step", "seconds": seconds, "passes": len(step.passes), "sequences": len(mine),
-            "completion_tokens": completion, "distinct_tokens": distinct,
+            "kind": "step",
+            "seconds": seconds,
+            "passes": len(step.passes),
+            "sequences": len(mine),
+            "completion_tokens": completion,
+            "distinct_tokens": distinct,
             "sequence_tokens": sum(len(rows[i].prompt_ids) + len(rows[i].completion_ids) for i in mine),
-            "tokens_per_s": distinct / seconds, "completion_tokens_per_s": completion / seconds,
-            "model_tflops_per_s": flops / seconds / 1e12, "attention_tflops_per_s": attention / seconds / 1e12,
+            "tokens_per_s": distinct / seconds,
+            "completion_tokens_per_s": completion / seconds,
+            "model_tflops_per_s": flops / seconds / 1e12,
+            "attention_tflops_per_s": attention / seconds / 1e12,
             "mfu": flops / seconds / (tflops * 1e12) if tflops else None,
             "mfu_with_attention": (flops + attention) / seconds / (tflops * 1e12) if tflops else None,
-            "grad_norm": stats.grad_norm, **memory(device),
-        }  # fmt: skip
+            "grad_norm": stats.grad_norm,
+            **memory(device),
+        }
         append_record(out, part, record)
         return stats
 
     module._optimizer_step = timed_step
     trainer = pl.Trainer(
-        accelerator=device.type, devices=1, precision="bf16-mixed", max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, callbacks=[SyntheticRollouts()], default_root_dir=str(out / "lightning"),
-    )  # fmt: skip
+        accelerator=device.type,
+        devices=1,
+        precision="bf16-mixed",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[SyntheticRollouts()],
+        default_root_dir=str(out / "lightning"),
+    )
     loader = DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
     trainer.fit(module, train_dataloaders=loader)
     append_record(out, part, {"kind": "done", "optimizer_steps": trainer.global_step, **memory(device)})
@@ -306,10 +362,22 @@ def part_decode(args: argparse.Namespace, out: Path) -> None:
     engine = HFRolloutEngine()
     engine.setup(model, tokenizer, torch.bfloat16)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, config["vocab_size"], (shape["prompt"],), generator=g).tolist()
-               for _ in range(shape["prompts"])]  # fmt: skip
-    append_record(out, "decode", {"kind": "shape", **shape, "layers": config["num_hidden_layers"],
-                                  "weights": "float32", "compute": "bf16 autocast", "temperature": 1.0})  # fmt: skip
+    prompts = [
+        torch.randint(10, config["vocab_size"], (shape["prompt"],), generator=g).tolist()
+        for _ in range(shape["prompts"])
+    ]
+    append_record(
+        out,
+        "decode",
+        {
+            "kind": "shape",
+            **shape,
+            "layers": config["num_hidden_layers"],
+            "weights": "float32",
+            "compute": "bf16 autocast",
+            "temperature": 1.0,
+        },
+    )
     engine.generate(prompts[:1], 1, SamplingConfig(temperature=1.0, max_new_tokens=4, seed=0))  # warm-up
     for _ in range(2):
         sync(device)
@@ -320,9 +388,18 @@ def part_decode(args: argparse.Namespace, out: Path) -> None:
         sync(device)
         seconds = time.perf_counter() - begin
         new = sum(len(c.token_ids) for group in groups for c in group)
-        append_record(out, "decode", {"kind": "generate", "seconds": seconds, "new_tokens": new,
-                                      "sequences": shape["prompts"] * shape["samples"],
-                                      "tokens_per_s": new / seconds, **memory(device)})  # fmt: skip
+        append_record(
+            out,
+            "decode",
+            {
+                "kind": "generate",
+                "seconds": seconds,
+                "new_tokens": new,
+                "sequences": shape["prompts"] * shape["samples"],
+                "tokens_per_s": new / seconds,
+                **memory(device),
+            },
+        )
 
 
 def part_head_grad(args: argparse.Namespace, out: Path) -> None:
@@ -369,8 +446,13 @@ def part_head_grad(args: argparse.Namespace, out: Path) -> None:
             fn()
             error = float((grad.double() - exact).norm() / exact.norm())
             seconds = _time(fn, device, repeats)
-            record = {"kind": "chunk", "variant": name, "ms": seconds * 1e3, "tflops_per_s": flops / seconds / 1e12,
-                      "relative_error": error}  # fmt: skip
+            record = {
+                "kind": "chunk",
+                "variant": name,
+                "ms": seconds * 1e3,
+                "tflops_per_s": flops / seconds / 1e12,
+                "relative_error": error,
+            }
         except Exception as err:  # an unsupported variant is a result
             record = {"kind": "chunk", "variant": name, "error": f"{type(err).__name__}: {err}"[:300]}
         finally:
@@ -390,20 +472,39 @@ def part_head_grad(args: argparse.Namespace, out: Path) -> None:
             if not keep_grad:
                 weight.grad = None  # the first micro-batch: autograd allocates and sums the chunks' gradients
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                lp, _ = token_logprobs(hidden_states, weight, targets, temperature=1.0, chunk_size=chunk,
-                                       with_entropy=True, grad_into=weight)  # fmt: skip
+                lp, _ = token_logprobs(
+                    hidden_states,
+                    weight,
+                    targets,
+                    temperature=1.0,
+                    chunk_size=chunk,
+                    with_entropy=True,
+                    grad_into=weight,
+                )
             lp.sum().backward()
 
         return run
 
-    for name, keep, allow_tf32 in (("plain (no .grad yet)", False, False), ("grad_into fp32", True, False),
-                                   ("grad_into tf32", True, True)):  # fmt: skip
+    for name, keep, allow_tf32 in (
+        ("plain (no .grad yet)", False, False),
+        ("grad_into fp32", True, False),
+        ("grad_into tf32", True, True),
+    ):
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         try:
             weight.grad = torch.zeros_like(weight) if keep else None
             seconds = _time(through_head(keep), device, repeats)
-            append_record(out, "head_grad", {"kind": "token_logprobs", "variant": name, "ms": seconds * 1e3,
-                                             "positions": rows * length, "chunk": chunk})  # fmt: skip
+            append_record(
+                out,
+                "head_grad",
+                {
+                    "kind": "token_logprobs",
+                    "variant": name,
+                    "ms": seconds * 1e3,
+                    "positions": rows * length,
+                    "chunk": chunk,
+                },
+            )
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
 
@@ -420,8 +521,21 @@ def _time(fn: Any, device: torch.device, repeats: int) -> float:
 
 def part_tests(args: argparse.Namespace, out: Path) -> None:
     xml = out / "pytest.xml"
-    command = [sys.executable, "-m", "pytest", "-o", "addopts=", "-m", "gpu", str(ROOT / "tests/test_gpu.py"), "-rs",
-               "-s", "-p", "no:cacheprovider", f"--junitxml={xml}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-o",
+        "addopts=",
+        "-m",
+        "gpu",
+        str(ROOT / "tests/test_gpu.py"),
+        "-rs",
+        "-s",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={xml}",
+    ]
     with (out / "pytest.txt").open("w") as log:
         rc = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     record: dict[str, Any] = {"kind": "pytest", "returncode": rc, "log": "pytest.txt"}
@@ -432,8 +546,14 @@ def part_tests(args: argparse.Namespace, out: Path) -> None:
         for case in suite.iter("testcase"):
             status = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
             message = next((c.get("message", "") for c in case if c.tag in ("failure", "error", "skipped")), "")
-            cases.append({"test": case.get("name"), "status": status, "seconds": float(case.get("time", 0)),
-                          "message": message[:300]})  # fmt: skip
+            cases.append(
+                {
+                    "test": case.get("name"),
+                    "status": status,
+                    "seconds": float(case.get("time", 0)),
+                    "message": message[:300],
+                }
+            )
         record["cases"] = cases
     append_record(out, "tests", record)
 
@@ -444,12 +564,27 @@ def part_tests(args: argparse.Namespace, out: Path) -> None:
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import importlib
 
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-                           "mode": "cpu (tiny model)" if args.cpu else "gpu",
-                           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}  # fmt: skip
-    packages = ("lightning", "transformers", "peft", "torchmetrics", "jsonargparse", "datasets", "math_verify",
-                "bitsandbytes", "vllm", "pytest", "pytest_timeout")  # fmt: skip
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "mode": "cpu (tiny model)" if args.cpu else "gpu",
+        "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+    }
+    packages = (
+        "lightning",
+        "transformers",
+        "peft",
+        "torchmetrics",
+        "jsonargparse",
+        "datasets",
+        "math_verify",
+        "bitsandbytes",
+        "vllm",
+        "pytest",
+        "pytest_timeout",
+    )
     for name in packages:
         try:
             env[name] = getattr(importlib.import_module(name), "__version__", "present")
@@ -500,15 +635,20 @@ def summarize(parts: dict[str, Any]) -> dict[str, Any]:
     steps = [r for r in records if r["kind"] == "step"]
     measured = steps[1:] or steps
     if measured:
-        med = {k: sorted(r[k] for r in measured)[len(measured) // 2] if measured[0][k] is not None else None
-               for k in ("seconds", "tokens_per_s", "mfu", "mfu_with_attention")}  # fmt: skip
+        med = {
+            k: sorted(r[k] for r in measured)[len(measured) // 2] if measured[0][k] is not None else None
+            for k in ("seconds", "tokens_per_s", "mfu", "mfu_with_attention")
+        }
         summary["update"] = {
-            "scale": records[0].get("scale"), "optimizer_steps_measured": len(measured),
+            "scale": records[0].get("scale"),
+            "optimizer_steps_measured": len(measured),
             "first_step_left_out": len(steps) > 1,
-            "seconds_per_optimizer_step": med["seconds"], "training_tokens_per_s": med["tokens_per_s"],
-            "mfu": med["mfu"], "mfu_with_attention": med["mfu_with_attention"],
+            "seconds_per_optimizer_step": med["seconds"],
+            "training_tokens_per_s": med["tokens_per_s"],
+            "mfu": med["mfu"],
+            "mfu_with_attention": med["mfu_with_attention"],
             "peak_gib": max(r.get("peak_allocated_gib", r.get("peak_rss_gib", 0.0)) for r in steps),
-        }  # fmt: skip
+        }
     generated = [r for r in parts.get("decode", {}).get("records", []) if r["kind"] == "generate"]
     if generated:
         summary["decode"] = {"tokens_per_s": generated[-1]["tokens_per_s"], "seconds": generated[-1]["seconds"]}
@@ -527,9 +667,12 @@ def summarize(parts: dict[str, Any]) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     env, lines = report["environment"], ["# GPU check", ""]
     gpu = env.get("gpu", {})
-    lines += [f"- mode: {env['mode']}; device: {gpu.get('name', 'cpu')}; torch {env['torch']} (CUDA {env['cuda']}); "
-              f"transformers {env['transformers']}; lightning {env['lightning']}; peft {env['peft']}",
-              f"- command: `{report['command']}`; wall time {report['wall_s']:.0f} s", ""]  # fmt: skip
+    lines += [
+        f"- mode: {env['mode']}; device: {gpu.get('name', 'cpu')}; torch {env['torch']} (CUDA {env['cuda']}); "
+        f"transformers {env['transformers']}; lightning {env['lightning']}; peft {env['peft']}",
+        f"- command: `{report['command']}`; wall time {report['wall_s']:.0f} s",
+        "",
+    ]
     for name, part in report["parts"].items():
         lines += [f"## {name}: {part['status']}", ""]
         for record in part["records"]:
@@ -567,8 +710,10 @@ def main() -> None:
         globals()[f"part_{args.part}"](args, out)
         return
     begin = time.monotonic()
-    report: dict[str, Any] = {"command": " ".join(["python", "scripts/bench_gpu.py", *sys.argv[1:]]),
-                              "environment": environment(args)}  # fmt: skip
+    report: dict[str, Any] = {
+        "command": " ".join(["python", "scripts/bench_gpu.py", *sys.argv[1:]]),
+        "environment": environment(args),
+    }
     report["parts"] = run_parts(args, out)
     report["summary"] = summarize(report["parts"])
     report["wall_s"] = time.monotonic() - begin

@@ -44,11 +44,16 @@ def _build_model(out: Path, args: argparse.Namespace) -> None:
 
     build_tiny_model(out)  # for its tokenizer; the model is replaced below
     config = Qwen3Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
         num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 128, num_key_value_heads=max(1, args.hidden // 512), head_dim=128,
-        max_position_embeddings=args.prompt + args.completion + 8, tie_word_embeddings=True,
-    )  # fmt: skip
+        num_attention_heads=args.hidden // 128,
+        num_key_value_heads=max(1, args.hidden // 512),
+        head_dim=128,
+        max_position_embeddings=args.prompt + args.completion + 8,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(out)
 
@@ -62,11 +67,17 @@ def _rollouts(args: argparse.Namespace) -> list:
         return torch.randint(5, args.vocab, (n,), generator=g).tolist()
 
     return [
-        Rollout(problem_id=f"p{i // 2}", phase="solve", prompt_ids=tokens(args.prompt),
-                completion_ids=tokens(args.completion),
-                completion_text="", finish_reason="stop", reward=float(i % 2))
+        Rollout(
+            problem_id=f"p{i // 2}",
+            phase="solve",
+            prompt_ids=tokens(args.prompt),
+            completion_ids=tokens(args.completion),
+            completion_text="",
+            finish_reason="stop",
+            reward=float(i % 2),
+        )
         for i in range(args.sequences)
-    ]  # fmt: skip
+    ]
 
 
 def _run_variant(args: argparse.Namespace) -> dict[str, float]:
@@ -76,10 +87,16 @@ def _run_variant(args: argparse.Namespace) -> dict[str, float]:
 
     device = torch.device(args.device)
     module = ThinkTwiceModule(
-        model_name_or_path=args.model_dir, dtype=args.dtype, problems_per_batch=args.sequences // 2,
-        mini_batch_problems=args.sequences // 2, num_generations=2, max_grad_norm=None, logprob_chunk_size=args.chunk,
-        max_tokens_per_microbatch=args.max_tokens_per_microbatch, gradient_checkpointing=args.gradient_checkpointing,
-    )  # fmt: skip
+        model_name_or_path=args.model_dir,
+        dtype=args.dtype,
+        problems_per_batch=args.sequences // 2,
+        mini_batch_problems=args.sequences // 2,
+        num_generations=2,
+        max_grad_norm=None,
+        logprob_chunk_size=args.chunk,
+        max_tokens_per_microbatch=args.max_tokens_per_microbatch,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     module.configure_model()
     module.to(device)
     rollouts = _rollouts(args)
@@ -106,8 +123,15 @@ def _run_variant(args: argparse.Namespace) -> dict[str, float]:
         module.optimizers = lambda: opt
         n = len(rollouts)
         lengths = [(len(r.prompt_ids), len(r.completion_ids)) for r in rollouts]
-        plan = plan_phase(lengths, 2, [True] * n, [True] * n, mini_batch_groups=None, micro_batch_size=None,
-                          max_tokens=args.max_tokens_per_microbatch)  # fmt: skip
+        plan = plan_phase(
+            lengths,
+            2,
+            [True] * n,
+            [True] * n,
+            mini_batch_groups=None,
+            micro_batch_size=None,
+            max_tokens=args.max_tokens_per_microbatch,
+        )
         module._optimizer_step(rollouts, plan.steps[0], advantages, {})
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -141,13 +165,19 @@ def main() -> None:
         _build_model(Path(tmp), args)
         results = {}
         for variant in ("naive", "thinktwice_pl"):
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--model-dir", tmp],
-                                 check=True, capture_output=True, text=True).stdout  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--model-dir", tmp],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             results[variant] = json.loads(out.strip().splitlines()[-1])
     tokens = args.sequences * (args.prompt + args.completion)
-    print(f"one training step: {args.sequences} sequences x ({args.prompt} prompt + {args.completion} completion) "
-          f"tokens = {tokens}, vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, {args.dtype}, "
-          f"{args.device}")  # fmt: skip
+    print(
+        f"one training step: {args.sequences} sequences x ({args.prompt} prompt + {args.completion} completion) "
+        f"tokens = {tokens}, vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, {args.dtype}, "
+        f"{args.device}"
+    )
     print(f"{'variant':<16}{'peak GiB':>10}{'seconds':>10}")
     for variant, r in results.items():
         print(f"{variant:<16}{r['peak_gib']:>10.2f}{r['seconds']:>10.1f}")

@@ -61,10 +61,12 @@ def main() -> None:
             from thinktwice_pl.rollout.vllm import VLLMRolloutEngine
 
             engine = VLLMRolloutEngine(
-                enforce_eager=args.device == "cpu", gpu_memory_utilization=args.gpu_memory_utilization,
+                enforce_eager=args.device == "cpu",
+                gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)) if args.device == "cpu" else None,
-                max_model_len=2048, sleep_level=0,
-            )  # fmt: skip
+                max_model_len=2048,
+                sleep_level=0,
+            )
         else:
             raise SystemExit(f"--engines: unknown engine {name!r} (hf, vllm)")
         results[name] = _bench(name, engine, model, tokenizer, prompts, args)

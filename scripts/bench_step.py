@@ -127,14 +127,19 @@ class PhaseBench(Callback):
         self._flush()  # the previous phase: its sync time is in its outputs now
         rollouts = batch.rollouts.rollouts
         peaks = self.sampler.take()
-        self.records.append({
-            "phase": batch.phase, "index": batch.index, "step_s": now - self._last,
-            "optimizer_steps": None, "sequences": len(rollouts),
-            "prompt_tokens": sum(len(r.prompt_ids) for r in rollouts),
-            "completion_tokens": sum(len(r.completion_ids) for r in rollouts),
-            "peak_rss_gib": {k: v / GIB for k, v in peaks.items()},
-            "global_step": trainer.global_step,
-        })  # fmt: skip
+        self.records.append(
+            {
+                "phase": batch.phase,
+                "index": batch.index,
+                "step_s": now - self._last,
+                "optimizer_steps": None,
+                "sequences": len(rollouts),
+                "prompt_tokens": sum(len(r.prompt_ids) for r in rollouts),
+                "completion_tokens": sum(len(r.completion_ids) for r in rollouts),
+                "peak_rss_gib": {k: v / GIB for k, v in peaks.items()},
+                "global_step": trainer.global_step,
+            }
+        )
         self._outputs = outputs if isinstance(outputs, dict) else {}
         self._last = now
         if len(self.records) >= int(os.environ.get("BENCH_STEP_PHASES", "0") or 1 << 30):
@@ -169,10 +174,14 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
         def med(key: str, rows: list[dict[str, Any]] = rows) -> float:
             return statistics.median(r[key] for r in rows)
 
-        per_sequence = {key: statistics.median(r[f"{key}_tokens"] / r["sequences"] for r in rows)
-                        for key in ("prompt", "completion")}  # fmt: skip
-        peaks = {label: max(r["peak_rss_gib"].get(label, 0.0) for r in data["records"] if r["phase"] == phase)
-                 for label in ("generate", "update", "other")}  # fmt: skip
+        per_sequence = {
+            key: statistics.median(r[f"{key}_tokens"] / r["sequences"] for r in rows)
+            for key in ("prompt", "completion")
+        }
+        peaks = {
+            label: max(r["peak_rss_gib"].get(label, 0.0) for r in data["records"] if r["phase"] == phase)
+            for label in ("generate", "update", "other")
+        }
         summary[phase] = {
             "phases_measured": len(rows),
             "optimizer_steps_per_phase": med("optimizer_steps"),
@@ -229,11 +238,23 @@ def main() -> None:
         os.environ["BENCH_STEP_OUT"] = str(Path(tmp) / "bench.json")
         os.environ["BENCH_STEP_PHASES"] = str(args.phases)
         os.environ.setdefault("THINKTWICE_HOME", str(home))  # built-in models: where a run from here keeps them
-        thinktwice([
-            "fit", "--config", str(config), "--trainer.max_steps", "1000000", "--trainer.limit_val_batches", "0",
-            "--trainer.callbacks+=bench_step.PhaseBench", "--eval.validate_before_training", "false",
-            "--trainer.enable_progress_bar", "false", *extra,
-        ])  # fmt: skip
+        thinktwice(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--trainer.max_steps",
+                "1000000",
+                "--trainer.limit_val_batches",
+                "0",
+                "--trainer.callbacks+=bench_step.PhaseBench",
+                "--eval.validate_before_training",
+                "false",
+                "--trainer.enable_progress_bar",
+                "false",
+                *extra,
+            ]
+        )
         data = json.loads(Path(os.environ["BENCH_STEP_OUT"]).read_text())
     data["summary"] = summarize(data)
     data["command"] = command

@@ -47,11 +47,29 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"thinktwice": "ThinkTwice", "grpo": "GRPO"}  # config file stem -> label
 BOOTSTRAP_RESAMPLES = 2000
 SMOKE_ARGS = [
-    "--model.model_name_or_path", "thinktwice:tiny", "--rollout.engine", "thinktwice_pl.rollout.HFRolloutEngine",
-    "--trainer.precision", "32-true", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-    "--data.problems_per_batch", "2", "--rollout.num_generations", "2", "--rollout.max_completion_length", "8",
-    "--eval.max_completion_length", "8", "--eval.num_samples", "2", "--data.eval_problems_per_batch", "4",
-]  # fmt: skip
+    "--model.model_name_or_path",
+    "thinktwice:tiny",
+    "--rollout.engine",
+    "thinktwice_pl.rollout.HFRolloutEngine",
+    "--trainer.precision",
+    "32-true",
+    "--trainer.max_steps",
+    "4",
+    "--trainer.val_check_interval",
+    "2",
+    "--data.problems_per_batch",
+    "2",
+    "--rollout.num_generations",
+    "2",
+    "--rollout.max_completion_length",
+    "8",
+    "--eval.max_completion_length",
+    "8",
+    "--eval.num_samples",
+    "2",
+    "--data.eval_problems_per_batch",
+    "4",
+]
 """--smoke: the tiny built-in model, HF sampling, 4 phases, 2 samples of 8 tokens (plus 4 problems per benchmark)."""
 
 
@@ -77,16 +95,29 @@ def main(argv: list[str] | None = None) -> Path:
     stages, runs = [], {}
     for seed in args.seeds:
         seeded = ["--seed_everything", str(seed), "--data.seed", str(seed), "--rollout.seed", str(seed)]
-        fits = {method: Stage(f"{method}-fit-seed{seed}", ["fit", "--config", str(config), *extra, *seeded], out,
-                              method, f"seed{seed}") for method, config in configs.items()}  # fmt: skip
+        fits = {
+            method: Stage(
+                f"{method}-fit-seed{seed}",
+                ["fit", "--config", str(config), *extra, *seeded],
+                out,
+                method,
+                f"seed{seed}",
+            )
+            for method, config in configs.items()
+        }
         stages += fits.values()
         if seed == args.seeds[0]:
             stages.append(base)  # after the first fits: with --jobs 2 it runs while the shorter fit's lane is free
         for method, config in configs.items():
             model = fits[method].run_dir / "hf_model"
-            test = Stage(f"{method}-test-seed{seed}", ["test", "--config", str(config), *extra,
-                         "--model.model_name_or_path", str(model)], out, f"{method}-test", f"seed{seed}",
-                         after=(fits[method].stage,))  # fmt: skip
+            test = Stage(
+                f"{method}-test-seed{seed}",
+                ["test", "--config", str(config), *extra, "--model.model_name_or_path", str(model)],
+                out,
+                f"{method}-test",
+                f"seed{seed}",
+                after=(fits[method].stage,),
+            )
             stages.append(test)
             runs[(method, seed)] = {"fit": fits[method].run_dir, "test": test.run_dir}
     runner.run_all(stages, args.jobs)
@@ -102,10 +133,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce_cpu"), help="output folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (one pair of runs each)")
-    parser.add_argument("--config-dir", type=Path, default=ROOT / "configs" / "smollm2",
-                        help="folder with thinktwice.yaml and grpo.yaml")  # fmt: skip
-    parser.add_argument("--jobs", type=int, choices=(1, 2), default=2,
-                        help="stages at once: 2 = two one-thread processes on two cores, 1 = one by one")  # fmt: skip
+    parser.add_argument(
+        "--config-dir",
+        type=Path,
+        default=ROOT / "configs" / "smollm2",
+        help="folder with thinktwice.yaml and grpo.yaml",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="stages at once: 2 = two one-thread processes on two cores, 1 = one by one",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, minimal sizes: checks the pipeline runs")
     parser.add_argument("overrides", nargs="*", help="after --: arguments added to every thinktwice command")
     return parser.parse_args(argv)
@@ -132,8 +172,16 @@ class Stage:
 
     def command(self) -> list[str]:
         prefix = "--trainer.logger.init_args"
-        logger = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", f"{prefix}.save_dir",
-                  str(self.out / "runs"), f"{prefix}.name", self.name, f"{prefix}.version", self.version]  # fmt: skip
+        logger = [
+            "--trainer.logger",
+            "lightning.pytorch.loggers.CSVLogger",
+            f"{prefix}.save_dir",
+            str(self.out / "runs"),
+            f"{prefix}.name",
+            self.name,
+            f"{prefix}.version",
+            self.version,
+        ]
         return [sys.executable, "-m", "thinktwice_pl", *self.args, *logger]
 
 
@@ -240,23 +288,31 @@ def check_configs(configs: dict[str, Path], extra: list[str]) -> None:
                     f"{shared[0]!r}): held-out scores would measure trained problems; for procedural sources set "
                     "data.train.text_split: train and text_split: heldout on the held-out sets"
                 )
-            print(f"[checks] {flag}: {len(problems)} problems, none of them among the {len(train_texts)} distinct "
-                  "training texts", flush=True)  # fmt: skip
+            print(
+                f"[checks] {flag}: {len(problems)} problems, none of them among the {len(train_texts)} distinct "
+                "training texts",
+                flush=True,
+            )
     if not data.get("test"):
         raise SystemExit(f"{configs['thinktwice']} has no data.test benchmarks: the final evaluation needs them")
 
 
 def _smoke_benchmark_sizes(config: Path) -> list[str]:
     data = yaml.safe_load(config.read_text()).get("data", {})
-    return [arg for split in ("val", "test") for name in (data.get(split) or {})
-            for arg in (f"--data.{split}.{name}.num_problems", "4")]  # fmt: skip
+    return [
+        arg
+        for split in ("val", "test")
+        for name in (data.get(split) or {})
+        for arg in (f"--data.{split}.{name}.num_problems", "4")
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- report
 
 
-def report(out: Path, base_dir: Path, runs: dict[tuple[str, int], dict[str, Path]], timings: dict[str, float],
-           command: str) -> None:  # fmt: skip
+def report(
+    out: Path, base_dir: Path, runs: dict[tuple[str, int], dict[str, Path]], timings: dict[str, float], command: str
+) -> None:
     """Writes table.md, summary.csv, records.csv, metrics/, dynamics.png, curves.png from the stages' outputs."""
     from thinktwice_pl.plotting import plot_dynamics, read_metrics
 
@@ -272,8 +328,10 @@ def report(out: Path, base_dir: Path, runs: dict[tuple[str, int], dict[str, Path
     resamples = rng.integers(0, len(ids), size=(BOOTSTRAP_RESAMPLES, len(ids)))  # the same resamples for every model
     rows = []
     for (label, seed), frame in records.items():
-        rows += [{"model": label, "seed": seed, "metric": metric, **values}
-                 for metric, values in bootstrap(frame, n, resamples).items()]  # fmt: skip
+        rows += [
+            {"model": label, "seed": seed, "metric": metric, **values}
+            for metric, values in bootstrap(frame, n, resamples).items()
+        ]
     seeds = sorted({seed for _, seed in runs})
     for seed in seeds:  # paired: same problems, same resamples
         tt, grpo = records[("ThinkTwice", seed)], records[("GRPO", seed)]
@@ -299,8 +357,11 @@ def report(out: Path, base_dir: Path, runs: dict[tuple[str, int], dict[str, Path
 
 def phase_counts(metrics: pd.DataFrame) -> dict[str, int]:
     """Training phases of a run by kind, from its metrics.csv (one row with a reward per phase)."""
-    return {phase: int(metrics[column].notna().sum()) for phase in ("solve", "refine")
-            if (column := f"train/{phase}/reward_mean") in metrics.columns}  # fmt: skip
+    return {
+        phase: int(metrics[column].notna().sum())
+        for phase in ("solve", "refine")
+        if (column := f"train/{phase}/reward_mean") in metrics.columns
+    }
 
 
 def read_records(run_dir: Path) -> pd.DataFrame:
@@ -311,8 +372,9 @@ def read_records(run_dir: Path) -> pd.DataFrame:
     return frame[frame["split"] == "test"].reset_index(drop=True)
 
 
-def bootstrap(frame: pd.DataFrame, n: int, resamples: np.ndarray, minus: pd.DataFrame | None = None
-              ) -> dict[str, dict[str, float]]:  # fmt: skip
+def bootstrap(
+    frame: pd.DataFrame, n: int, resamples: np.ndarray, minus: pd.DataFrame | None = None
+) -> dict[str, dict[str, float]]:
     """Each table metric of `frame` (minus that of `minus`, problem by problem: a paired difference) on all problems,
     and its 95 % percentile interval over the bootstrap `resamples` of the problems ([resamples, problems] indices)."""
     ours = _per_problem(frame, n)
@@ -352,18 +414,40 @@ def _per_problem(frame: pd.DataFrame, n: int) -> dict[str, tuple[np.ndarray, np.
         out[f"solve/pass@{k}"] = (np.array([pass_at_k(n, int(c), k) for c in solve]), ones)
         out[f"refine/pass@{k}"] = (np.array([pass_at_k(n, int(c), k) for c in refine]), ones)
     out["transition/fix_wrong"] = (((greedy == 0) & (greedy_refine == 1)).astype(float), (greedy == 0).astype(float))
-    out["transition/damage_correct"] = (((greedy == 1) & (greedy_refine == 0)).astype(float),
-                                        (greedy == 1).astype(float))  # fmt: skip
+    out["transition/damage_correct"] = (
+        ((greedy == 1) & (greedy_refine == 0)).astype(float),
+        (greedy == 1).astype(float),
+    )
     return out
 
 
-def markdown_table(summary: pd.DataFrame, n: int, num_problems: int, phases: dict[str, dict[str, int]],
-                   seeds: list[int], timings: dict[str, float], command: str) -> str:  # fmt: skip
+def markdown_table(
+    summary: pd.DataFrame,
+    n: int,
+    num_problems: int,
+    phases: dict[str, dict[str, int]],
+    seeds: list[int],
+    timings: dict[str, float],
+    command: str,
+) -> str:
     """The results table: one row per model and seed (and, with several seeds, the mean and spread over seeds)."""
-    metrics = ["solve/pass@1", f"solve/pass@{n}", "refine/pass@1", f"refine/pass@{n}", "transition/fix_wrong",
-               "transition/damage_correct"]  # fmt: skip
-    header = ["model", "solve pass@1", f"solve pass@{n}", "refine pass@1", f"refine pass@{n}", "fix-wrong",
-              "damage-correct"]  # fmt: skip
+    metrics = [
+        "solve/pass@1",
+        f"solve/pass@{n}",
+        "refine/pass@1",
+        f"refine/pass@{n}",
+        "transition/fix_wrong",
+        "transition/damage_correct",
+    ]
+    header = [
+        "model",
+        "solve pass@1",
+        f"solve pass@{n}",
+        "refine pass@1",
+        f"refine pass@{n}",
+        "fix-wrong",
+        "damage-correct",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in ("Base", "GRPO", "ThinkTwice", "ThinkTwice - GRPO"):
         rows = summary[summary["model"] == model]
@@ -374,15 +458,19 @@ def markdown_table(summary: pd.DataFrame, n: int, num_problems: int, phases: dic
             lines.append("| " + " | ".join([name, *(values.get(m, "n/a") for m in metrics)]) + " |")
         if model != "Base" and len(seeds) > 1:
             spread = rows.groupby("metric")["value"].agg(["mean", "std"])
-            cells = [f"{spread.loc[m, 'mean']:.3f} ± {spread.loc[m, 'std']:.3f}" if m in spread.index else "n/a"
-                     for m in metrics]  # fmt: skip
+            cells = [
+                f"{spread.loc[m, 'mean']:.3f} ± {spread.loc[m, 'std']:.3f}" if m in spread.index else "n/a"
+                for m in metrics
+            ]
             lines.append("| " + " | ".join([f"{model}: mean ± sd over {len(seeds)} seeds", *cells]) + " |")
     wall = timings.get("wall (this command)", sum(timings.values()))
     stages = ", ".join(
         f"{stage} {seconds / 60:.1f}" for stage, seconds in timings.items() if not stage.startswith("wall")
     )
-    trained = "; ".join(f"{label}: " + " + ".join(f"{count} {phase}" for phase, count in counts.items()) + " phases"
-                        for label, counts in phases.items())  # fmt: skip
+    trained = "; ".join(
+        f"{label}: " + " + ".join(f"{count} {phase}" for phase, count in counts.items()) + " phases"
+        for label, counts in phases.items()
+    )
     notes = [
         "",
         f"{num_problems} held-out problems, {n} samples each (temperature 0.7, top-p 0.8, top-k 20) and one greedy "

@@ -68,16 +68,29 @@ def test_phase_plan_steps_normalisers_and_skipped_rollouts() -> None:
     assert second.num_tokens == 6 + 1 + 4 and second.num_sequences == 3  # rollout 7 is out of the loss
     assert plan.trained == [0, 1, 4, 5, 6]
     assert sorted(i for p in plan.old_passes for i in p.rows) == [0, 1, 4, 5, 6]
-    one_step = plan_phase(LENGTHS, 2, in_loss, trainable, mini_batch_groups=None, micro_batch_size=None,
-                          max_tokens=None)  # fmt: skip
+    one_step = plan_phase(
+        LENGTHS, 2, in_loss, trainable, mini_batch_groups=None, micro_batch_size=None, max_tokens=None
+    )
     assert len(one_step.steps) == 1 and not one_step.needs_old  # the detached current log-probs serve
 
 
 def test_phase_plan_over_two_ranks_with_uneven_shares() -> None:
     # rank 0 holds problems 0-1, rank 1 problems 2-3 of each step; rank 1 has nothing to train in step 1
     trainable = [True, True, True, True, False, False, False, False]
-    plans = [plan_phase(LENGTHS, 2, [True] * 8, trainable, mini_batch_groups=None, micro_batch_size=1,
-                        max_tokens=None, rank=r, world_size=2) for r in range(2)]  # fmt: skip
+    plans = [
+        plan_phase(
+            LENGTHS,
+            2,
+            [True] * 8,
+            trainable,
+            mini_batch_groups=None,
+            micro_batch_size=1,
+            max_tokens=None,
+            rank=r,
+            world_size=2,
+        )
+        for r in range(2)
+    ]
     step0, step1 = plans[0].steps[0], plans[1].steps[0]
     assert len(step0.passes) == len(step1.passes) == 4  # same collectives on both ranks
     assert all(p.weight == 0 for p in step1.passes)  # rank 1 only pads

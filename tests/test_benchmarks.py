@@ -20,20 +20,39 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # One row per preset in the schema of its hub dataset (column names and value types as published).
 HUB_ROWS = {
-    "math_train": {"problem": "What is $1+1$?", "level": "Level 1", "type": "Algebra",
-                   "solution": "We add: $1+1=\\boxed{2}$."},
-    "aime": {"id": 60, "problem": "Find the remainder.", "solution": "... so \\boxed{204}.", "answer": "204",
-             "url": "https://artofproblemsolving.com/x"},
+    "math_train": {
+        "problem": "What is $1+1$?",
+        "level": "Level 1",
+        "type": "Algebra",
+        "solution": "We add: $1+1=\\boxed{2}$.",
+    },
+    "aime": {
+        "id": 60,
+        "problem": "Find the remainder.",
+        "solution": "... so \\boxed{204}.",
+        "answer": "204",
+        "url": "https://artofproblemsolving.com/x",
+    },
     "amc": {"id": 0, "problem": "How many integers?", "answer": 142.0, "url": "https://artofproblemsolving.com/y"},
-    "math500": {"problem": "Convert $(0,3)$ to polar.",
-                "solution": "... $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$",
-                "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "subject": "Precalculus", "level": 2,
-                "unique_id": "test/precalculus/807.json"},
+    "math500": {
+        "problem": "Convert $(0,3)$ to polar.",
+        "solution": "... $\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$",
+        "answer": "\\left( 3, \\frac{\\pi}{2} \\right)",
+        "subject": "Precalculus",
+        "level": 2,
+        "unique_id": "test/precalculus/807.json",
+    },
     "minerva_math": {"question": "Compute the mass.", "answer": "1.3e-7"},
-    "olympiadbench": {"id": 1, "question": "Find all $n$.", "context": "Let $n$ be a positive integer.",
-                      "final_answer": ["$\\frac{1}{2}$", "$3$"], "question_id": 2231, "subfield": "Algebra",
-                      "answer_type": "Numerical"},
-}  # fmt: skip
+    "olympiadbench": {
+        "id": 1,
+        "question": "Find all $n$.",
+        "context": "Let $n$ be a positive integer.",
+        "final_answer": ["$\\frac{1}{2}$", "$3$"],
+        "question_id": 2231,
+        "subfield": "Algebra",
+        "answer_type": "Numerical",
+    },
+}
 EXPECTED = {  # (problem text, gold answer, id)
     "math_train": ("What is $1+1$?", "2", None),
     "aime": ("Find the remainder.", "204", "60"),
@@ -97,11 +116,9 @@ def test_champ_gives_270_problems() -> None:
 
 def test_prepare_data_writes_parquet_from_a_local_file_of_the_hub_schema(tmp_path: Path) -> None:
     raw = _hub_file(tmp_path, "olympiadbench")
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/prepare_data.py"), "olympiadbench", "--out-dir", str(tmp_path / "data"),
-         "--source-file", str(raw)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    script = str(ROOT / "scripts/prepare_data.py")
+    command = [sys.executable, script, "olympiadbench", "--out-dir", str(tmp_path / "data"), "--source-file", str(raw)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "olympiadbench: 1 problems" in out.stdout
     parquet = tmp_path / "data" / "olympiadbench.parquet"
@@ -112,10 +129,14 @@ def test_prepare_data_writes_parquet_from_a_local_file_of_the_hub_schema(tmp_pat
 
 def _run_metrics(fix: list[float], damage: list[float], keep: list[float]) -> pd.DataFrame:
     """A metrics.csv as the CSVLogger writes it: training rows per phase, validation rows at some steps."""
-    rows = [{"step": 2 * i + 1, "train/refine/fix_rate": 0.2 + 0.05 * i, "train/refine/keep_rate": k}
-            for i, k in enumerate(keep)]  # fmt: skip
-    rows += [{"step": 4 * i + 3, "val/transition/fix_wrong": f, "val/transition/damage_correct": d}
-             for i, (f, d) in enumerate(zip(fix, damage, strict=True))]  # fmt: skip
+    rows = [
+        {"step": 2 * i + 1, "train/refine/fix_rate": 0.2 + 0.05 * i, "train/refine/keep_rate": k}
+        for i, k in enumerate(keep)
+    ]
+    rows += [
+        {"step": 4 * i + 3, "val/transition/fix_wrong": f, "val/transition/damage_correct": d}
+        for i, (f, d) in enumerate(zip(fix, damage, strict=True))
+    ]
     return pd.DataFrame(rows)
 
 
@@ -136,11 +157,19 @@ def test_plot_dynamics_script_overlays_two_runs(tmp_path: Path) -> None:
         path.parent.mkdir(parents=True)
         _run_metrics(fix=fix, damage=[0.015, 0.01], keep=[0.9, 0.95]).to_csv(path, index=False)
     out_png = tmp_path / "overlay.png"
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/plot_dynamics.py"), str(thinktwice), str(grpo),
-         "--labels", "ThinkTwice", "GRPO", "--out", str(out_png)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    script = str(ROOT / "scripts/plot_dynamics.py")
+    command = [
+        sys.executable,
+        script,
+        str(thinktwice),
+        str(grpo),
+        "--labels",
+        "ThinkTwice",
+        "GRPO",
+        "--out",
+        str(out_png),
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     import matplotlib.image
 
@@ -157,8 +186,12 @@ def test_plot_dynamics_draws_one_line_per_run_and_source(tmp_path: Path, monkeyp
     plot_dynamics(runs, tmp_path / "x.png")
     fix_ax, damage_ax = saved[0].axes
     labels = [line.get_label() for line in fix_ax.get_lines()]
-    assert labels == ["A (validation, greedy)", "A (training, sampled)", "B (validation, greedy)",
-                      "B (training, sampled)"]  # fmt: skip
+    assert labels == [
+        "A (validation, greedy)",
+        "A (training, sampled)",
+        "B (validation, greedy)",
+        "B (training, sampled)",
+    ]
     assert list(damage_ax.get_lines()[0].get_ydata()) == pytest.approx([2.0, 1.0])  # percent
 
 
@@ -166,11 +199,10 @@ def test_bench_step_splits_each_phase_and_reports_memory(tmp_path: Path) -> None
     """scripts/bench_step.py on the tiny config: 4 phases, a record each, medians per phase kind, peak RSS."""
     out = tmp_path / "bench.json"
     env = {**os.environ, "THINKTWICE_HOME": str(tmp_path / "home")}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/bench_step.py"), "--config", str(ROOT / "configs/tiny.yaml"),
-         "--phases", "4", "--json", str(out), "--", "--rollout.max_completion_length", "8"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    script, config = str(ROOT / "scripts/bench_step.py"), str(ROOT / "configs/tiny.yaml")
+    overrides = ["--", "--rollout.max_completion_length", "8"]
+    command = [sys.executable, script, "--config", config, "--phases", "4", "--json", str(out), *overrides]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(out.read_text())
     assert [r["phase"] for r in data["records"]] == ["solve", "refine", "solve", "refine"]

@@ -94,8 +94,12 @@ def test_latest_checkpoint_skips_partial_writes_dangling_links_and_unfinished_di
 
 def test_checkpoint_progress_reads_the_phase_cursor_and_refuses_a_truncated_file(tmp_path: Path) -> None:
     path = tmp_path / "x.ckpt"
-    state = {"global_step": 6, "ThinkTwiceDataModule": {"cursor": 3, "fingerprint": {}}, "state_dict": {},
-             "hyper_parameters": {"learning_rate": 0.01}}  # fmt: skip
+    state = {
+        "global_step": 6,
+        "ThinkTwiceDataModule": {"cursor": 3, "fingerprint": {}},
+        "state_dict": {},
+        "hyper_parameters": {"learning_rate": 0.01},
+    }
     torch.save(state, path)
     progress = checkpoint_progress(path)
     assert (progress.global_step, progress.phases, progress.model_hparams) == (6, 3, {"learning_rate": 0.01})

@@ -28,7 +28,9 @@ def test_a_user_error_is_one_line_even_when_wrapped_and_its_notes_come_last() ->
     assert report(wrapped, debug=False, stream=out) == 2
     assert out.getvalue().splitlines() == [
         "error: data.problems_per_batch=5 is not divisible by model.mini_batch_problems=2",
-        "Saved the run to x.ckpt. Resume with:", "  thinktwice fit --ckpt_path x.ckpt"]  # fmt: skip
+        "Saved the run to x.ckpt. Resume with:",
+        "  thinktwice fit --ckpt_path x.ckpt",
+    ]
 
 
 def test_a_bug_keeps_its_traceback_and_debug_shows_one_for_user_errors_too() -> None:
@@ -51,14 +53,19 @@ def test_a_missing_extra_is_a_user_error(monkeypatch) -> None:
     assert isinstance(info.value, ModuleNotFoundError)
     out = io.StringIO()
     assert report(info.value, debug=False, stream=out) == 2
-    assert out.getvalue() == ("error: model.quantization (QLoRA) needs a package that is not installed: "
-                              "pip install 'thinktwice_pl[quant]'\n")  # fmt: skip
+    assert out.getvalue() == (
+        "error: model.quantization (QLoRA) needs a package that is not installed: pip install 'thinktwice_pl[quant]'\n"
+    )
 
 
 def test_out_of_memory_is_recognised_on_gpu_and_cpu() -> None:
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
-                                         "memory: you tried to allocate 8589934592 bytes"))  # fmt: skip
+    assert is_out_of_memory(
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 8589934592 bytes"
+        )
+    )
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
@@ -68,8 +75,11 @@ def test_model_names_are_checked_before_transformers_sees_them(
     monkeypatch.chdir(tmp_path)
     check_model_name_or_path(str(tiny_model_dir))
     check_model_name_or_path("thinktwice:tiny")
-    with pytest.raises(UserError, match=r"model.model_name_or_path=/no/such/model is neither a local directory nor a "
-                                        "hub name"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"model.model_name_or_path=/no/such/model is neither a local directory nor a "
+        "hub name",
+    ):
         check_model_name_or_path("/no/such/model")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"is a directory without a config\.json"):

@@ -14,10 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_cpu_mode_writes_one_report_with_every_part(tmp_path: Path) -> None:
-    env = {**os.environ, "OUT": str(tmp_path / "report"), "GPU_WHEELS": str(tmp_path / "no-wheels"),
-           "PYTHON": sys.executable}  # fmt: skip
-    done = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=400)  # fmt: skip
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "report"),
+        "GPU_WHEELS": str(tmp_path / "no-wheels"),
+        "PYTHON": sys.executable,
+    }
+    done = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     out = tmp_path / "report"
     report = json.loads((out / "report.json").read_text())

@@ -56,9 +56,15 @@ def _one_step(
     the trained parameters (as loaded, before any step) and the dtype probe."""
     pl.seed_everything(0)
     module = ThinkTwiceModule(
-        model_name_or_path=str(model_dir), dtype=dtype, lora=lora, learning_rate=1e-6, problems_per_batch=2,
-        mini_batch_problems=None, num_generations=4, max_completion_length=8,
-    )  # fmt: skip
+        model_name_or_path=str(model_dir),
+        dtype=dtype,
+        lora=lora,
+        learning_rate=1e-6,
+        problems_per_batch=2,
+        mini_batch_problems=None,
+        num_generations=4,
+        max_completion_length=8,
+    )
     initial: dict[str, torch.Tensor] = {}
 
     class Snapshot(Callback):
@@ -66,13 +72,20 @@ def _one_step(
             initial.update({n: p.detach().clone() for n, p in pl_module.policy.named_parameters() if p.requires_grad})
 
     probe = DtypeProbe()
-    rollout = RolloutCallback(num_generations=4, max_completion_length=8, reward="signal_rewards.even_length",
-                              reward_workers=0)  # fmt: skip
+    rollout = RolloutCallback(
+        num_generations=4, max_completion_length=8, reward="signal_rewards.even_length", reward_workers=0
+    )
     trainer = pl.Trainer(
-        accelerator="cpu", precision=precision, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        accelerator="cpu",
+        precision=precision,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
         callbacks=[Snapshot(), probe, rollout],
-    )  # fmt: skip
+    )
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=8), problems_per_batch=2, refine=False, seed=0)
     trainer.fit(module, datamodule=data)
     return module, initial, probe
@@ -114,8 +127,9 @@ def test_lora_adapters_stay_fp32_on_a_bf16_base_and_train_at_lr_1e6(tied_model_d
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*(hit rollout.max_completion_length|same reward for all)")
         warnings.filterwarnings("ignore", message=".*this CPU has no bf16 hardware")  # on AVX2 machines: slow only
-        module, initial, probe = _one_step(tied_model_dir, tmp_path, precision="bf16-mixed", dtype="bfloat16",
-                                           lora=lora, steps=2)  # fmt: skip
+        module, initial, probe = _one_step(
+            tied_model_dir, tmp_path, precision="bf16-mixed", dtype="bfloat16", lora=lora, steps=2
+        )
     trained = {p.dtype for p in module.policy.parameters() if p.requires_grad}
     frozen = {p.dtype for p in module.policy.parameters() if not p.requires_grad}
     assert trained == {torch.float32} and frozen == {torch.bfloat16}

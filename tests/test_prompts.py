@@ -135,7 +135,8 @@ def test_remove_system_prompt_keeps_what_the_template_writes_before_the_system_t
     tok.chat_template = LLAMA31_LIKE  # a system turn that always holds a date header, empty content by default
     text = render_chat(solve_messages("Q"), tok, remove_system_prompt=True)
     assert text == f"<|endoftext|><|start_header_id|>user<|end_header_id|>\n\nQ {SOLVE_SUFFIX}<|eot_id|>" + (
-        "<|start_header_id|>assistant<|end_header_id|>\n\n")  # fmt: skip
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     tok.bos_token = "<|im_start|>"  # SmolLM2: the BOS is the turn marker, nothing comes before the system turn
     tok.chat_template = SMOLLM2
     assert default_system_turn(tok)[0] == ""
@@ -189,8 +190,11 @@ def test_build_prompts_truncates_refine_prompts_on_the_left_and_refuses_long_sol
     short, long = (len(ids) for ids in solve.ids)
     assert short < long and solve.truncated == []
     settings = PromptSettings(max_prompt_length=long - 1)
-    with pytest.raises(ValueError, match=rf"solve prompt of problem 'long' has {long} tokens > "
-                                         rf"rollout.max_prompt_length={long - 1}"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"solve prompt of problem 'long' has {long} tokens > "
+        rf"rollout.max_prompt_length={long - 1}",
+    ):
         build_prompts(problems, tokenizer, settings)
     reviewed = ["The answer is \\boxed{2}.", "It is 2."]
     full = [encode_chat(refine_messages(p.prompt_text, r, tokenizer), tokenizer) for p, r in zip(problems, reviewed)]

@@ -27,13 +27,21 @@ def script() -> ModuleType:
     return module
 
 
-def test_smoke_run_writes_the_table_plots_and_raw_metrics(script: ModuleType, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_smoke_run_writes_the_table_plots_and_raw_metrics(
+    script: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = script.main(["--smoke", "--jobs", "2", "--out", str(tmp_path / "out")])
     lines = (out / "table.md").read_text().splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header == ["model", "solve pass@1", "solve pass@2", "refine pass@1", "refine pass@2", "fix-wrong",
-                      "damage-correct"]  # fmt: skip
+    assert header == [
+        "model",
+        "solve pass@1",
+        "solve pass@2",
+        "refine pass@1",
+        "refine pass@2",
+        "fix-wrong",
+        "damage-correct",
+    ]
     rows = [line for line in lines[2:] if line.startswith("|")]
     assert [row.split("|")[1].strip() for row in rows] == ["Base", "GRPO", "ThinkTwice", "ThinkTwice - GRPO"]
     assert all(len(row.strip("|").split("|")) == len(header) for row in rows)
@@ -74,8 +82,15 @@ def test_held_out_problems_among_the_training_problems_stop_the_run(script: Modu
 def test_bootstrap_intervals_and_paired_differences(script: ModuleType) -> None:
     # 4 problems, n = 2: pass@1 per problem 1, 0.5, 0, 0 -> 0.375; greedy right on the first two, the refinement
     # fixes problem 3 and breaks problem 2 -> fix-wrong 1/2, damage-correct 1/2
-    frame = pd.DataFrame({"n": 2, "solve_correct": [2, 1, 0, 0], "refine_correct": [2, 0, 1, 0],
-                          "greedy_correct": [1, 1, 0, 0], "greedy_refine_correct": [1, 0, 1, 0]})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "n": 2,
+            "solve_correct": [2, 1, 0, 0],
+            "refine_correct": [2, 0, 1, 0],
+            "greedy_correct": [1, 1, 0, 0],
+            "greedy_refine_correct": [1, 0, 1, 0],
+        }
+    )
     resamples = np.random.default_rng(0).integers(0, 4, size=(500, 4))
     stats = script.bootstrap(frame, 2, resamples)
     assert stats["solve/pass@1"]["value"] == pytest.approx(0.375)

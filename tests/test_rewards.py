@@ -61,6 +61,17 @@ def test_extract_last_boxed(text, expected):
 SELF_CORRECTION = "First \\boxed{13}, after checking the final answer is \\boxed{14}."
 
 
+def read_cases(name: str) -> list[tuple[str, str, float, str]]:
+    """(completion, gold, expected reward, why) from the tab-separated file `name` next to this test."""
+    lines = Path(__file__).with_name(name).read_text(encoding="utf-8").splitlines()
+    cases = []
+    for line in lines:
+        if line and not line.startswith("#"):
+            completion, gold, expected, *why = line.split("\t")
+            cases.append((completion, gold, float(expected), "".join(why)))
+    return cases
+
+
 @pytest.mark.parametrize(
     ("completion", "gold"),
     [
@@ -162,92 +173,8 @@ GUARDED_CASES = [
     (r"\boxed{__import__('os').getpid()}", "1", 0.0, "never reaches eval"),
     (r"\boxed{x.n()}", "x", 0.0, "no attribute access"),
 ]
-# The paper's grader (METHOD.md section 5). Each row: completion, gold, expected reward, and why when not obvious.
-PAPER_GRADER_CASES = [
-    # boxes
-    (r"so \boxed{42}.", "42", 1.0, ""),
-    ("The answer is 42.", "42", 0.0, "no box scores 0 whatever the text says"),
-    (r"so the answer is \boxed{4", "42", 0.0, "an unclosed box (cut off) scores 0"),
-    (r"\boxed{42} wait, the answer is \boxed{4", "42", 0.0, "the last box is cut off; an earlier box does not count"),
-    (SELF_CORRECTION, "14", 1.0, "two boxes: the last counts"),
-    (SELF_CORRECTION, "13", 0.0, "two boxes: the first does not count"),
-    (r"\boxed{1} and \fbox{2}", "1", 1.0, r"\fbox is not a box for the reference"),
-    (r"\fbox{2}", "2", 0.0, "a lone \\fbox scores 0, as in the reference (its box stripping needs \\boxed{)"),
-    (r"\boxed {2}", "2", 0.0, "\\boxed then a space: 0, as in the reference"),
-    (r"\boxed{2} so far; \boxed", "2", 0.0, "the last \\boxed opens no brace: 0, as in the reference"),
-    (r"\boxed{\frac{1}{\sqrt{2}}}", r"\frac{\sqrt{2}}{2}", 1.0, "nested braces; SymPy: 1/sqrt(2) = sqrt(2)/2"),
-    (r"\boxed{\left\{1,2\right\}}", r"\{1,2\}", 1.0, r"nested and escaped braces; \left/\right dropped"),
-    (r"\boxed{41}", "42", 0.0, "wrong number"),
-    (r"\boxed{ 4 2 }", "42", 1.0, "spaces are removed"),
-    (r"\boxed{42}", r"\boxed{42}", 1.0, "a boxed gold is reduced to its last box"),
-    (r"\boxed{42}", r"We get $x = \boxed{42}$.", 1.0, "a full solution as gold: its last box"),
-    # units
-    (r"\boxed{10}", r"10\text{ cm}", 1.0, "a trailing \\text{} unit is dropped"),
-    (r"\boxed{10\text{ cm}}", "10", 1.0, ""),
-    (r"\boxed{10 \text{ inches}}", "10", 1.0, ""),
-    (r"\boxed{10 cm}", "10", 1.0, "unit words are dropped"),
-    (r"\boxed{5\text{ m}^2}", "5", 1.0, ""),
-    (r"\boxed{11\text{ cm}}", r"10\text{ cm}", 0.0, "same unit, wrong number"),
-    # currency
-    (r"\boxed{18.90}", r"\$18.90", 1.0, ""),
-    (r"\boxed{\$18.90}", "18.90", 1.0, ""),
-    (r"\boxed{18.9}", r"\$18.90", 1.0, "SymPy: 18.90 - 18.9 = 0"),
-    (r"\boxed{1000}", r"\$1,000", 1.0, "thousands separators are dropped"),
-    (r"\boxed{18.80}", r"\$18.90", 0.0, ""),
-    # degrees
-    (r"\boxed{30}", r"30^\circ", 1.0, ""),
-    (r"\boxed{30^{\circ}}", "30", 1.0, ""),
-    (r"\boxed{30 degrees}", "30", 1.0, ""),
-    (r"\boxed{60^\circ}", r"30^\circ", 0.0, ""),
-    # percent
-    (r"\boxed{25}", r"25\%", 1.0, ""),
-    (r"\boxed{25\%}", "25", 1.0, ""),
-    (r"\boxed{0.25}", r"25\%", 0.0, "a percent is compared as its number, 25, not 0.25"),
-    # mixed numbers, dfrac, a/b
-    (r"\boxed{\frac{3}{2}}", r"1\frac{1}{2}", 1.0, "mixed number: 1 1/2 is read 1+1/2"),
-    (r"\boxed{1.5}", r"1\frac{1}{2}", 1.0, ""),
-    (r"\boxed{7\frac{3}{4}}", "7.75", 1.0, ""),
-    (r"\boxed{\frac{1}{2}}", r"1\frac{1}{2}", 0.0, ""),
-    (r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}", 1.0, ""),
-    (r"\boxed{\tfrac34}", r"\frac{3}{4}", 1.0, ""),
-    (r"\boxed{3/4}", r"\frac{3}{4}", 1.0, "an integer a/b is \\frac{a}{b}"),
-    (r"\boxed{\frac{3}{4}}", "3/4", 1.0, ""),
-    (r"\boxed{0.75}", r"\frac{3}{4}", 1.0, "SymPy: 3/4 - 0.75 = 0"),
-    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0, ""),
-    (r"\boxed{\frac{6}{8}}", r"\frac{3}{4}", 0.0, "an unreduced fraction is wrong: two a/b must be identical"),
-    (r"\boxed{6/8}", "3/4", 0.0, "same rule in plain text"),
-    (r"\boxed{0.33}", r"\frac{1}{3}", 0.0, ""),
-    (r"\boxed{\frac{4}{2}}", "2", 0.0, "an integer gold needs an integer answer"),
-    (r"\boxed{\sqrt{4}}", "2", 0.0, "same rule: sqrt(4) is not written as an integer"),
-    (r"\boxed{2.0}", "2", 1.0, "5.0 is the integer 5"),
-    (r"\boxed{2^{10}}", "1024", 0.0, "an integer gold needs an integer answer"),
-    # symbolic
-    (r"\boxed{\frac{\sqrt{5}+1}{2}}", r"\frac{1+\sqrt{5}}{2}", 1.0, "SymPy; the reference reads the gold 1+sqrt(5)/2"),
-    (r"\boxed{1+\frac{\sqrt{5}}{2}}", r"\frac{1+\sqrt{5}}{2}", 0.0, "a different number (the reference says 1)"),
-    (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", 1.0, ""),
-    (r"\boxed{\pi/2}", r"\frac{\pi}{2}", 1.0, ""),
-    (r"\boxed{(x+1)^2}", "x^2+2x+1", 1.0, "SymPy"),
-    (r"\boxed{x+1}", "x+2", 0.0, ""),
-    (r"\boxed{x = 5}", "5", 1.0, "a short 'x =' prefix is dropped"),
-    (r"\boxed{\sqrt[3]{2}}", r"\sqrt{2}", 0.0, "the root's degree counts (pylatexenc drops it for the reference)"),
-    (r"\boxed{52}", r"\binom{5}{2}", 0.0, "an unknown macro stays (pylatexenc deletes it: 52 for the reference)"),
-    (r"\boxed{c+b}", "a+b", 1.0, "the reference's single-letter unit words: a false positive kept for fidelity"),
-    # intervals and tuples
-    (r"\boxed{(1,2)}", "(1, 2)", 1.0, ""),
-    (r"\boxed{\left(1, \frac{1}{2}\right)}", "(1,0.5)", 1.0, "element by element, SymPy on each"),
-    (r"\boxed{(2,1)}", "(1,2)", 0.0, "order matters"),
-    (r"\boxed{[1,2]}", "(1,2)", 0.0, "brackets must match"),
-    (r"\boxed{(1,2]}", "(1,2)", 0.0, "an interval's closing bracket counts"),
-    (r"\boxed{(1,2,3)}", "(1,2)", 0.0, "element count must match"),
-    (r"\boxed{[2, 5)}", "[2,5)", 1.0, ""),
-    (r"\boxed{(-\infty, 3]}", r"\left(-\infty,3\right]", 1.0, ""),
-    # text answers
-    (r"\boxed{\text{(C)}}", "(C)", 1.0, ""),
-    (r"\boxed{C}", r"\text{(C)}", 1.0, "a single bracketed element is that element"),
-    (r"\boxed{(D)}", r"\text{(C)}", 0.0, ""),
-    (r"\boxed{\text{Monday}}", "monday", 1.0, "text is compared in lower case"),
-    *GUARDED_CASES,
-]
+# The paper's grader (METHOD.md section 5): the cases of paper_grader_cases.tsv, then the guarded inputs.
+PAPER_GRADER_CASES = [*read_cases("paper_grader_cases.tsv"), *GUARDED_CASES]
 
 
 # Where `boxed` and the reference's grader disagree, known from the reference's code: its LaTeX-to-text conversion
@@ -484,8 +411,11 @@ def test_unusable_gold_is_an_error_not_a_silent_zero(reward, message):
 def test_rewards_reexports_the_graders():
     from thinktwice_pl import graders, paper_grader, rewards
 
-    for module, name in ((paper_grader, "boxed_reward"), (graders, "math_verify_reward"),
-                         (graders, "extract_last_boxed")):  # fmt: skip
+    for module, name in (
+        (paper_grader, "boxed_reward"),
+        (graders, "math_verify_reward"),
+        (graders, "extract_last_boxed"),
+    ):
         assert getattr(rewards, name) is getattr(module, name)
 
 

@@ -58,8 +58,14 @@ def test_smollm2_template_renders_the_solve_prompt(smollm2_dir: Path) -> None:
 
 def test_one_thinktwice_pair_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
     pl.seed_everything(0)
-    module = ThinkTwiceModule(model_name_or_path=str(smollm2_dir), problems_per_batch=2, mini_batch_problems=2,
-                              num_generations=2, max_completion_length=8, learning_rate=1e-5)  # fmt: skip
+    module = ThinkTwiceModule(
+        model_name_or_path=str(smollm2_dir),
+        problems_per_batch=2,
+        mini_batch_problems=2,
+        num_generations=2,
+        max_completion_length=8,
+        learning_rate=1e-5,
+    )
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=4, difficulty=0), problems_per_batch=2)
     rollout = RolloutCallback(num_generations=2, max_completion_length=8, reward_workers=1)
     export = HFExport(str(tmp_path / "hf_model"))
