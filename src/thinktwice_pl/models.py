@@ -31,7 +31,7 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraSettings:
     """LoRA adapters (peft): only the adapter weights are trained, optimised and checkpointed."""
 
@@ -50,10 +50,10 @@ class LoraSettings:
         if not 0 <= self.dropout < 1:
             raise UserError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
         if isinstance(self.target_modules, list) and self.target_modules == ["all-linear"]:
-            self.target_modules = "all-linear"
+            object.__setattr__(self, "target_modules", "all-linear")  # peft's spelling of the shortcut
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizationSettings:
     """QLoRA: the frozen base weights in 4 bits (bitsandbytes, the ``quant`` extra); needs model.lora."""
 
