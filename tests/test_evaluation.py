@@ -36,30 +36,19 @@ def documented_keys(split: str, benchmarks: list[str], ks: list[int]) -> set[str
     return keys | {f"{split}/transition/{name}" for name in ("fix_wrong", "damage_correct", "keep_right", "stay_wrong")}
 
 
-class ScriptedEngine:
+class ScriptedEngine(HFRolloutEngine):
     """A RolloutEngine whose answers are known: problem "What is a + b?" gets c = (a + b) % (n + 1) right answers
-    (the first c samples); a refinement flips the correctness of the answer it reviews. Records each call."""
+    (the first c samples); a refinement flips the correctness of the answer it reviews. Records each call. The HF
+    engine's no-op weight sync, sleep, wake-up and close are kept; `generate` is scripted."""
 
     def __init__(self) -> None:
-        self.tokenizer: Any = None
+        super().__init__()
         self.calls: list[tuple[int, int, SamplingConfig]] = []
         self.setups = 0
 
     def setup(self, model: Any, tokenizer: Any, compute_dtype: Any = None) -> None:
-        self.tokenizer = tokenizer
+        super().setup(model, tokenizer, compute_dtype)
         self.setups += 1
-
-    def sync_weights(self, model: Any) -> None:
-        pass
-
-    def sleep(self) -> None:
-        pass
-
-    def wake_up(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
         self.calls.append((len(prompts), n, sampling))

@@ -233,11 +233,11 @@ def test_wrong_first_refine_phase_reviews_bases_of_the_whole_batch(tiny_model_di
                       rollout_kw={"reward": "signal_rewards.even_answers_right"})  # fmt: skip
     assert train_phases(metrics) == ["solve", "refine"] * 4
     refines = [b for b in recorder.batches if b.phase == "refine"]
-    twice = [b for b in refines if len({p.id for p in b.problems}) < len(b.problems)]
+    twice = [b for b in refines if len({p.id for p in b.prompt_problems}) < len(b.prompt_problems)]
     assert twice, "no pair had a problem without wrong answers next to one with several"
     for batch in refines:
         assert batch.bases is not None and batch.rollouts is not None
-        assert [p.id for p in batch.problems] == [b.problem_id for b in batch.bases]
+        assert [p.id for p in batch.prompt_problems] == [b.problem_id for b in batch.bases]
         groups = [batch.rollouts.rollouts[g * 4 : (g + 1) * 4] for g in range(2)]  # G = 4 refinements per base
         for base, group in zip(batch.bases, groups, strict=True):
             assert {(r.problem_id, r.base_text, r.base_correct) for r in group} == {
@@ -267,7 +267,7 @@ def test_fit_with_long_refine_prompts_truncates_counts_and_warns_once(
             assert all(len(r.prompt_ids) < 200 for r in batch.rollouts.rollouts)
             continue
         assert batch.bases is not None
-        for g, (problem, base) in enumerate(zip(batch.problems, batch.bases, strict=True)):
+        for g, (problem, base) in enumerate(zip(batch.prompt_problems, batch.bases, strict=True)):
             full = encode_chat(refine_messages(problem.prompt_text, base.completion_text, tokenizer), tokenizer)
             assert len(full) > 200
             assert batch.rollouts.rollouts[g * 4].prompt_ids == full[-200:]  # the last 200 tokens were trained on

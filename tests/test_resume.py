@@ -10,7 +10,7 @@ import pandas as pd
 from lightning.pytorch.loggers import CSVLogger
 
 from thinktwice_pl.checkpointing import Progress
-from thinktwice_pl.resume import Continuation, MetricsWriter, resume_command, set_version, version_folder_of
+from thinktwice_pl.resume import Continuation, metrics_writer, resume_command, set_version, version_folder_of
 
 OLD = """epoch,step,train/solve/loss,val/avg/solve/pass@1
 ,0,,0.25
@@ -27,7 +27,7 @@ def test_a_continued_metrics_file_keeps_the_checkpoints_phases_and_replaces_redo
     (tmp_path / "metrics.csv").write_text(OLD)
     # a checkpoint after 4 phases; the run was killed after logging phases 4 and 5
     keep = Continuation("version_0", tmp_path, Progress(global_step=8, phases=4, model_hparams={})).keep
-    writer = MetricsWriter(str(tmp_path), keep)
+    writer = metrics_writer(str(tmp_path), keep)
     assert (tmp_path / "metrics.csv").read_text() == OLD, "nothing is rewritten before the resumed run logs"
     writer.log_metrics({"train/solve/loss": 0.11, "epoch": 0.0}, step=4)
     writer.save()
@@ -43,7 +43,7 @@ def test_a_continued_metrics_file_keeps_the_checkpoints_phases_and_replaces_redo
 
 
 def test_a_fresh_writer_starts_empty_and_writes_every_save(tmp_path: Path) -> None:
-    writer = MetricsWriter(str(tmp_path))
+    writer = metrics_writer(str(tmp_path))
     writer.log_metrics({"train/solve/loss": 1.0}, step=0)
     writer.save()
     writer.log_metrics({"train/refine/loss": 2.0}, step=1)

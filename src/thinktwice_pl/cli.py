@@ -22,6 +22,7 @@ traceback. A crash prints, last, the command that resumes the run.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 import warnings
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonargparse
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from thinktwice_pl.callbacks.crash import CrashCheckpoint
@@ -39,6 +40,7 @@ from thinktwice_pl.checkpointing import checkpoint_progress, make_checkpoints_at
 from thinktwice_pl.data import ThinkTwiceDataModule
 from thinktwice_pl.errors import DEBUG_ENV, UserError, describe, notes_of, report
 from thinktwice_pl.hostmem import configure_host_allocator
+from thinktwice_pl.lightning_shims import ConfigKeepingCLI, fixed_version
 from thinktwice_pl.module import ThinkTwiceModule
 from thinktwice_pl.parallel import close_process_group, exit_skipping_native_teardown
 from thinktwice_pl.resume import (
@@ -62,9 +64,10 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 """The command's defaults for ``trainer:`` settings a config does not give."""
 
 
-class ThinkTwiceCLI(LightningCLI):
+class ThinkTwiceCLI(ConfigKeepingCLI):
     """LightningCLI with ``rollout:`` and ``eval:`` sections (the always-present RolloutCallback and Evaluation
-    callbacks), linked arguments, and the resume rules of `thinktwice_pl.resume`.
+    callbacks), linked arguments, and the resume rules of `thinktwice_pl.resume`. A ``--ckpt_path`` never replaces
+    the ``model:`` config (`ConfigKeepingCLI`): `before_fit` warns where they differ.
 
     Args:
         command: the command line as the user typed it (program and arguments), for the resume command printed
@@ -83,12 +86,6 @@ class ThinkTwiceCLI(LightningCLI):
         parser.link_arguments("rollout.num_generations", "model.num_generations")
         parser.link_arguments("rollout.temperature", "model.temperature")
         parser.link_arguments("rollout.max_completion_length", "model.max_completion_length")
-
-    def _parse_ckpt_path(self) -> None:
-        """Keep the ``model:`` config the user gave. (Lightning 2.5+ replaces it by the hyper-parameters stored in a
-        ``--ckpt_path`` file, reading the whole file at start-up, but not for ``last`` or a sharded directory; here
-        all resume the same way: `before_fit` warns where the config differs from the checkpoint, and a checkpoint
-        whose weights do not fit the model is refused when it loads.)"""
 
     def before_fit(self) -> None:
         """Refuse Lightning's OnExceptionCheckpoint, make checkpoints atomic, resolve ``--ckpt_path``, and pick
@@ -122,7 +119,7 @@ class ThinkTwiceCLI(LightningCLI):
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, SaveConfigCallback) and (log_dir / callback.config_filename).exists():
                 callback.config_filename = free_name(log_dir, "config.resume", ".yaml")
-        # Lightning warns that the folder it is asked to continue in is not empty
+        # Lightning warns that the folder it is asked to continue in is not empty: resuming there is the point
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         phases = f"{progress.phases} phases, " if progress.phases is not None else ""
         rank_zero_info(f"Resuming from {display_path(Path(ckpt))} ({phases}{progress.global_step} optimizer steps); "
@@ -132,7 +129,7 @@ class ThinkTwiceCLI(LightningCLI):
         """A fresh fit into a version folder that holds a run (a fixed ``trainer.logger.init_args.version``) would
         overwrite its files: refuse, naming the way to resume it or to start beside it."""
         logger = self.trainer.loggers[0] if self.trainer.loggers else None
-        if logger is None or getattr(logger, "_version", None) is None or not hasattr(logger, "log_dir"):
+        if logger is None or fixed_version(logger) is None or not hasattr(logger, "log_dir"):
             return  # no logger, or a version Lightning numbers itself: always a new folder
         if (Path(logger.log_dir) / "config.yaml").exists():
             raise UserError(
@@ -195,6 +192,53 @@ def _refuse_on_exception_checkpoint(trainer: Any) -> None:
         )
 
 
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of `starts`."""
+
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+_LOG_FILTERS = {
+    # Lightning 2.6 advertises its cloud products ("💡 Tip: ... litlogger / litmodels") in every run's log.
+    "lightning.pytorch.utilities.rank_zero": _DropMessages("💡 Tip:"),
+    # vLLM's CPU worker replaces torch.set_num_threads by a stub that warns, and vLLM's own start-up then calls it.
+    # An in-process engine binds no threads: VLLMRolloutEngine puts the real function back once the engine runs.
+    "vllm.v1.worker.cpu_worker": _DropMessages(
+        "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding"
+    ),
+    # Every weight push warns for layers that hold no pushed weights: the rotary layer (its cos/sin come from the
+    # config) and, with tied embeddings, the head, which VLLMRolloutEngine rebuilds from the pushed embedding.
+    "vllm.model_executor.model_loader.reload.layerwise": _DropMessages(
+        "RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights"
+    ),
+}
+
+
+def filter_foreign_noise() -> None:
+    """Silences the warnings and log lines of Lightning and vLLM that have no cause of ours to fix (everything else
+    reaches the user). Installed by the command, not on import: code that imports the package keeps its warnings.
+    Loggers exist before vllm is imported, so vllm is not imported here."""
+    # Lightning 2.6's CombinedLoader builds torch.utils._pytree.LeafSpec, which torch >= 2.13 deprecates, on every
+    # epoch's loaders.
+    leaf_spec = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+    warnings.filterwarnings("ignore", message=leaf_spec, category=FutureWarning)
+    # ModelCheckpoint(every_n_train_steps=...) under manual optimization warns that the checkpoint holds the weights
+    # after the optimizer step, which is what a phase checkpoint must hold.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
+    # Lightning recommends sync_dist=True for epoch-level values whenever torch.distributed is initialized, which an
+    # in-process vLLM engine does on one device, where sync_dist=True cannot silence it. Only the evaluation's
+    # names: callbacks/evaluation.py reduces them across ranks before it logs them.
+    evaluation_names = r"It is recommended to use `self\.log\('(val/|test/|perf/val_s|perf/test_s)"
+    warnings.filterwarnings("ignore", message=evaluation_names)
+    for name, log_filter in _LOG_FILTERS.items():
+        logging.getLogger(name).addFilter(log_filter)  # the same object: added once however often main runs
+
+
 def main(args: list[str] | None = None) -> None:
     """The ``thinktwice`` console script (and ``python -m thinktwice_pl``); `args` replaces ``sys.argv[1:]``.
 
@@ -208,10 +252,10 @@ def main(args: list[str] | None = None) -> None:
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     command = invocation(argv) if args is None else ["thinktwice", *argv]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    filter_foreign_noise()
     configure_host_allocator()
-    if args is None:  # the command: the ~450k objects of the imports (transformers, Lightning, sympy...) live as
-        # long as the process; frozen, the collector's full passes stop walking them (0.4-0.5 s each on a 2.4 GHz
-        # core, about one per phase). Not for calls from Python (tests), whose later garbage would stay frozen.
+    if args is None:  # the command: the objects of the imports live as long as the process; frozen, the collector's
+        # full passes stop walking them. Not for calls from Python (tests), whose later garbage would stay frozen.
         gc.freeze()
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:

@@ -38,7 +38,7 @@ from thinktwice_pl.types import EvalBatch, PhaseBatch, Problem, Rollout
 __all__ = [  # the problem sources are re-exported: configs and user code import them from here
     "BENCHMARKS", "PRESETS", "ProblemSource", "ThinkTwiceDataModule", "eval_batches", "load_problems",
     "procedural_problem", "procedural_problems", "rank_slice", "resolve_source", "select_bases", "text_side",
-    "write_parquet",
+    "thinktwice_data", "write_parquet",
 ]  # fmt: skip
 
 _STATE_VERSION = 1
@@ -322,6 +322,17 @@ class ThinkTwiceDataModule(LightningDataModule):
             int(entry["pair"]): (int(entry["group_size"]), [Rollout(**r) for r in entry["rollouts"]])
             for entry in state["cache"]
         }
+
+
+def thinktwice_data(trainer: Any, user: str) -> ThinkTwiceDataModule:
+    """The trainer's `ThinkTwiceDataModule`, for the callbacks that read its position (`cursor`: phase batches
+    completed) or its refine cache; `user` names the caller in the error raised when the trainer has another data
+    module or none."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if not isinstance(datamodule, ThinkTwiceDataModule):
+        got = "none" if datamodule is None else type(datamodule).__name__
+        raise TypeError(f"{user} needs the ThinkTwiceDataModule (data:) to serve phase batches; the trainer has {got}")
+    return datamodule
 
 
 class _PhaseBatches(IterableDataset[PhaseBatch]):

@@ -19,19 +19,16 @@ A checkpoint from elsewhere starts a new version folder whose rows begin at the 
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import shlex
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-
-from thinktwice_pl.checkpointing import Progress, atomic_write_text, latest_checkpoint
+from thinktwice_pl import lightning_shims
+from thinktwice_pl.checkpointing import Progress, latest_checkpoint
 
 KeepRow = Callable[[int | None, str], bool]
 
@@ -155,58 +152,28 @@ def row_step(row: dict[str, Any]) -> int | None:
         return None
 
 
-class MetricsWriter(ExperimentWriter):
-    """Lightning's CSV experiment writer, with every save a whole, atomic rewrite of ``metrics.csv``.
+def row_slot(row: dict[str, Any]) -> Hashable | None:
+    """Rows of the same step and kind replace each other (a phase or validation redone after a resume)."""
+    kind = row_kind(row)
+    return None if kind == "other" else (row_step(row), kind)
 
-    Lightning's writer deletes an existing ``metrics.csv`` when it starts (a resumed run would lose the old rows) and
-    appends rows in place (a kill can cut the last line, or the whole file while its header is rewritten). This one
-    starts from the old rows that `keep` accepts, replaces a row when a newer one of the same step and kind arrives,
-    and writes the file through a temporary file and a rename.
-    """
 
-    def __init__(self, log_dir: str, keep: KeepRow | None = None) -> None:
-        self._keep = keep
-        self._rows: list[dict[str, Any]] = []
-        super().__init__(log_dir)
-
-    def _check_log_dir_exists(self) -> None:
-        path = Path(self.metrics_file_path)
-        if self._keep is None or not path.is_file():
-            return
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            # a line cut short by a kill (Lightning's writer appends in place) has fewer fields: None values
-            rows = [row for row in reader if None not in row and None not in row.values()]
-            self.metrics_keys = sorted(reader.fieldnames or [])
-        self._rows = [row for row in rows if self._keep(row_step(row), row_kind(row))]
-
-    def save(self) -> None:
-        if not self.metrics:
-            return
-        self._record_new_keys()
-        for row in self.metrics:
-            step, kind = row_step(row), row_kind(row)
-            if kind != "other":
-                self._rows = [old for old in self._rows if (row_step(old), row_kind(old)) != (step, kind)]
-            self._rows.append(row)
-        self.metrics = []
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=self.metrics_keys, restval="")
-        writer.writeheader()
-        writer.writerows(self._rows)
-        atomic_write_text(Path(self.metrics_file_path), text.getvalue())
+def metrics_writer(log_dir: str, keep: KeepRow | None = None) -> lightning_shims.RewritingCSVWriter:
+    """A CSV experiment writer for `log_dir` that rewrites ``metrics.csv`` whole and atomically at every save,
+    starting from the old rows that `keep` accepts (None: none), a row replacing those of the same step and kind."""
+    keep_row = None if keep is None else (lambda row: keep(row_step(row), row_kind(row)))
+    return lightning_shims.RewritingCSVWriter(log_dir, keep_row, row_slot)
 
 
 def install_metrics_writer(logger: Any, keep: KeepRow | None) -> None:
-    """Give a CSVLogger the `MetricsWriter` (on global rank 0, where Lightning's CSVLogger writes)."""
+    """Give a CSVLogger the `metrics_writer` (on global rank 0, where Lightning's CSVLogger writes)."""
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities import rank_zero_only
 
     if not isinstance(logger, CSVLogger) or getattr(rank_zero_only, "rank", 0) != 0:
         return
     os.makedirs(logger.root_dir, exist_ok=True)
-    # Lightning creates its writer on first use of `logger.experiment`; ours takes its place (Lightning < 2.7)
-    logger._experiment = MetricsWriter(logger.log_dir, keep)
+    lightning_shims.install_experiment(logger, metrics_writer(logger.log_dir, keep))
 
 
 def set_version(loggers: Iterable[Any], version: str) -> None:
@@ -215,5 +182,4 @@ def set_version(loggers: Iterable[Any], version: str) -> None:
     number = version.removeprefix("version_")
     value: int | str = int(number) if version.startswith("version_") and number.isdigit() else version
     for logger in loggers:
-        if hasattr(logger, "_version") and hasattr(logger, "root_dir"):
-            logger._version = value
+        lightning_shims.set_version(logger, value)

@@ -94,9 +94,8 @@ class PhaseBatch:
     """One Lightning training batch: a batch of problems tagged with the phase to run on them.
 
     `index` counts phase batches from the start of training (solve and refine each count one);
-    `pair` counts problem batches. The rollout callback fills `rollouts` before the training step.
-    In a refine batch it first sets `bases` and then `problems[i]` to the problem of `bases[i]`: with
-    ``wrong_first`` / ``balanced`` selection a problem may appear several times and another not at all.
+    `pair` counts problem batches. `problems` is the problem batch, the same in both phases. The
+    fields after it are filled as the phase runs, each by one callback and read by those named.
     """
 
     phase: Phase
@@ -104,8 +103,21 @@ class PhaseBatch:
     index: int
     pair: int
     epoch: int
-    bases: list[Rollout] | None = None  # refine phase: the solve answer reviewed by each prompt
-    rollouts: RolloutBatch | None = None
+    bases: list[Rollout] | None = None  # refine: the solve answer each prompt reviews (RolloutCallback, batch start)
+    rollouts: RolloutBatch | None = None  # scored rollouts (RolloutCallback, batch start; the module trains on them)
+    sync_s: float | None = None  # the engine's weight sync after the update (RolloutCallback; PhaseLogger logs it)
+    logged: bool = False  # the phase's row and samples are written (PhaseLogger; CrashCheckpoint reads it)
+
+    @property
+    def prompt_problems(self) -> list[Problem]:
+        """The problem of each prompt: `problems` in a solve batch, the problem of each base in a refine batch (with
+        ``wrong_first`` / ``balanced`` selection a problem may appear several times and another not at all)."""
+        if self.phase == "solve":
+            return self.problems
+        if self.bases is None:
+            raise ValueError(f"refine batch {self.index} has no bases yet (RolloutCallback sets them at batch start)")
+        by_id = {p.id: p for p in self.problems}
+        return [by_id[base.problem_id] for base in self.bases]
 
 
 @dataclass

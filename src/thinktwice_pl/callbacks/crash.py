@@ -38,24 +38,35 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from thinktwice_pl.data import ThinkTwiceDataModule, thinktwice_data
 from thinktwice_pl.errors import add_note
+from thinktwice_pl.lightning_shims import stop_as_on_sigterm
 from thinktwice_pl.resume import display_path, resolve_last, resume_command
 from thinktwice_pl.types import PhaseBatch
 
 
 class CrashCheckpoint(Callback):
     """Saves ``<log_dir>/checkpoints/crash-step=<N>.ckpt`` when a fit fails after its first optimizer step, at the
-    state of the last completed phase, and adds the resume command to the error. No arguments."""
+    state of the last completed phase, and adds the resume command to the error. No arguments.
+
+    A phase counts as completed when the `ThinkTwiceDataModule` counts it done (its ``cursor``, advanced by the
+    RolloutCallback) and `PhaseLogger` has written its row (``PhaseBatch.logged``).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.command: list[str] | None = None
         """The command line of this run (set by the ``thinktwice`` command; None: ``sys.argv``)."""
         self.saved: Path | None = None
+        self._data: ThinkTwiceDataModule | None = None  # set in setup: read in on_exception, which must not fail
         self._phase: PhaseBatch | None = None  # the phase batch in progress, None between phases
         self._steps_at_phase_start = 0
         self._signalled = False  # several processes: this rank received SIGTERM
         self._stopping = False  # several processes: all ranks agreed to stop at this phase boundary
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._data = thinktwice_data(trainer, "CrashCheckpoint")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With several processes, SIGTERM only marks this rank (Lightning restores the previous handler when the
@@ -77,7 +88,7 @@ class CrashCheckpoint(Callback):
         torch.distributed.all_reduce(marks, op=torch.distributed.ReduceOp.MAX)  # every rank, once per phase
         if marks.item():
             self._stopping = True
-            _stop_at_this_phase_boundary(trainer)
+            stop_as_on_sigterm(trainer)  # every rank raises SIGTERMException after this phase's hooks
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -96,7 +107,7 @@ class CrashCheckpoint(Callback):
         if several and not (self._stopping and isinstance(exception, SIGTERMException)):
             add_note(exception, f"No crash checkpoint with {trainer.world_size} processes; {self._newest(trainer)}")
             return
-        completed = self._phase is None or not applied or _completed(trainer, self._phase)
+        completed = self._phase is None or not applied or self._completed(self._phase)
         if several:  # every rank is here, at the same phase boundary: decide together, then save together
             completed = _on_every_rank(trainer, completed)
         if not completed:
@@ -114,11 +125,16 @@ class CrashCheckpoint(Callback):
                                       f"{self._newest(trainer)}")  # fmt: skip
             return
         self.saved = path
-        phases = getattr(trainer.datamodule, "cursor", None)  # type: ignore[attr-defined]
-        done = f"{phases} phases, " if isinstance(phases, int) else ""
+        done = f"{self._data.cursor} phases, " if self._data is not None else ""
         _note(trainer, exception, f"Saved the run after {done}{trainer.global_step} optimizer steps to "
                                   f"{display_path(path)}. Resume with:\n"
                                   f"  {resume_command(self.command, path)}")  # fmt: skip
+
+    def _completed(self, phase: PhaseBatch) -> bool:
+        """Whether `phase` had finished when the failure came: the data module counts it done and its metrics row is
+        written (e.g. after a SIGTERM, which Lightning raises as an exception once the batch's hooks have run)."""
+        done = self._data is not None and self._data.cursor == phase.index + 1
+        return done and phase.logged
 
     def _newest(self, trainer: pl.Trainer) -> str:
         latest = resolve_last(trainer)
@@ -126,14 +142,6 @@ class CrashCheckpoint(Callback):
             return "this run has no checkpoint yet."
         return (f"the newest checkpoint of this run is {display_path(latest)}. Resume with:\n"
                 f"  {resume_command(self.command, latest)}")  # fmt: skip
-
-
-def _completed(trainer: pl.Trainer, phase: PhaseBatch) -> bool:
-    """Whether `phase` had finished when the failure came: the data module counts it done and its metrics row is
-    written (e.g. after a SIGTERM, which Lightning raises as an exception once the batch's hooks have run)."""
-    done = getattr(trainer.datamodule, "cursor", None) == phase.index + 1  # type: ignore[attr-defined]
-    logged = any(getattr(c, "last_logged", None) == phase.index for c in trainer.callbacks)  # type: ignore[attr-defined]
-    return done and logged
 
 
 def _note(trainer: pl.Trainer, exception: BaseException, note: str) -> None:
@@ -147,14 +155,3 @@ def _on_every_rank(trainer: pl.Trainer, flag: bool) -> bool:
     value = torch.tensor([int(flag)], device=trainer.strategy.root_device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
     return bool(value.item())
-
-
-def _stop_at_this_phase_boundary(trainer: pl.Trainer) -> None:
-    """Sets the flag that Lightning's SIGTERM handler sets, so that its loops raise ``SIGTERMException`` after this
-    phase's hooks (and in a validation that follows), as they do on one process. Lightning 2.6's private
-    ``Trainer._signal_connector.received_sigterm``, read by ``Trainer.received_sigterm`` (no public setter);
-    tests/test_crash.py stops two processes through it."""
-    connector = trainer._signal_connector
-    if not hasattr(connector, "received_sigterm"):  # a Lightning without it: stop here, still on every rank
-        raise SIGTERMException()
-    connector.received_sigterm = True

@@ -19,6 +19,8 @@ Generation goes through the engine of the `RolloutCallback` (HF or vLLM alike), 
 use its prompt texts, prompt limit and grader, so evaluation measures the same task the policy is trained
 on. The chat template's default system prompt is kept in evaluation prompts unless
 ``eval.remove_system_prompt`` is set, as the reference evaluation kept Olmo-3's while its training removed it.
+During fit the rows are logged at the `ThinkTwiceDataModule`'s ``cursor`` (phases completed), which also
+tells which validation a resumed run still owes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from thinktwice_pl.callbacks.rollout import RolloutCallback, phase_seed
+from thinktwice_pl.data import thinktwice_data
 from thinktwice_pl.errors import UserError
+from thinktwice_pl.lightning_shims import run_validation, validation_due
 from thinktwice_pl.metrics import PassAtK, Transitions, default_ks, greedy_accuracies, transition_rates
 from thinktwice_pl.rollout import SamplingConfig
 from thinktwice_pl.types import EvalBatch
@@ -129,7 +133,7 @@ class Evaluation(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validate the base model before the first phase (logged at step 0), and, when resuming, the validation the
         interrupted run owed (`_validate_if_owed`). Never without data.val."""
-        if getattr(trainer.datamodule, "cursor", 0) == 0:  # type: ignore[attr-defined]
+        if thinktwice_data(trainer, "Evaluation").cursor == 0:
             if self.validate_before_training:
                 self._run_validation(trainer)
         else:
@@ -143,21 +147,16 @@ class Evaluation(Callback):
     def _validate_if_owed(self, trainer: pl.Trainer) -> None:
         """Run the validation due after the phases completed so far when none was logged at that step: a run resumed
         from a checkpoint taken before or during that validation (Lightning's loop skips it on resume)."""
-        cursor = getattr(trainer.datamodule, "cursor", 0)  # type: ignore[attr-defined]
-        if cursor > 0 and self._validated_at != cursor and validation_due(trainer, cursor):
+        data = thinktwice_data(trainer, "Evaluation")
+        cursor, per_epoch = data.cursor, data.phase_batches_per_epoch
+        if cursor > 0 and self._validated_at != cursor and validation_due(trainer, cursor, per_epoch):
             self._run_validation(trainer)
 
     def _run_validation(self, trainer: pl.Trainer) -> None:
-        """The same call as the fit loop's scheduled validation (the training epoch loop's val_check)."""
-        datamodule = trainer.datamodule  # type: ignore[attr-defined]
-        if not getattr(datamodule, "eval_sources", {}).get("val") or trainer.limit_val_batches == 0:
+        """The fit loop's own validation, run now; not without data.val."""
+        if not thinktwice_data(trainer, "Evaluation").eval_sources["val"] or trainer.limit_val_batches == 0:
             return
-        stage = trainer.state.stage
-        trainer.validating = True
-        try:
-            trainer.fit_loop.epoch_loop.val_loop.run()
-        finally:
-            trainer.state.stage = stage
+        run_validation(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"validated_at": self._validated_at}
@@ -342,26 +341,6 @@ def phase_step(trainer: pl.Trainer) -> int:
     """The step at which evaluation rows are logged: during fit the number of phases completed (0 for the base
     model; the training row at step i describes rollouts sampled after i phases, so both measure the same policy),
     otherwise the trainer's global step."""
-    cursor = getattr(trainer.datamodule, "cursor", None) if trainer.state.fn == "fit" else None  # type: ignore[attr-defined]
-    return cursor if isinstance(cursor, int) else trainer.global_step
-
-
-def validation_due(trainer: pl.Trainer, phases: int) -> bool:
-    """Whether the fit loop validates right after `phases` phase batches: Lightning's rule (its training epoch
-    loop's ``_should_check_val_fx``) for an integer ``val_check_interval`` (every n phases, counted within the epoch
-    unless ``check_val_every_n_epoch`` is None) or for a whole epoch (``val_check_batch`` infinite)."""
-    per_epoch = getattr(trainer.datamodule, "phase_batches_per_epoch", 0)  # type: ignore[attr-defined]
-    every, n_epochs = trainer.val_check_batch, trainer.check_val_every_n_epoch
-    if (
-        phases < 1
-        or per_epoch < 1
-        or not trainer.enable_validation
-        or getattr(trainer, "_val_check_time_interval", None) is not None
-    ):
-        return False
-    epoch, done = divmod(phases - 1, per_epoch)
-    if n_epochs is not None and (epoch + 1) % n_epochs:
-        return False
-    if every == float("inf"):
-        return done + 1 == per_epoch
-    return (phases if n_epochs is None else done + 1) % int(every) == 0
+    if trainer.state.fn == "fit":
+        return thinktwice_data(trainer, "the evaluation rows' step").cursor
+    return trainer.global_step

@@ -1,8 +1,9 @@
 """PhaseLogger: one logger row per phase, a few sample completions, and the warnings of a run learning nothing.
 
-The module's `training_step` returns the phase's metrics; they reach this callback as `outputs` (with the rollout
-callback's weight-sync time added). Lightning would write one row per optimizer step and repeat the other phase's
-last values in each; here every phase is one row at ``step`` = phase index, as the reference code counts.
+The module's `training_step` returns the phase's metrics; they reach this callback as `outputs`, and the row adds
+``perf/sync_s``, the weight-sync time the `RolloutCallback` puts on the batch (``PhaseBatch.sync_s``) in its own
+``on_train_batch_end``, which runs first. Lightning would write one row per optimizer step and repeat the other
+phase's last values in each; here every phase is one row at ``step`` = phase index, as the reference code counts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class PhaseLogger(Callback):
     TensorBoard), and warns, at most every 20 phases, when most completions are truncated, most groups have zero
     reward variance, or an optimizer step was skipped on a non-finite gradient.
 
-    The module adds it through ``configure_callbacks``, after the trainer's callbacks.
+    The module adds it through ``configure_callbacks``, after the trainer's callbacks (so after the RolloutCallback's
+    weight sync). Once the row and samples are written it sets ``PhaseBatch.logged``, which `CrashCheckpoint` reads.
 
     Args:
         log_completions: sample completions written per phase (the first sample of the first groups; 0 = none).
@@ -36,7 +38,6 @@ class PhaseLogger(Callback):
         super().__init__()
         self.log_completions = log_completions
         self._warned_at: dict[str, int] = {}
-        self.last_logged: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A resumed run in its old folder: drop the samples of the phases after the checkpoint (they are redone)."""
@@ -52,6 +53,8 @@ class PhaseLogger(Callback):
         if not isinstance(batch, PhaseBatch) or not outputs:
             return
         metrics = {key: float(value) for key, value in outputs.items()}
+        if batch.sync_s is not None:
+            metrics["perf/sync_s"] = batch.sync_s
         size = len(batch.rollouts.rollouts) if batch.rollouts is not None else 1
         # callback_metrics (monitors, early stopping) and the progress bar; the loggers get the row below
         for key, value in metrics.items():
@@ -66,7 +69,7 @@ class PhaseLogger(Callback):
                 logger.save()  # on disk after every phase: a killed run loses no row (CSVLogger keeps 100 in memory)
         self._warn(batch, metrics)
         self._write_samples(trainer, batch)
-        self.last_logged = batch.index  # CrashCheckpoint: this phase's row and samples are written
+        batch.logged = True
 
     def _warn(self, batch: PhaseBatch, metrics: dict[str, float]) -> None:
         """The usual causes of a run that silently learns nothing, and skipped updates."""

@@ -4,8 +4,10 @@ Before every training step it samples and scores the phase's completions. Solve 
 problem. Refine phase: the data module picks B of the cached solve answers (`select_bases`: with the
 paper's ``uniform`` selection one per problem), and each chat holds its problem, that answer and the
 review instruction; the refinements are sampled after the solve step's update. After each step it
-hands the solve rollouts to the data module's cache and syncs the engine's weights with the policy.
-The Evaluation callback asks it for prompts, completions and grades (`prompts`, `awake`, `score`).
+hands the solve rollouts to the data module's cache (`ThinkTwiceDataModule.phase_done`) and syncs the
+engine's weights with the policy, putting the sync time on the batch (``PhaseBatch.sync_s``) for the
+`PhaseLogger`. The Evaluation callback asks it for prompts, completions and grades (`prompts`, `awake`,
+`score`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressB
 from lightning.pytorch.utilities import rank_zero_info
 
 from thinktwice_pl.batching import rank_slice
+from thinktwice_pl.data import thinktwice_data
 from thinktwice_pl.errors import OutOfMemoryInPhase, is_out_of_memory
 from thinktwice_pl.hostmem import trim_host_memory
+from thinktwice_pl.lightning_shims import tqdm_train_bar
 from thinktwice_pl.parallel import check_cpu_bf16, compute_dtype
 from thinktwice_pl.prompts import (
     DEFAULT_REFINE_INSTRUCTION,
@@ -110,8 +114,8 @@ class RolloutCallback(Callback):
     # ------------------------------------------------------------------------------ lifecycle
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and not hasattr(trainer.datamodule, "bases_for"):
-            raise TypeError("RolloutCallback needs the ThinkTwiceDataModule (data:) to serve phase batches")
+        if stage == "fit":
+            thinktwice_data(trainer, "RolloutCallback")  # fails now rather than at the first refine batch
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ready(trainer, pl_module)
@@ -154,20 +158,16 @@ class RolloutCallback(Callback):
             raise TypeError(f"expected a PhaseBatch from ThinkTwiceDataModule, got {type(batch).__name__}")
         _show_phase(trainer, batch)
         if batch.phase == "refine":
-            batch.bases = trainer.datamodule.bases_for(batch)
-            # refine prompt i reviews bases[i]: wrong_first / balanced may give a problem several bases and another none
-            by_id = {p.id: p for p in batch.problems}
-            batch.problems = [by_id[base.problem_id] for base in batch.bases]
-        batch.rollouts = self.rollout(pl_module, batch)
+            batch.bases = thinktwice_data(trainer, "RolloutCallback").bases_for(batch)
+        batch.rollouts = self.rollout(trainer, pl_module, batch)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        trainer.datamodule.phase_done(batch)
+        thinktwice_data(trainer, "RolloutCallback").phase_done(batch)
         start = time.perf_counter()
         self.engine.sync_weights(pl_module.policy)
-        if isinstance(outputs, dict):  # the phase's metrics, written as one row by the PhaseLogger (after this)
-            outputs["perf/sync_s"] = time.perf_counter() - start
+        batch.sync_s = time.perf_counter() - start
 
     def check_chat_template(self, tokenizer: Any) -> None:
         """With ``remove_system_prompt``: fails now if the template's default system turn cannot be cut out, and
@@ -231,17 +231,17 @@ class RolloutCallback(Callback):
 
     # ------------------------------------------------------------------------------ one phase
 
-    def rollout(self, pl_module: pl.LightningModule, batch: PhaseBatch) -> RolloutBatch:
+    def rollout(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: PhaseBatch) -> RolloutBatch:
         """Build the phase's prompts, sample G completions each, grade them: a scored `RolloutBatch`.
 
-        With several ranks each rank samples and grades its share of the problems (`rank_slice`), then the
+        With several ranks each rank samples and grades its share of the prompts (`rank_slice`), then the
         shares are gathered, so every rank holds the whole phase (the refine cache and the logged metrics
         are the same everywhere; the module trains each rank on its share).
         """
-        trainer = pl_module._trainer
-        world = trainer.world_size if trainer is not None else 1
-        share = rank_slice(len(batch.problems), pl_module.global_rank, world)
-        problems, bases = batch.problems[share], batch.bases[share] if batch.bases is not None else None
+        world = trainer.world_size
+        prompt_problems = batch.prompt_problems  # refine prompt i reviews bases[i]
+        share = rank_slice(len(prompt_problems), pl_module.global_rank, world)
+        problems, bases = prompt_problems[share], batch.bases[share] if batch.bases is not None else None
         prompts = self.prompts(problems, pl_module.tokenizer, [b.completion_text for b in bases] if bases else None)
         sampling = dataclasses.replace(self.sampling, seed=phase_seed(self.seed, batch.index, pl_module.global_rank))
         start = time.perf_counter()
@@ -304,7 +304,7 @@ def _show_phase(trainer: pl.Trainer, batch: PhaseBatch) -> None:
     """Put the current phase in the progress bar's description (TQDM or Rich)."""
     bar = trainer.progress_bar_callback
     description = f"Epoch {trainer.current_epoch} [{batch.phase}]"
-    if isinstance(bar, TQDMProgressBar) and bar.is_enabled and getattr(bar, "_train_progress_bar", None) is not None:
+    if isinstance(bar, TQDMProgressBar) and bar.is_enabled and tqdm_train_bar(bar) is not None:
         bar.train_progress_bar.set_description(description)
     elif (
         isinstance(bar, RichProgressBar)
