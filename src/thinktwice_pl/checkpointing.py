@@ -25,7 +25,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
-from thinktwice_pl.errors import UserError, describe
+from thinktwice_pl.errors import UserError
 
 SHARDED_METADATA = "meta.pt"  # written last into an FSDP2 checkpoint directory by Lightning's ModelParallelStrategy
 PARTIAL_MARK = ".partial"
@@ -211,29 +211,3 @@ def _fsync_directory(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def check_weights_fit(ours: dict[str, torch.Tensor], checkpoint: dict[str, Any], hparams: dict[str, Any]) -> None:
-    """Refuses, naming both models, a checkpoint whose ``state_dict`` does not fit the weights `ours` (another model
-    or LoRA setting) instead of torch's list of every missing key. `hparams`: the module's hyper-parameters."""
-    theirs = checkpoint["state_dict"]
-    missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
-    shapes = [k for k in sorted(ours.keys() & theirs.keys()) if tuple(ours[k].shape) != tuple(theirs[k].shape)]
-    if not (missing or unexpected or shapes):
-        return
-    problems = [
-        f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else "",
-        f"{len(unexpected)} unknown (e.g. {unexpected[0]})" if unexpected else "",
-        f"{len(shapes)} of another shape (e.g. {shapes[0]}: {tuple(theirs[shapes[0]].shape)} in the "
-        f"checkpoint, {tuple(ours[shapes[0]].shape)} here)"
-        if shapes
-        else "",
-    ]
-    written_for = checkpoint.get("hyper_parameters", {})
-    raise UserError(
-        f"the checkpoint does not fit this model ({'; '.join(p for p in problems if p)}): it was written for "
-        f"model.model_name_or_path={written_for.get('model_name_or_path')} with model.lora="
-        f"{describe(written_for.get('lora'))}, this config loads {hparams.get('model_name_or_path')} with "
-        f"model.lora={describe(hparams.get('lora'))}; resume with the config it was trained with (config.yaml in "
-        "its run folder), or start a fresh run (without --ckpt_path)"
-    )

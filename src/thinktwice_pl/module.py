@@ -1,21 +1,16 @@
-"""The ThinkTwice LightningModule: one GRPO update per phase batch, solve and refine alike.
+"""The ThinkTwice LightningModule: one GRPO update per phase batch, solve and refine alike (METHOD.md section 1).
 
-Lightning owns the loop. The data module serves each problem batch twice (solve, then refine);
-`RolloutCallback` samples and scores the phase's completions before the step. `training_step` reads
-as METHOD.md section 1: group advantages, the plan of the phase's optimizer steps (`batching`), the
-"old" log-probs when the phase takes several steps, the optimizer steps, the phase's metrics (returned
-to the callbacks; `PhaseLogger` writes them). The two phases share this code, the optimizer state and
-the learning rate.
+Lightning owns the loop; the data module serves each problem batch twice (solve, then refine), and
+`RolloutCallback` samples and scores the phase's completions before the step. `training_step`: group advantages,
+the plan of the phase's optimizer steps (`batching`), the "old" log-probs when the phase takes several steps, the
+optimizer steps, and the phase's metrics, returned to the callbacks. The flat arguments users write are read once
+into typed records (`settings`). Two shortcuts, each exact: a sequence with advantage 0 and no KL term has no
+gradient, so it is not forwarded (its tokens still count in the normaliser); with one optimizer step per phase and
+one iteration the ratio is 1, so the detached current log-probs serve as the "old" ones.
 
-Deliberate shortcuts, each exact for the math:
-- sequences with advantage exactly 0 give no gradient when ``beta == 0``: they are not forwarded,
-  but their tokens still count in the loss normaliser;
-- with one mini-batch and one iteration the ratio is 1, so the detached current log-probs serve
-  as "old" log-probs and no extra forward pass is made.
-
-Several ranks (DDP, FSDP2): every rank holds all of the phase's rollouts (the rollout callback gathers
-them) and trains its share of each optimizer step's groups; the loss normaliser counts the whole step
-on all ranks, and the loss is scaled by the world size because the strategies average gradients.
+Several ranks (DDP, FSDP2): every rank holds all of the phase's rollouts and trains its share of each optimizer
+step's groups; the normaliser counts the whole step, and the loss is scaled by the world size because the
+strategies average gradients.
 """
 
 from __future__ import annotations
@@ -33,10 +28,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.nn.utils.rnn import pad_sequence
 
+from thinktwice_pl import parallel, policy_state
 from thinktwice_pl.batching import Pass, StepPlan, collate, plan_phase
 from thinktwice_pl.builtin_models import check_model_name_or_path, resolve_model_path
 from thinktwice_pl.callbacks.phase_log import PhaseLogger
-from thinktwice_pl.checkpointing import check_weights_fit
 from thinktwice_pl.errors import OutOfMemoryInPhase, UserError, is_out_of_memory, out_of_memory_message
 from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_loss, truncated_importance_weights
 from thinktwice_pl.hostmem import trim_host_memory
@@ -50,7 +45,6 @@ from thinktwice_pl.models import (
     load_causal_lm,
     load_tokenizer,
 )
-from thinktwice_pl.parallel import check_divisible, check_precision, check_strategy, check_update_resolution, shard
 from thinktwice_pl.settings import BatchingSettings, LossSettings, OptimizerSettings, PolicySettings, pick
 from thinktwice_pl.types import EvalBatch, PhaseBatch, Rollout, RolloutBatch
 
@@ -186,7 +180,7 @@ class ThinkTwiceModule(pl.LightningModule):
         if self.device_mesh is not None:  # set by ModelParallelStrategy: FSDP2
             precision = str(self.trainer.precision)
             for model in (m for m in (self.policy, self.ref_policy) if m is not None):
-                shard(model, self.trainer.strategy, self.device_mesh, precision, **self._adapters())
+                parallel.shard(model, self.trainer.strategy, self.device_mesh, precision, **self._adapters())
 
     def _adapters(self) -> dict[str, bool]:
         return {"lora": self.lora is not None, "quantized": self.policy_settings.quantization is not None}
@@ -197,22 +191,22 @@ class ThinkTwiceModule(pl.LightningModule):
         return [PhaseLogger(log_completions=self.log_completions)]
 
     def setup(self, stage: str) -> None:
-        check_precision(str(self.trainer.precision))
-        check_strategy(self.trainer.strategy, **self._adapters())
+        parallel.check_precision(str(self.trainer.precision))
+        parallel.check_strategy(self.trainer.strategy, **self._adapters())
         batching = self.batching
-        check_divisible(batching.problems_per_batch, batching.step_problems, self.trainer.world_size)
+        parallel.check_divisible(batching.problems_per_batch, batching.step_problems, self.trainer.world_size)
 
     def configure_optimizers(self) -> Any:
         optim = self.optim
         params = [p for p in self.policy.parameters() if p.requires_grad]
         precision = str(self.trainer.precision)
-        check_update_resolution(self.policy, optim.learning_rate, precision, self.policy_settings.dtype)
+        parallel.check_update_resolution(self.policy, optim.learning_rate, precision, self.policy_settings.dtype)
         optimizer = torch.optim.AdamW(
             params,
             lr=optim.learning_rate,
             betas=optim.betas,
             weight_decay=optim.weight_decay,
-            fused=_fused_on_cpu(params),
+            fused=parallel.fused_adamw(params),
         )
         if optim.lr_scheduler == "constant" and optim.warmup_steps == 0:
             return optimizer
@@ -223,40 +217,22 @@ class ThinkTwiceModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.lora is not None:  # only the adapters: the frozen base comes from the model path again
-            from peft import get_peft_model_state_dict
-
-            adapters = get_peft_model_state_dict(self.policy)
-            checkpoint["state_dict"] = {f"policy.{key}": value for key, value in adapters.items()}
-        elif self.device_mesh is None:  # the frozen reference is rebuilt from the model path (FSDP2 keeps its shards)
-            state = checkpoint.get("state_dict", {})
-            for key in [k for k in state if k.startswith("ref_policy.")]:
-                del state[key]
+        if "state_dict" in checkpoint or self.lora is not None:
+            saved = checkpoint.get("state_dict", {})
+            sharded = self.device_mesh is not None
+            checkpoint["state_dict"] = policy_state.weights_to_save(
+                saved, self.policy, lora=self.lora is not None, sharded=sharded
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "state_dict" not in checkpoint:
             return
-        self._check_fits(checkpoint)
-        if self.lora is not None:  # adapter-only: load the adapters, then hand Lightning the whole state
-            from peft import set_peft_model_state_dict
-
-            adapters = {key.removeprefix("policy."): value for key, value in checkpoint["state_dict"].items()}
-            set_peft_model_state_dict(self.policy, adapters)
-            checkpoint["state_dict"] = {f"policy.{key}": value for key, value in self.policy.state_dict().items()}
-        if self.ref_policy is not None:  # the initial policy: from the model path
-            for key, value in self.ref_policy.state_dict().items():
-                checkpoint["state_dict"][f"ref_policy.{key}"] = value
-
-    def _check_fits(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, naming both models, a checkpoint whose weights do not fit this policy (another model or LoRA
-        setting), instead of torch's list of every missing key."""
+        ours = policy_state.trained_weights(self.policy, self.state_dict, lora=self.lora is not None)
+        policy_state.check_weights_fit(ours, checkpoint, dict(self.hparams))  # names both models when they differ
         if self.lora is not None:
-            from peft import get_peft_model_state_dict
-
-            ours = {f"policy.{k}": v for k, v in get_peft_model_state_dict(self.policy).items()}
-        else:
-            ours = {k: v for k, v in self.state_dict().items() if not k.startswith("ref_policy.")}
-        check_weights_fit(ours, checkpoint, dict(self.hparams))
+            checkpoint["state_dict"] = policy_state.load_adapters(self.policy, checkpoint["state_dict"])
+        if self.ref_policy is not None:
+            checkpoint["state_dict"].update(policy_state.reference_weights(self.ref_policy))
 
     # ----------------------------------------------------------------------------------- training
 
@@ -449,16 +425,6 @@ class ThinkTwiceModule(pl.LightningModule):
     def test_step(self, batch: EvalBatch, batch_idx: int) -> None:
         """See `validation_step`."""
         _require_evaluated(batch)
-
-
-def _fused_on_cpu(params: list[torch.nn.Parameter]) -> bool | None:
-    """True (fused AdamW) when every trained parameter is a plain CPU tensor, else None (torch's choice: foreach on
-    GPUs). On CPU torch's default is a loop over parameters, several times slower; fused gives the same update up
-    to float rounding (`scripts/bench_step.py` times a step)."""
-    from torch.distributed.tensor import DTensor
-
-    plain_cpu = all(p.device.type == "cpu" and not isinstance(p, DTensor) for p in params)
-    return True if params and plain_cpu else None
 
 
 def _rollouts_of(batch: PhaseBatch) -> RolloutBatch:

@@ -233,3 +233,13 @@ def exit_skipping_native_teardown(code: int) -> NoReturn:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
+
+
+def fused_adamw(params: list[torch.nn.Parameter]) -> bool | None:
+    """True (fused AdamW) when every trained parameter is a plain CPU tensor, else None (torch's choice: foreach on
+    GPUs). On CPU torch's default is a loop over parameters, several times slower; fused gives the same update up
+    to float rounding (`scripts/bench_step.py` times a step)."""
+    from torch.distributed.tensor import DTensor
+
+    plain_cpu = all(p.device.type == "cpu" and not isinstance(p, DTensor) for p in params)
+    return True if params and plain_cpu else None
