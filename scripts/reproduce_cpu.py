@@ -1,6 +1,6 @@
 """ThinkTwice vs GRPO on SmolLM2-135M-Instruct, on a CPU: base model, both trainings, both evaluations, one table.
 
-    python scripts/reproduce_cpu.py                               # one seed (README "Results": wall time, machine)
+    python scripts/reproduce_cpu.py                               # one seed (docs/results.md)
     python scripts/reproduce_cpu.py --seeds 0 1 2                 # mean and spread over seeds
     python scripts/reproduce_cpu.py --out runs/lr2e-5 -- --model.learning_rate 2e-5   # arguments for every stage
     python scripts/reproduce_cpu.py --smoke --out /tmp/smoke      # the tiny model and minimal sizes: seconds

@@ -244,7 +244,7 @@ def refine_signals(rollouts: list[Rollout]) -> dict[str, float]:
 def phase_metrics(
     phase: str, batch: RolloutBatch, stats: StepStats, *, trained: int, train_s: float, importance_sampling: bool
 ) -> dict[str, float]:
-    """The ``train/<phase>/*`` and ``perf/*`` values of one phase (README, Metrics); undefined values are left out.
+    """The ``train/<phase>/*`` and ``perf/*`` values of one phase (docs/evaluation.md); undefined values are left out.
 
     Args:
         phase: solve or refine.
