@@ -133,9 +133,17 @@ def _transformers_greedy(model: Any, tok: Any, prompts: list[list[int]], max_new
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos_token_ids(model, tok), pad_token_id=tok.pad_token_id,
-                             repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)  # fmt: skip
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_ids(model, tok),
+            pad_token_id=tok.pad_token_id,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+        )
     model.train(was_training)
     eos, continuations = set(eos_token_ids(model, tok)), []
     for row in out[:, ids.shape[1] :].tolist():
@@ -248,10 +256,13 @@ def test_a_one_token_prompt_decodes_without_a_prefill(engine: HFRolloutEngine) -
     assert got == expected
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, None, 1.0), (0.7, 20, 1.0), (1.3, None, 0.8),
-                                                             (0.6, 50, 0.9), (1.0, 5, 0.5)])  # fmt: skip
-def test_sampling_distribution_is_that_of_transformers_warpers(temperature: float, top_k: int | None,
-                                                                top_p: float) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(1.0, None, 1.0), (0.7, 20, 1.0), (1.3, None, 0.8), (0.6, 50, 0.9), (1.0, 5, 0.5)],
+)
+def test_sampling_distribution_is_that_of_transformers_warpers(
+    temperature: float, top_k: int | None, top_p: float
+) -> None:
     """Temperature, then top-k, then top-p: the probabilities of every vocabulary entry equal those of transformers'
     logits warpers applied in generate()'s order."""
     from transformers.generation.logits_process import (
@@ -284,8 +295,11 @@ def test_sampler_draws_each_token_with_its_probability() -> None:
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2]).repeat(40_000, 1)
     torch.manual_seed(0)
-    for sampling, kept in ((SamplingConfig(temperature=0.8), 8), (SamplingConfig(temperature=1.2, top_k=3), 3),
-                           (SamplingConfig(temperature=1.0, top_p=0.75), 3)):  # fmt: skip
+    for sampling, kept in (
+        (SamplingConfig(temperature=0.8), 8),
+        (SamplingConfig(temperature=1.2, top_k=3), 3),
+        (SamplingConfig(temperature=1.0, top_p=0.75), 3),
+    ):
         drawn = sample_next_tokens(logits, sampling)
         freq = torch.bincount(drawn, minlength=8).double() / len(drawn)
         probs = torch.softmax(logits[0].double() / sampling.temperature, -1)
@@ -309,8 +323,10 @@ def test_sampled_tokens_have_the_log_probs_of_a_plain_forward(engine: HFRolloutE
         handle.remove()
     steps = torch.cat([o[:, -1:] for o in head_out if o.shape[1] > 0], dim=1)  # [B * G, steps, V]
     completions = [c for g in groups for c in g]
-    samples = [torch.log_softmax(steps[row, : len(c.token_ids)] / temperature, -1)[
-        torch.arange(len(c.token_ids)), torch.tensor(c.token_ids)] for row, c in enumerate(completions)]  # fmt: skip
+    samples = []
+    for row, c in enumerate(completions):
+        logprobs = torch.log_softmax(steps[row, : len(c.token_ids)] / temperature, -1)  # [T, V]
+        samples.append(logprobs[torch.arange(len(c.token_ids)), torch.tensor(c.token_ids)])
     distinct = 0
     with torch.no_grad():
         for i, group in enumerate(groups):

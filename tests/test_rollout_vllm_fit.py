@@ -16,13 +16,20 @@ from thinktwice_pl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_ARGS = [
-    "--rollout.engine", "thinktwice_pl.rollout.vllm.VLLMRolloutEngine",
-    "--rollout.engine.init_args.enforce_eager", "true",
-    "--rollout.engine.init_args.kv_cache_memory_bytes", str(64 << 20),
-    "--rollout.engine.init_args.max_model_len", "1024",
+    "--rollout.engine",
+    "thinktwice_pl.rollout.vllm.VLLMRolloutEngine",
+    "--rollout.engine.init_args.enforce_eager",
+    "true",
+    "--rollout.engine.init_args.kv_cache_memory_bytes",
+    str(64 << 20),
+    "--rollout.engine.init_args.max_model_len",
+    "1024",
     # a reward with variance in every group, so both phases train (sampler statistics cover trained sequences)
-    "--rollout.reward", "signal_rewards.even_length", "--rollout.reward_workers", "0",
-]  # fmt: skip
+    "--rollout.reward",
+    "signal_rewards.even_length",
+    "--rollout.reward_workers",
+    "0",
+]
 
 
 def test_fit_with_vllm_engine_and_importance_sampling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,8 +43,18 @@ def test_fit_with_vllm_engine_and_importance_sampling(tmp_path: Path, monkeypatc
     result.warning_cache.clear()  # Lightning warns once per message and process: an earlier test may have used it
     with warnings.catch_warnings(record=True) as caught:
         importlib.reload(thinktwice_pl)  # its warning filters, as a `thinktwice` process has them (pytest resets them)
-        main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.max_steps", "8",
-              "--model.importance_sampling_cap", "2.0", *VLLM_ARGS])  # fmt: skip
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/tiny.yaml"),
+                "--trainer.max_steps",
+                "8",
+                "--model.importance_sampling_cap",
+                "2.0",
+                *VLLM_ARGS,
+            ]
+        )
     # vLLM's in-process engine creates a process group: Lightning must not ask for sync_dist on our reduced metrics
     assert not [str(w.message) for w in caught if "sync_dist" in str(w.message)]
     run = tmp_path / "runs" / "tiny" / "version_0"
@@ -77,8 +94,20 @@ def test_bf16_mixed_fit_samples_with_a_bf16_engine(
 
     monkeypatch.setattr(RolloutCallback, "teardown", teardown)
     with caplog.at_level(logging.WARNING):
-        main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.max_steps", "4",
-              "--trainer.precision", "bf16-mixed", "--eval.validate_before_training", "false", *VLLM_ARGS])  # fmt: skip
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/tiny.yaml"),
+                "--trainer.max_steps",
+                "4",
+                "--trainer.precision",
+                "bf16-mixed",
+                "--eval.validate_before_training",
+                "false",
+                *VLLM_ARGS,
+            ]
+        )
     assert seen == {"engine": "torch.bfloat16", "policy": {"torch.float32"}}
     assert not [r.getMessage() for r in caplog.records if "Attempted to load weight" in r.getMessage()]
     metrics = pd.read_csv(tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv")

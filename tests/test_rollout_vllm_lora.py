@@ -101,9 +101,11 @@ def test_qlora_merged_sync_matches_the_4bit_policy(tiny_model_dir: Path) -> None
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
-    )  # fmt: skip
+    )
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=quant, dtype=torch.float32)
     assert type(base.model.layers[0].self_attn.q_proj.weight).__name__ == "Params4bit"
     model = _lora(base)

@@ -35,10 +35,21 @@ def test_tied_embeddings_are_yielded_once_under_the_input_name(tmp_path: Path) -
 def test_fsdp2_sharded_policy_is_gathered_on_every_rank(tiny_model_dir: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(HERE / "fsdp2_weights_worker.py"), str(tiny_model_dir)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(HERE / "fsdp2_weights_worker.py"),
+            str(tiny_model_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("full tensors match") == 2
 

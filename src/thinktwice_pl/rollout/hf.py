@@ -26,7 +26,7 @@ class HFRolloutEngine:
     ``model.generate``: each prompt is prefilled once for its samples, the KV cache grows in place in buffers
     reserved for the call, and tokens are drawn from softmax(logits / T) after top-k and top-p only (no
     repetition penalty or other processor from the model's generation_config: the loss assumes this
-    distribution). On one CPU core it samples SmolLM2-135M about 10% faster than ``generate``.
+    distribution).
 
     Args:
         max_batch_sequences: at most this many sequences (prompts x samples) per ``generate`` call;
@@ -176,9 +176,13 @@ class HFRolloutEngine:
         new: list[torch.Tensor] = []
         for step in range(sampling.max_new_tokens):
             logits = model(
-                input_ids=step_ids, attention_mask=mask[:, : width + step], position_ids=step_pos,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            ).logits[:, -1, :]  # fmt: skip
+                input_ids=step_ids,
+                attention_mask=mask[:, : width + step],
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1, :]
             if step == 0 and width == 1:
                 reserve_cache(cache, 1, capacity)
             token = sample_next_tokens(logits, sampling).masked_fill_(done, pad_id)
@@ -190,9 +194,14 @@ class HFRolloutEngine:
         return torch.stack(new, dim=1)
 
     def _prefill(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, samples: int,
-        capacity: int, synced: bool,
-    ) -> Any:  # fmt: skip
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        samples: int,
+        capacity: int,
+        synced: bool,
+    ) -> Any:
         """The KV cache of the ``[B, P]`` prompts, each prompt's states held `samples` times in buffers reserved for
         `capacity` positions. Runs in passes of ``max_prefill_tokens // P`` prompts (at least one), whose attention
         layers write their states straight into those buffers (`_ReservedLayer`), so only one pass's activations
@@ -221,9 +230,13 @@ class HFRolloutEngine:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache: Any
     ) -> Any:
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-            use_cache=True, logits_to_keep=_NO_LOGITS.to(input_ids.device),
-        )  # fmt: skip
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=_NO_LOGITS.to(input_ids.device),
+        )
         states = _require_cache(out.past_key_values, self.model)
         if cache is not None and (states is not cache or any(not layer.is_initialized for layer in cache.layers)):
             raise RuntimeError(f"{type(self.model).__name__} did not fill the KV cache it was given in the prefill")
@@ -327,9 +340,9 @@ def sample_next_tokens(logits: torch.Tensor, sampling: SamplingConfig) -> torch.
     `sampling_distribution`.
 
     The draw inverts the cumulative distribution with one uniform number per row (in float64): an exact sample of
-    the same categorical distribution as ``torch.multinomial``, which instead draws one exponential number per
-    vocabulary entry (21 ms per step for 16 rows x 49k tokens on one CPU core, about 7% of decoding). The tokens
-    drawn for a given seed therefore differ from transformers' `generate`; their distribution does not.
+    the same categorical distribution as ``torch.multinomial``, which draws one exponential number per vocabulary
+    entry and so costs a noticeable share of decoding. The tokens drawn for a given seed therefore differ from
+    transformers' `generate`; their distribution does not.
     """
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)

