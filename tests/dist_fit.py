@@ -50,14 +50,21 @@ def main() -> None:
     pl.seed_everything(0)
     root = Path(args.root)
     module = ThinkTwiceModule(
-        model_name_or_path=args.model, problems_per_batch=4, mini_batch_problems=2, num_generations=4,
-        max_completion_length=8, learning_rate=args.lr, weight_decay=0.0, max_tokens_per_microbatch=40,
+        model_name_or_path=args.model,
+        problems_per_batch=4,
+        mini_batch_problems=2,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=args.lr,
+        weight_decay=0.0,
+        max_tokens_per_microbatch=40,
         beta=0.05 if args.strategy == "fsdp2" else 0.0,  # FSDP2 also shards the frozen KL reference
         gradient_checkpointing=args.strategy == "fsdp2",  # activation checkpointing inside fully_shard units
-    )  # fmt: skip
+    )
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=16), problems_per_batch=4, seed=0)
-    rollout = RolloutCallback(num_generations=4, max_completion_length=8, reward="signal_rewards.even_length",
-                              reward_workers=0)  # fmt: skip
+    rollout = RolloutCallback(
+        num_generations=4, max_completion_length=8, reward="signal_rewards.even_length", reward_workers=0
+    )
     strategy = (
         DDPStrategy(process_group_backend="gloo")
         if args.strategy == "ddp"
@@ -65,11 +72,17 @@ def main() -> None:
     )
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_steps=args.max_steps, logger=CSVLogger(root, name="run"),
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=args.max_steps,
+        logger=CSVLogger(root, name="run"),
         precision=args.precision,
-        callbacks=[rollout, checkpoint, HFExport(), RectifyFortifyTracker()], enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root,
-    )  # fmt: skip
+        callbacks=[rollout, checkpoint, HFExport(), RectifyFortifyTracker()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
     make_checkpoints_atomic(trainer.strategy)  # as the thinktwice command does: FSDP2 directories renamed into place
     trainer.fit(module, datamodule=data, ckpt_path=args.ckpt)
 
@@ -93,13 +106,20 @@ def main() -> None:
         torch.distributed.all_gather_object(weights, dict(module.policy.state_dict()))
     if trainer.is_global_zero:
         result = {
-            "global_step": trainer.global_step, "moved": moved, "tensors": len(initial), "exported": exported_same,
-            "moved_elements_frac": moved_elements / elements, "weight_dtypes": sorted(dtypes),
-            "same_cache_on_all_ranks": len(set(caches)) == 1, "cursor": data.cursor,
+            "global_step": trainer.global_step,
+            "moved": moved,
+            "tensors": len(initial),
+            "exported": exported_same,
+            "moved_elements_frac": moved_elements / elements,
+            "weight_dtypes": sorted(dtypes),
+            "same_cache_on_all_ranks": len(set(caches)) == 1,
+            "cursor": data.cursor,
             "same_weights_on_all_ranks": args.strategy == "ddp"
             and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]),
-            "log_dir": trainer.logger.log_dir, "world_size": trainer.world_size, "pid": os.getpid(),
-        }  # fmt: skip
+            "log_dir": trainer.logger.log_dir,
+            "world_size": trainer.world_size,
+            "pid": os.getpid(),
+        }
         (root / "result.json").write_text(json.dumps(result))
     if close_process_group():  # as the thinktwice command does: a gloo group left to exit can abort the process
         exit_skipping_native_teardown(0)

@@ -74,9 +74,19 @@ def test_linked_arguments_reach_the_module(tmp_path: Path, monkeypatch: pytest.M
         ThinkTwiceModule,
         ThinkTwiceDataModule,
         run=False,
-        args=["--config", str(ROOT / "configs/tiny.yaml"), "--rollout.num_generations", "3",
-              "--rollout.temperature", "0.9", "--data.problems_per_batch", "6", "--model.mini_batch_problems", "3"],
-    )  # fmt: skip
+        args=[
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--rollout.num_generations",
+            "3",
+            "--rollout.temperature",
+            "0.9",
+            "--data.problems_per_batch",
+            "6",
+            "--model.mini_batch_problems",
+            "3",
+        ],
+    )
     hp = cli.model.hparams
     assert (hp.num_generations, hp.temperature, hp.problems_per_batch, hp.mini_batch_problems) == (3, 0.9, 6, 3)
     assert hp.max_completion_length == 16  # from rollout.max_completion_length in tiny.yaml
@@ -86,8 +96,12 @@ def test_geometry_error_at_startup_names_the_flags(tmp_path: Path, monkeypatch: 
     monkeypatch.chdir(tmp_path)
     expected = r"data\.problems_per_batch=5 is not divisible by model\.mini_batch_problems=2"
     with pytest.raises(ValueError, match=expected):
-        ThinkTwiceCLI(ThinkTwiceModule, ThinkTwiceDataModule, run=False,
-                      args=["--config", str(ROOT / "configs/tiny.yaml"), "--data.problems_per_batch", "5"])  # fmt: skip
+        ThinkTwiceCLI(
+            ThinkTwiceModule,
+            ThinkTwiceDataModule,
+            run=False,
+            args=["--config", str(ROOT / "configs/tiny.yaml"), "--data.problems_per_batch", "5"],
+        )
 
 
 def test_help_shows_argument_docs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -122,9 +136,25 @@ def test_validation_counts_phases_across_data_epochs(tmp_path: Path, monkeypatch
     runs over the whole run, so phase 8 (in the second epoch) validates, as a run with longer epochs would."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("THINKTWICE_HOME", str(tmp_path / "home"))
-    main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.train.num_problems", "12",
-          "--model.mini_batch_problems", "null", "--trainer.max_steps", "8", "--trainer.val_check_interval", "4",
-          "--eval.num_samples", "1", "--model.log_completions", "0"])  # fmt: skip
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--data.train.num_problems",
+            "12",
+            "--model.mini_batch_problems",
+            "null",
+            "--trainer.max_steps",
+            "8",
+            "--trainer.val_check_interval",
+            "4",
+            "--eval.num_samples",
+            "1",
+            "--model.log_completions",
+            "0",
+        ]
+    )
     metrics = pd.read_csv(tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv")
     assert metrics[metrics["val/avg/solve/pass@1"].notna()]["step"].tolist() == [0, 4, 8]  # per epoch: [0, 4]
     assert metrics["epoch"].max() == 1  # the run did cross into a second data epoch
@@ -181,8 +211,13 @@ print("ok")
 # Every recipe family that ships a GRPO twin: (ThinkTwice config, GRPO config). The twin must be the same experiment
 # with the refine phase off: same devices, strategy, precision, token budget, grader, evaluation, steps.
 TWINS = [("qwen3-4b/thinktwice.yaml", "qwen3-4b/grpo.yaml"), ("smollm2/thinktwice.yaml", "smollm2/grpo.yaml")]
-PAPER_CONFIGS = ["qwen3-4b/thinktwice.yaml", "qwen3-4b/grpo.yaml", "qwen3-4b/lora.yaml", "qwen3-4b/qlora.yaml",
-                 "olmo3-7b/thinktwice.yaml"]  # fmt: skip
+PAPER_CONFIGS = [
+    "qwen3-4b/thinktwice.yaml",
+    "qwen3-4b/grpo.yaml",
+    "qwen3-4b/lora.yaml",
+    "qwen3-4b/qlora.yaml",
+    "olmo3-7b/thinktwice.yaml",
+]
 
 
 def resolved_config(config: str | Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
@@ -211,8 +246,11 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Every leaf where two resolved configs differ: ``{path: (value in a, value in b)}``."""
     flat_a, flat_b = flatten(a), flatten(b)
-    return {key: (flat_a.get(key), flat_b.get(key)) for key in sorted(flat_a.keys() | flat_b.keys())
-            if flat_a.get(key) != flat_b.get(key)}  # fmt: skip
+    return {
+        key: (flat_a.get(key), flat_b.get(key))
+        for key in sorted(flat_a.keys() | flat_b.keys())
+        if flat_a.get(key) != flat_b.get(key)
+    }
 
 
 def _is_name_or_output_path(key: str) -> bool:
@@ -242,29 +280,54 @@ def test_qwen3_recipe_is_the_papers(capsys) -> None:
     flat = flatten(resolved_config("qwen3-4b/thinktwice.yaml", capsys))
     expected = {
         # section 4: optimizer, geometry, clipping, loss
-        "model.learning_rate": 1e-6, "model.betas": [0.9, 0.999], "model.weight_decay": 0.01,
-        "model.max_grad_norm": 1.0, "model.lr_scheduler": "constant", "model.warmup_steps": 0,
-        "data.problems_per_batch": 32, "rollout.num_generations": 8, "model.mini_batch_problems": 8,
-        "model.epsilon": 0.2, "model.epsilon_high": 0.28, "model.clip_ratio_c": 3.0, "model.loss_type": "dapo",
-        "model.scale_rewards": "none", "model.beta": 0.0, "model.num_iterations": 1,
+        "model.learning_rate": 1e-6,
+        "model.betas": [0.9, 0.999],
+        "model.weight_decay": 0.01,
+        "model.max_grad_norm": 1.0,
+        "model.lr_scheduler": "constant",
+        "model.warmup_steps": 0,
+        "data.problems_per_batch": 32,
+        "rollout.num_generations": 8,
+        "model.mini_batch_problems": 8,
+        "model.epsilon": 0.2,
+        "model.epsilon_high": 0.28,
+        "model.clip_ratio_c": 3.0,
+        "model.loss_type": "dapo",
+        "model.scale_rewards": "none",
+        "model.beta": 0.0,
+        "model.num_iterations": 1,
         # sampling and lengths
-        "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.top_k": None,
-        "rollout.max_completion_length": 3000, "rollout.max_prompt_length": 5120,
+        "rollout.temperature": 1.0,
+        "rollout.top_p": 1.0,
+        "rollout.top_k": None,
+        "rollout.max_completion_length": 3000,
+        "rollout.max_prompt_length": 5120,
         "rollout.engine.init_args.max_model_len": 8192,
         # precision: fp32 master weights and AdamW state, bf16 compute; memory
-        "trainer.precision": "bf16-mixed", "model.dtype": "float32", "model.gradient_checkpointing": True,
+        "trainer.precision": "bf16-mixed",
+        "model.dtype": "float32",
+        "model.gradient_checkpointing": True,
         "model.max_tokens_per_microbatch": 20000,
         # data, grader, refine selection (sections 1, 4, 5)
-        "data.train.preset": "math_train", "rollout.reward": "boxed", "data.refine": True,
+        "data.train.preset": "math_train",
+        "rollout.reward": "boxed",
+        "data.refine": True,
         "data.refine_selection": "uniform",
         # model selection: greedy validation every 10 phases from the base model on, best by mean greedy accuracy
-        "trainer.val_check_interval": 10, "eval.val_num_samples": 0, "eval.validate_before_training": True,
+        "trainer.val_check_interval": 10,
+        "eval.val_num_samples": 0,
+        "eval.validate_before_training": True,
         "trainer.callbacks[ModelCheckpoint#0].init_args.monitor": "val/avg/solve/greedy_acc",
         "trainer.callbacks[ModelCheckpoint#0].init_args.mode": "max",
         # section 6: the test protocol
-        "eval.num_samples": 64, "eval.temperature": 0.7, "eval.top_p": 0.8, "eval.top_k": 20,
-        "eval.max_completion_length": 3000, "eval.refine_temperature": 0.0, "eval.transitions": True,
-    }  # fmt: skip
+        "eval.num_samples": 64,
+        "eval.temperature": 0.7,
+        "eval.top_p": 0.8,
+        "eval.top_k": 20,
+        "eval.max_completion_length": 3000,
+        "eval.refine_temperature": 0.0,
+        "eval.transitions": True,
+    }
     wrong = {key: (flat.get(key), value) for key, value in expected.items() if flat.get(key) != value}
     assert not wrong, f"(config, METHOD.md) where they differ: {wrong}"
     for split in ("val", "test"):

@@ -46,15 +46,28 @@ FIT = ["fit", "--config", TINY, *SIGNAL]
 
 def _env(**faults: str) -> dict[str, str]:
     path = os.pathsep.join([str(ROOT / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **faults}  # fmt: skip
+    return {
+        **os.environ,
+        "PYTHONPATH": path,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **faults,
+    }
 
 
 def _start(args: list[str], cwd: Path, log: str, **faults: str) -> subprocess.Popen[bytes]:
     """``python tests/fault_fit.py <args>`` in `cwd`, output to `cwd/log`."""
     out = open(cwd / log, "wb")  # noqa: SIM115 - closed with the process, below
-    process = subprocess.Popen([sys.executable, str(TESTS / "fault_fit.py"), *args], cwd=cwd, env=_env(**faults),
-                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(TESTS / "fault_fit.py"), *args],
+        cwd=cwd,
+        env=_env(**faults),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     out.close()
     return process
 
@@ -135,7 +148,9 @@ def test_sigkill_between_phases_and_during_a_checkpoint_write_loses_nothing(tmp_
     _kill_when(second, writing, tmp_path, "second.log")
     assert partial[0].name.startswith(".epoch=0-step=8.ckpt.partial-"), partial
     assert sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith(".")) == [
-        "epoch=0-step=4.ckpt", "last.ckpt"]  # fmt: skip
+        "epoch=0-step=4.ckpt",
+        "last.ckpt",
+    ]
     for path in checkpoints.glob("*.ckpt"):  # nothing truncated under a name that a resume would load
         assert torch.load(path, weights_only=True)["global_step"] == 4, path
     assert _phase_rows(run / "metrics.csv") == [0, 1, 2, 3]
@@ -164,8 +179,9 @@ def test_crash_checkpoint_resumes_exactly_and_never_leaks_into_the_next_run(tmp_
     code, out = _finish(_start(FIT, tmp_path, "oom.log", FAULT_OOM_PHASE="3"), tmp_path, "oom.log")
     assert code == 2 and "Traceback" not in out, out[-3000:]
     error, saved, command = out.rstrip("\n").split("\n")[-3:]
-    assert error.startswith("error: out of memory in phase 3 (refine), in a forward/backward pass of 16 of the "
-                            "phase's 16 sequences"), error  # fmt: skip
+    assert error.startswith(
+        "error: out of memory in phase 3 (refine), in a forward/backward pass of 16 of the phase's 16 sequences"
+    ), error
     for knob in (
         "model.max_tokens_per_microbatch",
         "model.micro_batch_size",
@@ -191,8 +207,7 @@ def test_crash_checkpoint_resumes_exactly_and_never_leaks_into_the_next_run(tmp_
     assert _phase_rows(tmp_path / "runs" / "tiny" / "version_1" / "metrics.csv") == [0] and len(fresh) == 2
 
     # the printed command resumes the crashed run, in its own folder, exactly
-    resume = subprocess.run(shlex.split(command), cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    resume = subprocess.run(shlex.split(command), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert resume.returncode == 0, resume.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {crash}" in resume.stdout + resume.stderr
     resumed = pd.read_csv(tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv")
@@ -203,9 +218,17 @@ def test_crash_checkpoint_resumes_exactly_and_never_leaks_into_the_next_run(tmp_
 
 TWO = {  # two gloo processes on CPU
     "ddp": ["--trainer.devices", "2", "--trainer.strategy", "ddp"],
-    "fsdp2": ["--trainer.devices", "2", "--trainer.strategy", "ModelParallelStrategy",
-              "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1"],
-}  # fmt: skip
+    "fsdp2": [
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ModelParallelStrategy",
+        "--trainer.strategy.data_parallel_size",
+        "2",
+        "--trainer.strategy.tensor_parallel_size",
+        "1",
+    ],
+}
 
 
 @pytest.mark.slow
@@ -231,7 +254,10 @@ def test_sigterm_to_two_processes_saves_together_at_the_phase_boundary_and_resum
     assert _phase_rows(run / "metrics.csv") == [0, 1, 2]
     assert (run / "rectify_fortify.csv").exists()  # the tracker's rank-0 writes do not stall the ranks
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "crash-step=6.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]  # fmt: skip
+        "crash-step=6.ckpt",
+        "epoch=0-step=4.ckpt",
+        "last.ckpt",
+    ]
     if strategy == "ddp":
         state = torch.load(tmp_path / crash, weights_only=True)
         assert (state["global_step"], state["ThinkTwiceDataModule"]["cursor"]) == (6, 3)
@@ -264,22 +290,43 @@ OLD_CONFIG = (
     )
 )
 USER_ERRORS = {  # case: (arguments after `fit --config tiny.yaml`, files to write, the last line's start)
-    "model-path": (["--model.model_name_or_path", "./models/my-modle"], {},
-                   "error: model.model_name_or_path=./models/my-modle is neither a local directory nor a hub name"),
-    "empty-file": (["--data.train.path", "empty.jsonl"], {"empty.jsonl": ""},
-                   "error: empty.jsonl has no rows: give it one problem per row"),
-    "bad-row": (["--data.train.path", "bad.jsonl"], {"bad.jsonl": BAD_ROWS},
-                "error: row 2 of bad.jsonl has no 'answer' field (set data.train.answer_field to the column that "
-                "holds it, or data.train.on_bad_row=skip to skip such rows)"),
-    "flags": (["--data.problems_per_batch", "5"], {},
-              "error: data.problems_per_batch=5 is not divisible by model.mini_batch_problems=2"),
-    "checkpoint-path": (["--ckpt_path", "runs/tiny/version_3/checkpoints/last.ckpt"], {},
-                        "error: --ckpt_path runs/tiny/version_3/checkpoints/last.ckpt does not exist"),
-    "on-exception-checkpoint": (["--config", "old.yaml"], {"old.yaml": OLD_CONFIG},
-                                "error: trainer.callbacks holds lightning's OnExceptionCheckpoint"),
-    "debug": (["--model.model_name_or_path", "./models/my-modle", "--debug"], {},
-              "thinktwice_pl.errors.UserError: model.model_name_or_path=./models/my-modle is neither"),
-}  # fmt: skip
+    "model-path": (
+        ["--model.model_name_or_path", "./models/my-modle"],
+        {},
+        "error: model.model_name_or_path=./models/my-modle is neither a local directory nor a hub name",
+    ),
+    "empty-file": (
+        ["--data.train.path", "empty.jsonl"],
+        {"empty.jsonl": ""},
+        "error: empty.jsonl has no rows: give it one problem per row",
+    ),
+    "bad-row": (
+        ["--data.train.path", "bad.jsonl"],
+        {"bad.jsonl": BAD_ROWS},
+        "error: row 2 of bad.jsonl has no 'answer' field (set data.train.answer_field to the column that "
+        "holds it, or data.train.on_bad_row=skip to skip such rows)",
+    ),
+    "flags": (
+        ["--data.problems_per_batch", "5"],
+        {},
+        "error: data.problems_per_batch=5 is not divisible by model.mini_batch_problems=2",
+    ),
+    "checkpoint-path": (
+        ["--ckpt_path", "runs/tiny/version_3/checkpoints/last.ckpt"],
+        {},
+        "error: --ckpt_path runs/tiny/version_3/checkpoints/last.ckpt does not exist",
+    ),
+    "on-exception-checkpoint": (
+        ["--config", "old.yaml"],
+        {"old.yaml": OLD_CONFIG},
+        "error: trainer.callbacks holds lightning's OnExceptionCheckpoint",
+    ),
+    "debug": (
+        ["--model.model_name_or_path", "./models/my-modle", "--debug"],
+        {},
+        "thinktwice_pl.errors.UserError: model.model_name_or_path=./models/my-modle is neither",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -297,8 +344,12 @@ def user_error_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple
                 for name, text in files.items():
                     (cwd / name).write_text(text)
                 command = [sys.executable, "-m", "thinktwice_pl", "fit", "--config", TINY, *args]
-                running[case] = (subprocess.Popen(command, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                                                  stderr=subprocess.STDOUT, text=True), cwd)  # fmt: skip
+                running[case] = (
+                    subprocess.Popen(
+                        command, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                    ),
+                    cwd,
+                )
             case = next(iter(running))
             process, cwd = running.pop(case)
             out, _ = process.communicate(timeout=120)
@@ -329,16 +380,29 @@ def test_a_user_error_is_one_line(case: str, user_error_runs) -> None:
 def _fit_with_crash_checkpoint(tiny_model_dir: Path, root: Path, *callbacks: pl.Callback) -> pl.Trainer:
     """2 problems x 4 samples per phase, 2 optimizer steps per phase, a checkpoint after each phase (2 steps)."""
     pl.seed_everything(0)
-    module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=4,
-                              max_completion_length=12, learning_rate=1e-2, mini_batch_problems=1)  # fmt: skip
+    module = ThinkTwiceModule(
+        model_name_or_path=str(tiny_model_dir),
+        problems_per_batch=2,
+        num_generations=4,
+        max_completion_length=12,
+        learning_rate=1e-2,
+        mini_batch_problems=1,
+    )
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=16), problems_per_batch=2)
-    rollout = RolloutCallback(num_generations=4, max_completion_length=12, reward_workers=0,
-                              reward="signal_rewards.even_length")  # fmt: skip
+    rollout = RolloutCallback(
+        num_generations=4, max_completion_length=12, reward_workers=0, reward="signal_rewards.even_length"
+    )
     crash = CrashCheckpoint()
     crash.command = ["thinktwice", "fit", "--config", "my.yaml"]
-    trainer = pl.Trainer(accelerator="cpu", max_steps=8, logger=CSVLogger(root, name="run"), enable_progress_bar=False,
-                         callbacks=[crash, rollout, ModelCheckpoint(every_n_train_steps=2), *callbacks],
-                         enable_model_summary=False, default_root_dir=root)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        logger=CSVLogger(root, name="run"),
+        enable_progress_bar=False,
+        callbacks=[crash, rollout, ModelCheckpoint(every_n_train_steps=2), *callbacks],
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
     trainer.fit(module, datamodule=data)
     return trainer
 
@@ -367,8 +431,10 @@ def test_a_failure_in_the_middle_of_a_phase_writes_no_checkpoint_and_names_the_n
     checkpoints = tmp_path / "run" / "version_0" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=2.ckpt"], "no crash-step=3.ckpt"
     [note] = info.value.__notes__
-    assert note.startswith("No crash checkpoint: phase 1 (refine) had applied 1 optimizer step(s), so the state of a "
-                           "completed phase is gone; the newest checkpoint of this run is ")  # fmt: skip
+    assert note.startswith(
+        "No crash checkpoint: phase 1 (refine) had applied 1 optimizer step(s), so the state of a "
+        "completed phase is gone; the newest checkpoint of this run is "
+    )
     assert note.endswith(f"--ckpt_path {checkpoints / 'epoch=0-step=2.ckpt'}")
 
 
@@ -397,8 +463,10 @@ def test_sigterm_stops_at_the_next_phase_boundary_with_a_crash_checkpoint(tiny_m
     crash = tmp_path / "run" / "version_0" / "checkpoints" / "crash-step=6.ckpt"
     state = torch.load(crash, weights_only=True)
     assert (state["global_step"], state["ThinkTwiceDataModule"]["cursor"]) == (6, 3)
-    assert info.value.__notes__ == [f"Saved the run after 3 phases, 6 optimizer steps to {crash}. Resume with:\n"
-                                    f"  thinktwice fit --config my.yaml --ckpt_path {crash}"]  # fmt: skip
+    assert info.value.__notes__ == [
+        f"Saved the run after 3 phases, 6 optimizer steps to {crash}. Resume with:\n"
+        f"  thinktwice fit --config my.yaml --ckpt_path {crash}"
+    ]
     assert _phase_rows(tmp_path / "run" / "version_0" / "metrics.csv") == [0, 1, 2]
 
 
@@ -420,8 +488,10 @@ def test_a_run_that_failed_in_its_last_validation_gets_it_from_the_resumed_run(
     err = capsys.readouterr().err.rstrip("\n").split("\n")
     crash = "runs/tiny/version_0/checkpoints/crash-step=8.ckpt"
     assert "Traceback (most recent call last):" in err and "KeyError: 'a bug in the grader'" in err
-    assert err[-2:] == [f"Saved the run after 4 phases, 8 optimizer steps to {crash}. Resume with:",
-                        f"  {shlex.join(['thinktwice', *FIT, '--ckpt_path', crash])}"]  # fmt: skip
+    assert err[-2:] == [
+        f"Saved the run after 4 phases, 8 optimizer steps to {crash}. Resume with:",
+        f"  {shlex.join(['thinktwice', *FIT, '--ckpt_path', crash])}",
+    ]
     monkeypatch.setattr(Evaluation, "evaluate", original)
     main([*FIT, "--ckpt_path", "last"])  # no phase left to train: the owed validation runs at the end of fit
     resumed = pd.read_csv(tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv")

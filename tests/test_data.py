@@ -99,8 +99,11 @@ def test_parquet_and_json_array_default_ids_and_limit(tmp_path):
     frame = pd.DataFrame({"problem": [f"q{i}" for i in range(5)], "answer": [str(i) for i in range(5)]})
     frame.to_parquet(tmp_path / "math.parquet")
     problems = load_problems(ProblemSource(str(tmp_path / "math.parquet"), limit=3))
-    assert [(p.id, p.answer, p.source) for p in problems] == [("math-1", "0", "math"), ("math-2", "1", "math"),
-                                                               ("math-3", "2", "math")]  # fmt: skip
+    assert [(p.id, p.answer, p.source) for p in problems] == [
+        ("math-1", "0", "math"),
+        ("math-2", "1", "math"),
+        ("math-3", "2", "math"),
+    ]
     (tmp_path / "set.json").write_text(json.dumps(frame.to_dict("records")))
     assert [p.id for p in load_problems(ProblemSource(str(tmp_path / "set.json")))] == [f"set-{i}" for i in range(1, 6)]
 
@@ -265,7 +268,10 @@ def test_fewer_distinct_texts_than_problems_repeat_texts_to_keep_b_prompts():
     # the reference would refine a single prompt here; we keep B = 3 prompts (all the samples there are)
     same = [[rollout("A", 0.0, f"p{g}")] for g in range(3)]
     assert [(b.problem_id, b.completion_text) for b in select_bases(same, "uniform", random.Random(0))] == [
-        ("p0", "A"), ("p1", "A"), ("p2", "A")]  # fmt: skip
+        ("p0", "A"),
+        ("p1", "A"),
+        ("p2", "A"),
+    ]
     # two problems, one text: the first place is distinct, the second repeats the text on any unchosen sample
     counts = picks([[rollout("A", 0.0, "p"), rollout("A", 0.0, "p")], [rollout("A", 0.0, "q")] * 2], "uniform")
     assert set(counts) == {(("p", "A"), ("q", "A")), (("p", "A"), ("p", "A")), (("q", "A"), ("q", "A"))}
@@ -323,8 +329,14 @@ def test_selection_depends_only_on_the_rng_state():
 
 def test_phases_alternate_and_refine_off_serves_solve_only():
     seen = run(datamodule(), 6)
-    assert [(s[0], s[1], s[2]) for s in seen] == [(0, "solve", 0), (1, "refine", 0), (2, "solve", 1),
-                                                  (3, "refine", 1), (4, "solve", 2), (5, "refine", 2)]  # fmt: skip
+    assert [(s[0], s[1], s[2]) for s in seen] == [
+        (0, "solve", 0),
+        (1, "refine", 0),
+        (2, "solve", 1),
+        (3, "refine", 1),
+        (4, "solve", 2),
+        (5, "refine", 2),
+    ]
     assert seen[0][4] == seen[1][4] != seen[2][4]  # refine reviews the same problems
     assert all(len(bases) == 2 and bases[0].startswith(ids[0]) for _, _, _, _, ids, bases in seen[1::2])
     baseline = run(datamodule(refine=False), 6)
@@ -413,8 +425,15 @@ class _RolloutPlayer(Callback):
             batch.bases = dm.bases_for(batch)
         else:
             batch.rollouts = fake_solve_rollouts(batch)
-        self.seen.append((batch.index, batch.phase, batch.epoch, [p.id for p in batch.problems],
-                          [b.completion_text for b in batch.bases or []]))  # fmt: skip
+        self.seen.append(
+            (
+                batch.index,
+                batch.phase,
+                batch.epoch,
+                [p.id for p in batch.problems],
+                [b.completion_text for b in batch.bases or []],
+            )
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         trainer.datamodule.phase_done(batch)
@@ -424,9 +443,15 @@ def _fit(tmp_path: Path, max_steps: int, ckpt_path: Path | None = None) -> list[
     player = _RolloutPlayer()
     checkpoints = ModelCheckpoint(tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
     trainer = Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[checkpoints, player], default_root_dir=tmp_path, num_sanity_val_steps=0,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoints, player],
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
     dm = ThinkTwiceDataModule(ProblemSource(num_problems=6), problems_per_batch=2, seed=2)
     trainer.fit(_TinyModule(), datamodule=dm, ckpt_path=ckpt_path)
     return player.seen

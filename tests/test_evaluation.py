@@ -83,9 +83,12 @@ def test_scripted_validation_gives_the_exact_pass_at_k_and_transitions(tiny_mode
     )
     data = ThinkTwiceDataModule(problems_per_batch=2, val=sources, eval_problems_per_batch=2)
     trainer = pl.Trainer(
-        accelerator="cpu", logger=CSVLogger(tmp_path, name="v"), enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="v"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[RolloutCallback(engine=engine, reward_workers=0), Evaluation(num_samples=n, seed=3)],
-    )  # fmt: skip
+    )
     [results] = trainer.validate(module, datamodule=data)
     assert engine.setups == 1  # validate sets the engine up itself (no on_fit_start)
 
@@ -104,12 +107,19 @@ def test_scripted_validation_gives_the_exact_pass_at_k_and_transitions(tiny_mode
         expected[f"val/{name}/refine/greedy_acc"] = sum(g % 5 == 0 for g in golds) / len(golds)  # flipped
     for phase in ("solve", "refine"):
         for metric in ("pass@1", "pass@2", "pass@4", "greedy_acc"):  # macro averages over the two benchmarks
-            expected[f"val/avg/{phase}/{metric}"] = (expected[f"val/sums/{phase}/{metric}"]
-                                                     + expected[f"val/more/{phase}/{metric}"]) / 2  # fmt: skip
+            expected[f"val/avg/{phase}/{metric}"] = (
+                expected[f"val/sums/{phase}/{metric}"] + expected[f"val/more/{phase}/{metric}"]
+            ) / 2
     wrong, right = all_base.count(False), all_base.count(True)
     assert wrong and right, "the hand-made problems must have both wrong and right greedy answers"
-    expected.update({"val/transition/fix_wrong": 1.0, "val/transition/stay_wrong": 0.0,
-                     "val/transition/damage_correct": 1.0, "val/transition/keep_right": 0.0})  # fmt: skip
+    expected.update(
+        {
+            "val/transition/fix_wrong": 1.0,
+            "val/transition/stay_wrong": 0.0,
+            "val/transition/damage_correct": 1.0,
+            "val/transition/keep_right": 0.0,
+        }
+    )
     assert set(results) == documented_keys("val", ["sums", "more"], [1, 2, 4]) | {"perf/val_s"}
     assert results.pop("perf/val_s") > 0
     assert results == pytest.approx(expected)
@@ -127,17 +137,36 @@ def test_scripted_validation_gives_the_exact_pass_at_k_and_transitions(tiny_mode
 
 
 def test_fit_validates_on_schedule_and_the_tracker_writes_csv_and_png(tiny_model_dir: Path, tmp_path: Path) -> None:
-    module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2,
-                              mini_batch_problems=2, max_completion_length=8)  # fmt: skip
-    data = ThinkTwiceDataModule(train=ProblemSource(num_problems=8), problems_per_batch=2,
-                                val={"arith": ProblemSource(num_problems=3, difficulty=0)})  # fmt: skip
+    module = ThinkTwiceModule(
+        model_name_or_path=str(tiny_model_dir),
+        problems_per_batch=2,
+        num_generations=2,
+        mini_batch_problems=2,
+        max_completion_length=8,
+    )
+    data = ThinkTwiceDataModule(
+        train=ProblemSource(num_problems=8),
+        problems_per_batch=2,
+        val={"arith": ProblemSource(num_problems=3, difficulty=0)},
+    )
     tracker = RectifyFortifyTracker(label="tiny")
-    callbacks = [RolloutCallback(num_generations=2, max_completion_length=8, reward="signal_rewards.even_length",
-                                 reward_workers=0),
-                 Evaluation(num_samples=2, max_completion_length=8), tracker]  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", max_steps=4, val_check_interval=2, logger=CSVLogger(tmp_path, name="f"),
-                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False)  # fmt: skip
+    callbacks = [
+        RolloutCallback(
+            num_generations=2, max_completion_length=8, reward="signal_rewards.even_length", reward_workers=0
+        ),
+        Evaluation(num_samples=2, max_completion_length=8),
+        tracker,
+    ]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        val_check_interval=2,
+        logger=CSVLogger(tmp_path, name="f"),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(module, datamodule=data)
     log_dir = Path(trainer.logger.log_dir)
     metrics = pd.read_csv(log_dir / "metrics.csv")
@@ -157,11 +186,18 @@ def test_fit_validates_on_schedule_and_the_tracker_writes_csv_and_png(tiny_model
     assert transitions.notna().any(axis=None)
 
     csv = pd.read_csv(log_dir / "rectify_fortify.csv")
-    assert {"step", "val/transition/fix_wrong", "val/transition/damage_correct", "train/refine/fix_rate",
-            "train/refine/keep_rate", "train/refine/base_correct_frac"} <= set(csv.columns)  # fmt: skip
+    assert {
+        "step",
+        "val/transition/fix_wrong",
+        "val/transition/damage_correct",
+        "train/refine/fix_rate",
+        "train/refine/keep_rate",
+        "train/refine/base_correct_frac",
+    } <= set(csv.columns)
     assert csv["train/refine/base_correct_frac"].notna().sum() == 2  # two refine phases
-    assert sorted(csv.loc[csv["val/transition/stay_wrong"].notna() | csv["val/transition/keep_right"].notna(),
-                          "step"].tolist()) == [0, 2, 4]  # three validations  # fmt: skip
+    assert sorted(
+        csv.loc[csv["val/transition/stay_wrong"].notna() | csv["val/transition/keep_right"].notna(), "step"].tolist()
+    ) == [0, 2, 4]  # three validations
     png = log_dir / "rectify_fortify.png"
     _assert_png(png)
 
@@ -176,15 +212,28 @@ def _assert_png(path: Path) -> None:
 
 def test_cli_test_on_a_plain_hf_model_directory(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    main(["test", "--config", str(ROOT / "configs/tiny.yaml"), "--model.model_name_or_path", str(tiny_model_dir),
-          "--data.test", '{"arith": {"path": "procedural", "num_problems": 3, "difficulty": 0}, '
-                         '"mixed": {"path": "procedural", "num_problems": 2, "difficulty": 2}}',
-          "--eval.num_samples", "2", "--eval.max_completion_length", "8"])  # fmt: skip
+    main(
+        [
+            "test",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "--model.model_name_or_path",
+            str(tiny_model_dir),
+            "--data.test",
+            '{"arith": {"path": "procedural", "num_problems": 3, "difficulty": 0}, '
+            '"mixed": {"path": "procedural", "num_problems": 2, "difficulty": 2}}',
+            "--eval.num_samples",
+            "2",
+            "--eval.max_completion_length",
+            "8",
+        ]
+    )
     metrics = pd.read_csv(tmp_path / "runs" / "tiny" / "version_0" / "metrics.csv")
     assert documented_keys("test", ["arith", "mixed"], [1, 2]) <= set(metrics.columns)
     row = metrics.iloc[-1]
-    assert row["test/avg/solve/pass@1"] == pytest.approx((row["test/arith/solve/pass@1"]
-                                                          + row["test/mixed/solve/pass@1"]) / 2)  # fmt: skip
+    assert row["test/avg/solve/pass@1"] == pytest.approx(
+        (row["test/arith/solve/pass@1"] + row["test/mixed/solve/pass@1"]) / 2
+    )
 
 
 def test_cli_validate_a_checkpoint_and_a_base_model(tiny_cli_run: Path, tmp_path: Path, monkeypatch) -> None:
@@ -199,13 +248,19 @@ def test_cli_validate_a_checkpoint_and_a_base_model(tiny_cli_run: Path, tmp_path
         assert all(0 <= metrics[k].iloc[-1] <= 1 for k in keys if not math.isnan(metrics[k].iloc[-1]))
 
 
-def test_validate_without_benchmarks_and_without_the_callback_are_clear_errors(tiny_model_dir: Path,
-                                                                             tmp_path: Path) -> None:  # fmt: skip
+def test_validate_without_benchmarks_and_without_the_callback_are_clear_errors(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     module = ThinkTwiceModule(
         model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2, mini_batch_problems=None
     )
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
-                         callbacks=[RolloutCallback(), Evaluation(num_samples=2)])  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        callbacks=[RolloutCallback(), Evaluation(num_samples=2)],
+    )
     with pytest.raises(ValueError, match=r"no val benchmarks are configured: set data.val"):
         trainer.validate(module, datamodule=ThinkTwiceDataModule(problems_per_batch=2))
     bare = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
@@ -256,20 +311,44 @@ class RecordingEngine(HFRolloutEngine):
 def test_greedy_validation_from_step_0_keeps_the_best_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The paper's model selection: greedy validation only (eval.val_num_samples=0) of the base model and every 2
     phases; ModelCheckpoint keeps the best by val/avg/solve/greedy_acc and the newest (last.ckpt links to it)."""
-    module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2,
-                              mini_batch_problems=None, max_completion_length=8, learning_rate=1e-2)  # fmt: skip
+    module = ThinkTwiceModule(
+        model_name_or_path=str(tiny_model_dir),
+        problems_per_batch=2,
+        num_generations=2,
+        mini_batch_problems=None,
+        max_completion_length=8,
+        learning_rate=1e-2,
+    )
     val = {"a": ProblemSource(num_problems=4, difficulty=0), "b": ProblemSource(num_problems=3, seed=5)}
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=16), problems_per_batch=2, val=val)
     engine = RecordingEngine()
-    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/avg/solve/greedy_acc", mode="max", save_top_k=1,
-                           filename="best-{step}")  # fmt: skip
-    latest = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="step", mode="max", save_top_k=1,
-                             filename="latest-{step}", save_last="link")  # fmt: skip
-    callbacks = [RolloutCallback(engine=engine, num_generations=2, max_completion_length=8,
-                                 reward="signal_rewards.even_length", reward_workers=0),
-                 Evaluation(num_samples=4, val_num_samples=0, max_completion_length=8), best, latest]  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", max_steps=6, val_check_interval=2, logger=CSVLogger(tmp_path, name="s"),
-                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    best = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/avg/solve/greedy_acc", mode="max", save_top_k=1, filename="best-{step}"
+    )
+    latest = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="step", mode="max", save_top_k=1, filename="latest-{step}", save_last="link"
+    )
+    callbacks = [
+        RolloutCallback(
+            engine=engine,
+            num_generations=2,
+            max_completion_length=8,
+            reward="signal_rewards.even_length",
+            reward_workers=0,
+        ),
+        Evaluation(num_samples=4, val_num_samples=0, max_completion_length=8),
+        best,
+        latest,
+    ]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        val_check_interval=2,
+        logger=CSVLogger(tmp_path, name="s"),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=data)
 
     metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
@@ -298,13 +377,20 @@ def test_evaluation_truncates_long_refine_prompts_as_training_does(
     engine = RecordingEngine()
 
     def validate(max_prompt_length: int) -> None:
-        module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2,
-                                  mini_batch_problems=None)  # fmt: skip
-        data = ThinkTwiceDataModule(problems_per_batch=2, val={"sums": ProblemSource(num_problems=3, difficulty=0)},
-                                    eval_problems_per_batch=3)  # fmt: skip
+        module = ThinkTwiceModule(
+            model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2, mini_batch_problems=None
+        )
+        data = ThinkTwiceDataModule(
+            problems_per_batch=2, val={"sums": ProblemSource(num_problems=3, difficulty=0)}, eval_problems_per_batch=3
+        )
         rollout = RolloutCallback(engine=engine, max_prompt_length=max_prompt_length, reward_workers=0)
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
-                             callbacks=[rollout, Evaluation(num_samples=2, max_completion_length=8)])  # fmt: skip
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            default_root_dir=tmp_path,
+            callbacks=[rollout, Evaluation(num_samples=2, max_completion_length=8)],
+        )
         trainer.validate(module, datamodule=data)
 
     # tiny tokenizer: "What is a + b?" solve prompts take 66 tokens, their refine prompts over 200
@@ -335,16 +421,33 @@ def test_remove_system_prompt_settings_of_training_and_evaluation(tiny_model_dir
 
     def fit(remove: bool, eval_remove: bool) -> tuple[list[str], list[str]]:
         engine = RecordingEngine()
-        module = ThinkTwiceModule(model_name_or_path=str(model_dir), problems_per_batch=2, num_generations=2,
-                                  mini_batch_problems=2, max_completion_length=8)  # fmt: skip
-        data = ThinkTwiceDataModule(train=ProblemSource(num_problems=4), problems_per_batch=2,
-                                    val={"arith": ProblemSource(num_problems=2, difficulty=0)})  # fmt: skip
-        rollout = RolloutCallback(engine=engine, num_generations=2, max_completion_length=8, reward_workers=0,
-                                  remove_system_prompt=remove)  # fmt: skip
+        module = ThinkTwiceModule(
+            model_name_or_path=str(model_dir),
+            problems_per_batch=2,
+            num_generations=2,
+            mini_batch_problems=2,
+            max_completion_length=8,
+        )
+        data = ThinkTwiceDataModule(
+            train=ProblemSource(num_problems=4),
+            problems_per_batch=2,
+            val={"arith": ProblemSource(num_problems=2, difficulty=0)},
+        )
+        rollout = RolloutCallback(
+            engine=engine, num_generations=2, max_completion_length=8, reward_workers=0, remove_system_prompt=remove
+        )
         evaluation = Evaluation(num_samples=2, max_completion_length=8, remove_system_prompt=eval_remove)
-        trainer = pl.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, logger=False,
-                             callbacks=[rollout, evaluation], enable_progress_bar=False, enable_checkpointing=False,
-                             default_root_dir=tmp_path, num_sanity_val_steps=0)  # fmt: skip
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=2,
+            val_check_interval=2,
+            logger=False,
+            callbacks=[rollout, evaluation],
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+            num_sanity_val_steps=0,
+        )
         trainer.fit(module, datamodule=data)
         # validation of the base model, solve, refine, validation again; each validation makes 3 calls: sampled
         # answers, greedy answers, refinements
@@ -381,9 +484,12 @@ def test_records_hold_each_problems_correct_counts(tiny_model_dir: Path, tmp_pat
     )
     data = ThinkTwiceDataModule(problems_per_batch=2, val={"sums": source}, eval_problems_per_batch=2)
     trainer = pl.Trainer(
-        accelerator="cpu", logger=CSVLogger(tmp_path, name="r"), enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="r"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[RolloutCallback(engine=ScriptedEngine(), reward_workers=0), Evaluation(num_samples=n, records=True)],
-    )  # fmt: skip
+    )
     trainer.validate(module, datamodule=data)
     trainer.validate(module, datamodule=data)  # a second evaluation appends its rows
     records = pd.read_csv(Path(trainer.logger.log_dir) / "eval_records.csv")
@@ -398,7 +504,8 @@ def test_records_hold_each_problems_correct_counts(tiny_model_dir: Path, tmp_pat
     assert records["greedy_refine_correct"].tolist() == [int(g % 5 == 0) for g in golds]
     assert set(records["split"]) == {"val"} and set(records["n"]) == {n} and set(records["benchmark"]) == {"sums"}
     callbacks = [RolloutCallback(engine=ScriptedEngine(), reward_workers=0), Evaluation(num_samples=n)]
-    quiet = pl.Trainer(accelerator="cpu", logger=CSVLogger(tmp_path, name="no-records"), enable_progress_bar=False,
-                       callbacks=callbacks)  # fmt: skip
+    quiet = pl.Trainer(
+        accelerator="cpu", logger=CSVLogger(tmp_path, name="no-records"), enable_progress_bar=False, callbacks=callbacks
+    )
     quiet.validate(module, datamodule=data)
     assert not (Path(quiet.logger.log_dir) / "eval_records.csv").exists()  # off by default

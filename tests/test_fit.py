@@ -22,9 +22,15 @@ from thinktwice_pl.prompts import encode_chat, refine_messages
 from thinktwice_pl.types import PhaseBatch
 
 PHASE_KEYS = [
-    "reward_mean", "reward_std", "frac_zero_std_groups", "completion_len_mean", "truncated_frac", "loss",
-    "grad_norm", "reward_errors",
-]  # fmt: skip
+    "reward_mean",
+    "reward_std",
+    "frac_zero_std_groups",
+    "completion_len_mean",
+    "truncated_frac",
+    "loss",
+    "grad_norm",
+    "reward_errors",
+]
 REFINE_KEYS = ["base_correct_frac", "reward_share_from_wrong"]
 
 
@@ -57,8 +63,15 @@ def _fit(
         seed=0,
         **(data_kw or {}),
     )
-    rollout = RolloutCallback(**{"num_generations": 4, "max_completion_length": 12, "reward_workers": 0,
-                                 "reward": "signal_rewards.even_length", **(rollout_kw or {})})  # fmt: skip
+    rollout = RolloutCallback(
+        **{
+            "num_generations": 4,
+            "max_completion_length": 12,
+            "reward_workers": 0,
+            "reward": "signal_rewards.even_length",
+            **(rollout_kw or {}),
+        }
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
@@ -154,8 +167,9 @@ def test_beta_kl_against_frozen_reference(tiny_model_dir: Path, tmp_path: Path) 
 
 def test_mask_truncated_completions_leaves_them_out_of_the_loss(tiny_model_dir: Path, tmp_path: Path) -> None:
     _, plain = _fit(tiny_model_dir, tmp_path / "plain", max_steps=2, mini_batch_problems=2)
-    _, masked = _fit(tiny_model_dir, tmp_path / "masked", max_steps=2, mini_batch_problems=2,
-                     mask_truncated_completions=True)  # fmt: skip
+    _, masked = _fit(
+        tiny_model_dir, tmp_path / "masked", max_steps=2, mini_batch_problems=2, mask_truncated_completions=True
+    )
     # the random tiny model never stops within 12 tokens: every completion is truncated
     assert plain["train/solve/truncated_frac"].dropna().tolist() == [1.0]
     assert masked["train/solve/truncated_frac"].dropna().tolist() == [1.0]
@@ -166,11 +180,18 @@ def test_mask_truncated_completions_leaves_them_out_of_the_loss(tiny_model_dir: 
 
 
 def test_missing_rollout_callback_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
-    module = ThinkTwiceModule(model_name_or_path=str(tiny_model_dir), problems_per_batch=2, mini_batch_problems=1,
-                              num_generations=2)  # fmt: skip
+    module = ThinkTwiceModule(
+        model_name_or_path=str(tiny_model_dir), problems_per_batch=2, mini_batch_problems=1, num_generations=2
+    )
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=8), problems_per_batch=2)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(RuntimeError, match="RolloutCallback is missing"):
         trainer.fit(module, datamodule=data)
 
@@ -228,9 +249,14 @@ def test_wrong_first_refine_phase_reviews_bases_of_the_whole_batch(tiny_model_di
     # problems with an even gold answer have only right answers, the others about half wrong: wrong_first then gives
     # both refine prompts of such a pair to the problem with wrong answers
     recorder = _PhaseRecorder()
-    _, metrics = _fit(tiny_model_dir, tmp_path, max_steps=16, callbacks=[recorder],
-                      data_kw={"refine_selection": "wrong_first"},
-                      rollout_kw={"reward": "signal_rewards.even_answers_right"})  # fmt: skip
+    _, metrics = _fit(
+        tiny_model_dir,
+        tmp_path,
+        max_steps=16,
+        callbacks=[recorder],
+        data_kw={"refine_selection": "wrong_first"},
+        rollout_kw={"reward": "signal_rewards.even_answers_right"},
+    )
     assert train_phases(metrics) == ["solve", "refine"] * 4
     refines = [b for b in recorder.batches if b.phase == "refine"]
     twice = [b for b in refines if len({p.id for p in b.prompt_problems}) < len(b.prompt_problems)]
@@ -241,7 +267,8 @@ def test_wrong_first_refine_phase_reviews_bases_of_the_whole_batch(tiny_model_di
         groups = [batch.rollouts.rollouts[g * 4 : (g + 1) * 4] for g in range(2)]  # G = 4 refinements per base
         for base, group in zip(batch.bases, groups, strict=True):
             assert {(r.problem_id, r.base_text, r.base_correct) for r in group} == {
-                (base.problem_id, base.completion_text, base.correct)}  # fmt: skip
+                (base.problem_id, base.completion_text, base.correct)
+            }
         row = metrics[metrics["step"] == batch.index].iloc[0]
         assert row["train/refine/base_correct_frac"] == sum(b.correct for b in batch.bases) / 2
     for batch in twice:
@@ -254,8 +281,9 @@ def test_fit_with_long_refine_prompts_truncates_counts_and_warns_once(
     # with the tiny tokenizer solve prompts take at most 121 tokens, refine prompts over 230
     recorder = _PhaseRecorder()
     with caplog.at_level(logging.WARNING, logger="thinktwice_pl.callbacks.rollout"):
-        module, metrics = _fit(tiny_model_dir, tmp_path, max_steps=8, callbacks=[recorder],
-                               rollout_kw={"max_prompt_length": 200})  # fmt: skip
+        module, metrics = _fit(
+            tiny_model_dir, tmp_path, max_steps=8, callbacks=[recorder], rollout_kw={"max_prompt_length": 200}
+        )
     assert train_phases(metrics) == ["solve", "refine", "solve", "refine"]
     assert metrics["train/refine/truncated_prompts"].dropna().tolist() == [2.0, 2.0]  # both prompts of each phase
     warnings = [r.getMessage() for r in caplog.records if "rollout.max_prompt_length" in r.getMessage()]

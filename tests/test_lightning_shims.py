@@ -20,8 +20,14 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from thinktwice_pl import lightning_shims as shims
 
-QUIET = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-         "enable_model_summary": False, "num_sanity_val_steps": 0}  # fmt: skip
+QUIET = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+}
 
 
 class _Batches(IterableDataset[torch.Tensor]):
@@ -122,8 +128,13 @@ def test_run_validation_runs_the_fit_loops_validation_and_returns_to_training() 
 def test_validation_due_is_the_fit_loops_schedule(val_check_interval: float, check_val_every_n_epoch: int | None):
     per_epoch, epochs = 4, 3
     schedule = _Schedule()
-    trainer = pl.Trainer(max_epochs=epochs, val_check_interval=val_check_interval,
-                         check_val_every_n_epoch=check_val_every_n_epoch, **QUIET, callbacks=[schedule])  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        val_check_interval=val_check_interval,
+        check_val_every_n_epoch=check_val_every_n_epoch,
+        **QUIET,
+        callbacks=[schedule],
+    )
     trainer.fit(_Model(per_epoch))
     due = [b for b in range(1, per_epoch * epochs + 1) if shims.validation_due(trainer, b, per_epoch)]
     assert due == schedule.validations and due

@@ -61,7 +61,8 @@ def test_resume_command_replaces_the_checkpoint_of_the_command_line(monkeypatch,
     )
     monkeypatch.setattr(sys, "argv", ["/x/site-packages/thinktwice_pl/__main__.py", "fit", "--config", "c.yaml"])
     assert resume_command(None, "/elsewhere/a.ckpt") == (
-        f"{sys.executable} -m thinktwice_pl fit --config c.yaml --ckpt_path /elsewhere/a.ckpt")  # fmt: skip
+        f"{sys.executable} -m thinktwice_pl fit --config c.yaml --ckpt_path /elsewhere/a.ckpt"
+    )
 
 
 def test_the_version_folder_of_a_checkpoint_of_this_run(tmp_path: Path) -> None:

@@ -122,8 +122,10 @@ class ThinkTwiceCLI(ConfigKeepingCLI):
         # Lightning warns that the folder it is asked to continue in is not empty: resuming there is the point
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         phases = f"{progress.phases} phases, " if progress.phases is not None else ""
-        rank_zero_info(f"Resuming from {display_path(Path(ckpt))} ({phases}{progress.global_step} optimizer steps); "
-                       f"continuing in {display_path(log_dir)}")  # fmt: skip
+        rank_zero_info(
+            f"Resuming from {display_path(Path(ckpt))} ({phases}{progress.global_step} optimizer steps); "
+            f"continuing in {display_path(log_dir)}"
+        )
 
     def _refuse_an_occupied_version_folder(self) -> None:
         """A fresh fit into a version folder that holds a run (a fixed ``trainer.logger.init_args.version``) would
@@ -171,8 +173,11 @@ class ThinkTwiceCLI(ConfigKeepingCLI):
 
 
 def _warn_if_model_config_differs(trained: dict[str, Any], ours: dict[str, Any]) -> None:
-    differ = [f"model.{key}={describe(trained[key])} (this run: {describe(ours[key])})"
-              for key in sorted(trained.keys() & ours.keys()) if trained[key] != ours[key]]  # fmt: skip
+    differ = [
+        f"model.{key}={describe(trained[key])} (this run: {describe(ours[key])})"
+        for key in sorted(trained.keys() & ours.keys())
+        if trained[key] != ours[key]
+    ]
     if differ:
         rank_zero_warn(
             f"the checkpoint was trained with {', '.join(differ)}; this run goes on with its own config's values "

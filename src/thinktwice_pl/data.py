@@ -36,10 +36,21 @@ from thinktwice_pl.sources import BENCHMARKS, PRESETS, ProblemSource, load_probl
 from thinktwice_pl.types import EvalBatch, PhaseBatch, Problem, Rollout
 
 __all__ = [  # the problem sources are re-exported: configs and user code import them from here
-    "BENCHMARKS", "PRESETS", "ProblemSource", "ThinkTwiceDataModule", "eval_batches", "load_problems",
-    "procedural_problem", "procedural_problems", "rank_slice", "resolve_source", "select_bases", "text_side",
-    "thinktwice_data", "write_parquet",
-]  # fmt: skip
+    "BENCHMARKS",
+    "PRESETS",
+    "ProblemSource",
+    "ThinkTwiceDataModule",
+    "eval_batches",
+    "load_problems",
+    "procedural_problem",
+    "procedural_problems",
+    "rank_slice",
+    "resolve_source",
+    "select_bases",
+    "text_side",
+    "thinktwice_data",
+    "write_parquet",
+]
 
 _STATE_VERSION = 1
 
@@ -297,8 +308,12 @@ class ThinkTwiceDataModule(LightningDataModule):
             self._restore(state_dict)
 
     def _layout(self) -> dict[str, Any]:
-        return {"problems_per_batch": self.problems_per_batch, "refine": self.refine, "shuffle": self.shuffle,
-                "seed": self.seed}  # fmt: skip
+        return {
+            "problems_per_batch": self.problems_per_batch,
+            "refine": self.refine,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+        }
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
@@ -310,8 +325,11 @@ class ThinkTwiceDataModule(LightningDataModule):
                 f"but data.train ({self.train_source.path}) now gives {ours['count']} (ids sha256 "
                 f"{ours['ids_sha256'][:12]}); resume with the same data.train settings, or start a fresh run"
             )
-        changed = [f"data.{k}={v!r} (checkpoint: {state['layout'][k]!r})" for k, v in self._layout().items()
-                   if state["layout"].get(k) != v]  # fmt: skip
+        changed = [
+            f"data.{k}={v!r} (checkpoint: {state['layout'][k]!r})"
+            for k, v in self._layout().items()
+            if state["layout"].get(k) != v
+        ]
         if changed:
             raise UserError(
                 f"the checkpoint's batches were laid out differently: {', '.join(changed)}; "
@@ -384,8 +402,9 @@ def eval_batches(
             share.append(problems[0])
             counted.append(False)
         for start in range(0, len(share), per_batch):
-            batches.append(EvalBatch(name, share[start : start + per_batch], len(batches),
-                                     counted[start : start + per_batch]))  # fmt: skip
+            batches.append(
+                EvalBatch(name, share[start : start + per_batch], len(batches), counted[start : start + per_batch])
+            )
     return batches
 
 

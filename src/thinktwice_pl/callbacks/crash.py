@@ -112,23 +112,22 @@ class CrashCheckpoint(Callback):
             completed = _on_every_rank(trainer, completed)
         if not completed:
             assert self._phase is not None
-            _note(trainer, exception, f"No crash checkpoint: phase {self._phase.index} ({self._phase.phase}) had "
-                                      f"applied {applied} optimizer step(s), so the state of a completed phase is "
-                                      f"gone; {self._newest(trainer)}")  # fmt: skip
+            phase = f"phase {self._phase.index} ({self._phase.phase})"
+            gone = f"had applied {applied} optimizer step(s), so the state of a completed phase is gone"
+            _note(trainer, exception, f"No crash checkpoint: {phase} {gone}; {self._newest(trainer)}")
             return
         name = f"crash-step={trainer.global_step}.ckpt"
         path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / name  # log_dir: rank 0's
         try:
             trainer.save_checkpoint(path, weights_only=False)
         except Exception as error:  # never hide the original failure behind this one
-            _note(trainer, exception, f"The crash checkpoint could not be written ({type(error).__name__}: {error}); "
-                                      f"{self._newest(trainer)}")  # fmt: skip
+            failed = f"The crash checkpoint could not be written ({type(error).__name__}: {error})"
+            _note(trainer, exception, f"{failed}; {self._newest(trainer)}")
             return
         self.saved = path
         done = f"{self._data.cursor} phases, " if self._data is not None else ""
-        _note(trainer, exception, f"Saved the run after {done}{trainer.global_step} optimizer steps to "
-                                  f"{display_path(path)}. Resume with:\n"
-                                  f"  {resume_command(self.command, path)}")  # fmt: skip
+        saved = f"Saved the run after {done}{trainer.global_step} optimizer steps to {display_path(path)}."
+        _note(trainer, exception, f"{saved} Resume with:\n  {resume_command(self.command, path)}")
 
     def _completed(self, phase: PhaseBatch) -> bool:
         """Whether `phase` had finished when the failure came: the data module counts it done and its metrics row is
@@ -140,8 +139,10 @@ class CrashCheckpoint(Callback):
         latest = resolve_last(trainer)
         if latest is None:
             return "this run has no checkpoint yet."
-        return (f"the newest checkpoint of this run is {display_path(latest)}. Resume with:\n"
-                f"  {resume_command(self.command, latest)}")  # fmt: skip
+        return (
+            f"the newest checkpoint of this run is {display_path(latest)}. Resume with:\n"
+            f"  {resume_command(self.command, latest)}"
+        )
 
 
 def _note(trainer: pl.Trainer, exception: BaseException, note: str) -> None:

@@ -111,12 +111,16 @@ class Evaluation(Callback):
         self.num_samples = num_samples
         self.val_num_samples = num_samples if val_num_samples is None else val_num_samples
         self.validate_before_training = validate_before_training
-        self.sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k,
-                                       max_new_tokens=max_completion_length)  # fmt: skip
+        self.sampling = SamplingConfig(
+            temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_completion_length
+        )
         sampled_refine = refine_temperature > 0  # greedy refinements ignore top-p / top-k
-        self.refine_sampling = SamplingConfig(temperature=refine_temperature, top_p=top_p if sampled_refine else 1.0,
-                                              top_k=top_k if sampled_refine else None,
-                                              max_new_tokens=max_completion_length)  # fmt: skip
+        self.refine_sampling = SamplingConfig(
+            temperature=refine_temperature,
+            top_p=top_p if sampled_refine else 1.0,
+            top_k=top_k if sampled_refine else None,
+            max_new_tokens=max_completion_length,
+        )
         self.transitions = transitions
         self.seed = seed
         self.records = records
@@ -227,12 +231,14 @@ class Evaluation(Callback):
         self._refine_prompts += len(refine.ids)
 
         golds = [p.answer for p in owners]
-        right = {name: [r > 0.5 for r in result.rewards] for name, result in rollout.score({
+        segments = {  # name -> (prompt texts, completions, gold answers)
             "answers": ([t for t in solve.texts for _ in range(n)], [c.text for c in reviewed[:m]], golds[:m]),
             "greedy": (solve.texts[: len(bases)], [c.text for c in bases], golds[m:]),
             "refined": (refine.texts[:m], [c.text for c in refined[:m]], golds[:m]),
             "greedy_refined": (refine.texts[m:], [c.text for c in refined[m:]], golds[m:]),
-        }, f"{batch.benchmark} evaluation").items()}  # fmt: skip
+        }
+        results = rollout.score(segments, f"{batch.benchmark} evaluation")
+        right = {name: [r > 0.5 for r in result.rewards] for name, result in results.items()}
         keep = [i for i in range(len(problems)) if batch.counted[i]]
         if n:
             solve_metric, refine_metric = self._pass_metrics(batch.benchmark, n, pl_module)
@@ -245,8 +251,9 @@ class Evaluation(Callback):
             self._write_records(trainer, batch, n, keep, right)
         batch.evaluated = True
 
-    def _write_records(self, trainer: pl.Trainer, batch: EvalBatch, n: int, keep: list[int],
-                       right: dict[str, list[bool]]) -> None:  # fmt: skip
+    def _write_records(
+        self, trainer: pl.Trainer, batch: EvalBatch, n: int, keep: list[int], right: dict[str, list[bool]]
+    ) -> None:
         """Appends a row per counted problem of `batch` to ``eval_records.csv`` (``eval_records.rank<r>.csv`` with
         several ranks) in the log directory; greedy columns are empty without ``eval.transitions``."""
         name = "eval_records.csv" if trainer.world_size == 1 else f"eval_records.rank{trainer.global_rank}.csv"
@@ -259,9 +266,9 @@ class Evaluation(Callback):
                 writer.writerow(RECORD_COLUMNS)
             for i in keep:
                 greedy = [int(right["greedy"][i]), int(right["greedy_refined"][i])] if right["greedy"] else ["", ""]
-                writer.writerow([self._split, phase_step(trainer), batch.benchmark, batch.problems[i].id, n,
-                                 sum(right["answers"][i * n : (i + 1) * n]), sum(right["refined"][i * n : (i + 1) * n]),
-                                 *greedy])  # fmt: skip
+                solved, refined = sum(right["answers"][i * n : (i + 1) * n]), sum(right["refined"][i * n : (i + 1) * n])
+                row = [self._split, phase_step(trainer), batch.benchmark, batch.problems[i].id, n, solved, refined]
+                writer.writerow([*row, *greedy])
 
     def _pass_metrics(self, name: str, n: int, pl_module: pl.LightningModule) -> tuple[PassAtK, PassAtK]:
         if name not in self._pass:
@@ -275,9 +282,15 @@ class Evaluation(Callback):
         if not self._pass and not self._greedy:  # no benchmarks configured (fit without data.val)
             return
         if self._truncated_prompts:
-            log.warning("%s evaluation, rank %d: %d of %d refine prompts were longer than rollout.max_prompt_length=%s "
-                        "and kept only their last tokens", split, trainer.global_rank, self._truncated_prompts,
-                        self._refine_prompts, rollout_callback(trainer).max_prompt_length)  # fmt: skip
+            log.warning(
+                "%s evaluation, rank %d: %d of %d refine prompts were longer than rollout.max_prompt_length=%s "
+                "and kept only their last tokens",
+                split,
+                trainer.global_rank,
+                self._truncated_prompts,
+                self._refine_prompts,
+                rollout_callback(trainer).max_prompt_length,
+            )
         metrics = eval_metrics(self._pass, self._greedy, split)
         metrics[f"perf/{split}_s"] = time.perf_counter() - self._started  # wall time of the whole evaluation
         # During fit the loggers get one row at the phase step, like the training rows (Lightning would write it
@@ -293,8 +306,17 @@ class Evaluation(Callback):
                 logger.save()
 
 
-RECORD_COLUMNS = ("split", "step", "benchmark", "problem_id", "n", "solve_correct", "refine_correct", "greedy_correct",
-                  "greedy_refine_correct")  # fmt: skip
+RECORD_COLUMNS = (
+    "split",
+    "step",
+    "benchmark",
+    "problem_id",
+    "n",
+    "solve_correct",
+    "refine_correct",
+    "greedy_correct",
+    "greedy_refine_correct",
+)
 """Columns of ``eval_records.csv``: correct answers among the n samples and among their refinements, and whether the
 greedy answer and its greedy refinement are correct (1/0)."""
 

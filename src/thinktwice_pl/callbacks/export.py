@@ -74,8 +74,9 @@ class HFExport(Callback):
             log.warning(
                 "the merged export rounds %.0f%% of the LoRA update away (W + BA in the base weights' dtype): load the "
                 "base with the adapter saved in %s (peft) for the trained model itself",
-                100 * rounding.lost, display_path(folder),
-            )  # fmt: skip
+                100 * rounding.lost,
+                display_path(folder),
+            )
 
 
 def _free_destination(out: Path) -> Path:
@@ -87,8 +88,9 @@ def _free_destination(out: Path) -> Path:
     while _holds_files(out.with_name(f"{out.name}-{n}")):
         n += 1
     free = out.with_name(f"{out.name}-{n}")
-    log.warning("%s already holds an exported model; this run's export goes to %s", display_path(out),
-                display_path(free))  # fmt: skip
+    log.warning(
+        "%s already holds an exported model; this run's export goes to %s", display_path(out), display_path(free)
+    )
     return free
 
 

@@ -61,8 +61,15 @@ class PhaseLogger(Callback):
             pl_module.log(key, value, on_step=True, on_epoch=False, batch_size=size, logger=False)
         reward = metrics.get(f"train/{batch.phase}/reward_mean")
         if reward is not None:
-            pl_module.log(f"{batch.phase}_reward", reward, prog_bar=True, on_step=True, on_epoch=False,
-                          batch_size=size, logger=False)  # fmt: skip
+            pl_module.log(
+                f"{batch.phase}_reward",
+                reward,
+                prog_bar=True,
+                on_step=True,
+                on_epoch=False,
+                batch_size=size,
+                logger=False,
+            )
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({**metrics, "epoch": float(batch.epoch)}, step=batch.index)
@@ -76,17 +83,25 @@ class PhaseLogger(Callback):
         phase = batch.phase
         truncated = metrics.get(f"train/{phase}/truncated_frac", 0.0)
         zero_std = metrics.get(f"train/{phase}/frac_zero_std_groups", 0.0)
+        skipped = metrics.get(f"train/{phase}/skipped_steps", 0.0)
+        truncated_message = (
+            f"{truncated:.0%} of {phase} completions hit rollout.max_completion_length: raise it, or the model is "
+            "not finishing its answers"
+        )
+        zero_std_message = (
+            f"{zero_std:.0%} of {phase} groups have the same reward for all samples (zero advantage, no gradient): "
+            "problems too easy/hard, or the grader never matches (check the sample completions and rollout.reward)"
+        )
+        nonfinite_message = (
+            "the gradient norm is NaN or infinite, so an optimizer step was skipped (no update, gradients dropped) and "
+            "counted in train/<phase>/skipped_steps; the run goes on. Repeated skips point at the data (a degenerate "
+            "completion), the learning rate or precision"
+        )
         checks = {
-            "truncated": (truncated > 0.5, f"{truncated:.0%} of {phase} completions hit "
-                          "rollout.max_completion_length: raise it, or the model is not finishing its answers"),
-            "zero_std": (zero_std > 0.9, f"{zero_std:.0%} of {phase} groups have the same reward for all "
-                         "samples (zero advantage, no gradient): problems too easy/hard, or the grader never "
-                         "matches (check the sample completions and rollout.reward)"),
-            "nonfinite": (metrics.get(f"train/{phase}/skipped_steps", 0.0) > 0, "the gradient norm is NaN or "
-                          "infinite, so an optimizer step was skipped (no update, gradients dropped) and counted in "
-                          "train/<phase>/skipped_steps; the run goes on. Repeated skips point at the data (a "
-                          "degenerate completion), the learning rate or precision"),
-        }  # fmt: skip
+            "truncated": (truncated > 0.5, truncated_message),
+            "zero_std": (zero_std > 0.9, zero_std_message),
+            "nonfinite": (skipped > 0, nonfinite_message),
+        }
         for key, (bad, message) in checks.items():
             last = self._warned_at.get(key)
             if bad and (last is None or batch.index - last >= WARN_EVERY_PHASES):
@@ -104,11 +119,18 @@ class PhaseLogger(Callback):
         picks = batch.rollouts.rollouts[: self.log_completions * group_size : group_size]  # first of each group
         problems = {p.id: p for p in batch.problems}
         records = [
-            {"step": trainer.global_step, "phase": batch.phase, "problem": problems[r.problem_id].prompt_text,
-             "answer": problems[r.problem_id].answer, "base": r.base_text, "completion": r.completion_text,
-             "reward": r.reward, "finish_reason": r.finish_reason}
+            {
+                "step": trainer.global_step,
+                "phase": batch.phase,
+                "problem": problems[r.problem_id].prompt_text,
+                "answer": problems[r.problem_id].answer,
+                "base": r.base_text,
+                "completion": r.completion_text,
+                "reward": r.reward,
+                "finish_reason": r.finish_reason,
+            }
             for r in picks
-        ]  # fmt: skip
+        ]
         if log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(log_dir) / "samples.jsonl", "a") as f:

@@ -97,8 +97,9 @@ class RolloutCallback(Callback):
         self.sampling = SamplingConfig(
             temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_completion_length
         )
-        self.prompt_settings = PromptSettings(solve_prompt_suffix, refine_instruction, remove_system_prompt,
-                                              max_prompt_length)  # fmt: skip
+        self.prompt_settings = PromptSettings(
+            solve_prompt_suffix, refine_instruction, remove_system_prompt, max_prompt_length
+        )
         self.reward = reward
         self.reward_timeout_s = reward_timeout_s
         self.reward_workers = reward_workers
@@ -204,8 +205,11 @@ class RolloutCallback(Callback):
                 "tokens (the start of the problem is cut, as in the reference code); counted in "
                 "train/refine/truncated_prompts and in the evaluation's summary line. Raise rollout.max_prompt_length "
                 "to keep them whole. (Warned once per run.)",
-                len(prompts.truncated), len(prompts.ids), limit, limit,
-            )  # fmt: skip
+                len(prompts.truncated),
+                len(prompts.ids),
+                limit,
+                limit,
+            )
         return prompts
 
     @contextmanager
@@ -225,8 +229,9 @@ class RolloutCallback(Callback):
         errors = [e for result in results.values() for e in result.errors if e is not None]
         if errors:
             total = sum(len(result.rewards) for result in results.values())
-            log.warning("%d of %d %s completions could not be graded (scored 0), e.g. %s",
-                        len(errors), total, what, errors[0])  # fmt: skip
+            log.warning(
+                "%d of %d %s completions could not be graded (scored 0), e.g. %s", len(errors), total, what, errors[0]
+            )
         return results
 
     # ------------------------------------------------------------------------------ one phase
@@ -261,22 +266,35 @@ class RolloutCallback(Callback):
         trim_host_memory()  # the generation caches leave the resident set before the update
         generate_s, start = time.perf_counter() - start, time.perf_counter()
         g = self.num_generations
-        graded = self.score({batch.phase: (
-            [t for t in prompts.texts for _ in range(g)], [c.text for group in groups for c in group],
-            [p.answer for p in problems for _ in range(g)],
-        )}, batch.phase)[batch.phase]  # fmt: skip
+        texts = [t for t in prompts.texts for _ in range(g)]  # [P*G], group-major like the completions
+        completions = [c.text for group in groups for c in group]
+        answers = [p.answer for p in problems for _ in range(g)]
+        graded = self.score({batch.phase: (texts, completions, answers)}, batch.phase)[batch.phase]
         rollouts = [
             Rollout(
-                problem_id=problem.id, phase=batch.phase, prompt_ids=prompts.ids[i], completion_ids=c.token_ids,
-                completion_text=c.text, finish_reason=c.finish_reason, sampler_logprobs=c.logprobs,
-                reward=graded.rewards[i * g + j], reward_error=graded.errors[i * g + j] is not None,
-                base_text=bases[i].completion_text if bases else None, base_correct=bases[i].correct if bases else None,
+                problem_id=problem.id,
+                phase=batch.phase,
+                prompt_ids=prompts.ids[i],
+                completion_ids=c.token_ids,
+                completion_text=c.text,
+                finish_reason=c.finish_reason,
+                sampler_logprobs=c.logprobs,
+                reward=graded.rewards[i * g + j],
+                reward_error=graded.errors[i * g + j] is not None,
+                base_text=bases[i].completion_text if bases else None,
+                base_correct=bases[i].correct if bases else None,
             )
             for i, (problem, group) in enumerate(zip(problems, groups, strict=True))
             for j, c in enumerate(group)
-        ]  # fmt: skip
-        local = RolloutBatch(rollouts, g, generate_s=generate_s, score_s=time.perf_counter() - start,
-                             reward_errors=graded.num_errors, truncated_prompts=len(prompts.truncated))  # fmt: skip
+        ]
+        local = RolloutBatch(
+            rollouts,
+            g,
+            generate_s=generate_s,
+            score_s=time.perf_counter() - start,
+            reward_errors=graded.num_errors,
+            truncated_prompts=len(prompts.truncated),
+        )
         return _gather(local) if world > 1 else local
 
 
@@ -293,11 +311,13 @@ def _gather(local: RolloutBatch) -> RolloutBatch:
     shares: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(shares, local)
     return RolloutBatch(
-        [r for share in shares for r in share.rollouts], local.group_size,
-        generate_s=max(share.generate_s for share in shares), score_s=max(share.score_s for share in shares),
+        [r for share in shares for r in share.rollouts],
+        local.group_size,
+        generate_s=max(share.generate_s for share in shares),
+        score_s=max(share.score_s for share in shares),
         reward_errors=sum(share.reward_errors for share in shares),
         truncated_prompts=sum(share.truncated_prompts for share in shares),
-    )  # fmt: skip
+    )
 
 
 def _show_phase(trainer: pl.Trainer, batch: PhaseBatch) -> None:

@@ -55,8 +55,11 @@ class RectifyFortifyTracker(Callback):
         if trainer.sanity_checking:
             return
         # only this validation's rates: callback_metrics also still holds the last training phase's values
-        row = {key: float(value) for key, value in trainer.callback_metrics.items()
-               if key in TRACKED and key.startswith("val/")}  # fmt: skip
+        row = {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key in TRACKED and key.startswith("val/")
+        }
         if row:
             self._add(phase_step(trainer), row)
             self.save(trainer)
