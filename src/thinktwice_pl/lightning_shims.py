@@ -59,8 +59,8 @@ def validation_due(trainer: pl.Trainer, batches: int, per_epoch: int) -> bool:
     every, n_epochs = trainer.val_check_batch, trainer.check_val_every_n_epoch
     if batches < 1 or per_epoch < 1 or not trainer.enable_validation:
         return False
-    if getattr(trainer, "_val_check_time_interval", None) is not None:
-        return False
+    if getattr(trainer, "_val_check_time_interval", None) is not None or every is None:
+        return False  # a time interval (val_check_batch is None then)
     epoch, done = divmod(batches - 1, per_epoch)
     if n_epochs is not None and (epoch + 1) % n_epochs:
         return False
