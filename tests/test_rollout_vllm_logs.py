@@ -45,7 +45,9 @@ VLLM_LINE = re.compile(r"\) (DEBUG|INFO|WARNING) \d\d-\d\d ")  # "(MainProcess p
 
 
 def test_default_log_level_shows_no_vllm_info_or_start_up_notices(tiny_model_dir: Path) -> None:
-    env = {**os.environ, "LD_PRELOAD": ""}  # the preloading tip is then due
+    # as a user starts a run: none of the VLLM_* variables that engines of this test session left in os.environ
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    env["LD_PRELOAD"] = ""  # the preloading tip is then due
     run = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tiny_model_dir)],
         env=env,
