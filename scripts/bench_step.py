@@ -108,6 +108,7 @@ class PhaseBench(Callback):
         self.sampler = RssSampler()
         self.records: list[dict[str, Any]] = []
         self._outputs: dict[str, Any] | None = None
+        self._batch: Any = None
         self._last = 0.0
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -124,7 +125,7 @@ class PhaseBench(Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
-        self._flush()  # the previous phase: its sync time is in its outputs now
+        self._flush()  # the previous phase: its weight sync has run by now (batch.sync_s)
         rollouts = batch.rollouts.rollouts
         peaks = self.sampler.take()
         self.records.append(
@@ -141,6 +142,7 @@ class PhaseBench(Callback):
             }
         )
         self._outputs = outputs if isinstance(outputs, dict) else {}
+        self._batch = batch
         self._last = now
         if len(self.records) >= int(os.environ.get("BENCH_STEP_PHASES", "0") or 1 << 30):
             trainer.should_stop = True
@@ -158,9 +160,11 @@ class PhaseBench(Callback):
     def _flush(self) -> None:
         if self._outputs is not None and self.records:
             record = self.records[-1]
-            for key in ("generate_s", "score_s", "train_s", "sync_s"):
+            for key in ("generate_s", "score_s", "train_s"):
                 record[key] = float(self._outputs.get(f"perf/{key}", float("nan")))
-            self._outputs = None
+            sync_s = self._batch.sync_s
+            record["sync_s"] = float("nan") if sync_s is None else sync_s
+            self._outputs = self._batch = None
 
 
 def summarize(data: dict[str, Any]) -> dict[str, Any]:

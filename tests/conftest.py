@@ -18,6 +18,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from thinktwice_pl.cli import filter_foreign_noise  # noqa: E402
+
+filter_foreign_noise()  # fits run in-process see what the command's users see
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

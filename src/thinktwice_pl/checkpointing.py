@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.utils import get_protocol
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from thinktwice_pl.errors import UserError
 
@@ -65,7 +65,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     through Lightning's own writer."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or get_protocol(str(path)) != "file":
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
         atomic_save(checkpoint, path)

@@ -211,23 +211,13 @@ class _DropMessages(logging.Filter):
 _LOG_FILTERS = {
     # Lightning 2.6 advertises its cloud products ("💡 Tip: ... litlogger / litmodels") in every run's log.
     "lightning.pytorch.utilities.rank_zero": _DropMessages("💡 Tip:"),
-    # vLLM's CPU worker replaces torch.set_num_threads by a stub that warns, and vLLM's own start-up then calls it.
-    # An in-process engine binds no threads: VLLMRolloutEngine puts the real function back once the engine runs.
-    "vllm.v1.worker.cpu_worker": _DropMessages(
-        "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding"
-    ),
-    # Every weight push warns for layers that hold no pushed weights: the rotary layer (its cos/sin come from the
-    # config) and, with tied embeddings, the head, which VLLMRolloutEngine rebuilds from the pushed embedding.
-    "vllm.model_executor.model_loader.reload.layerwise": _DropMessages(
-        "RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights"
-    ),
 }
 
 
 def filter_foreign_noise() -> None:
-    """Silences the warnings and log lines of Lightning and vLLM that have no cause of ours to fix (everything else
-    reaches the user). Installed by the command, not on import: code that imports the package keeps its warnings.
-    Loggers exist before vllm is imported, so vllm is not imported here."""
+    """Silences the warnings and log lines of Lightning that have no cause of ours to fix (everything else reaches the
+    user). Installed by the command, not on import: code that imports the package keeps its warnings. vLLM's own
+    lines are handled where the engine starts (`thinktwice_pl.rollout.vllm_startup`)."""
     # Lightning 2.6's CombinedLoader builds torch.utils._pytree.LeafSpec, which torch >= 2.13 deprecates, on every
     # epoch's loaders.
     leaf_spec = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
