@@ -27,15 +27,14 @@ import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
+from fit_helpers import quiet_trainer, tiny_module
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from thinktwice_pl.callbacks import CrashCheckpoint, Evaluation, RolloutCallback
 from thinktwice_pl.cli import main
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.errors import OutOfMemoryInPhase
-from thinktwice_pl.module import ThinkTwiceModule
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -380,13 +379,8 @@ def test_a_user_error_is_one_line(case: str, user_error_runs) -> None:
 def _fit_with_crash_checkpoint(tiny_model_dir: Path, root: Path, *callbacks: pl.Callback) -> pl.Trainer:
     """2 problems x 4 samples per phase, 2 optimizer steps per phase, a checkpoint after each phase (2 steps)."""
     pl.seed_everything(0)
-    module = ThinkTwiceModule(
-        model_name_or_path=str(tiny_model_dir),
-        problems_per_batch=2,
-        num_generations=4,
-        max_completion_length=12,
-        learning_rate=1e-2,
-        mini_batch_problems=1,
+    module = tiny_module(
+        tiny_model_dir, num_generations=4, max_completion_length=12, learning_rate=1e-2, mini_batch_problems=1
     )
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=16), problems_per_batch=2)
     rollout = RolloutCallback(
@@ -394,15 +388,8 @@ def _fit_with_crash_checkpoint(tiny_model_dir: Path, root: Path, *callbacks: pl.
     )
     crash = CrashCheckpoint()
     crash.command = ["thinktwice", "fit", "--config", "my.yaml"]
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=8,
-        logger=CSVLogger(root, name="run"),
-        enable_progress_bar=False,
-        callbacks=[crash, rollout, ModelCheckpoint(every_n_train_steps=2), *callbacks],
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    every_phase = ModelCheckpoint(every_n_train_steps=2)
+    trainer = quiet_trainer(root, crash, rollout, every_phase, *callbacks, max_steps=8, enable_checkpointing=True)
     trainer.fit(module, datamodule=data)
     return trainer
 

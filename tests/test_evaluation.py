@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pandas as pd
 import pytest
+from fit_helpers import quiet_trainer, tiny_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -137,13 +138,7 @@ def test_scripted_validation_gives_the_exact_pass_at_k_and_transitions(tiny_mode
 
 
 def test_fit_validates_on_schedule_and_the_tracker_writes_csv_and_png(tiny_model_dir: Path, tmp_path: Path) -> None:
-    module = ThinkTwiceModule(
-        model_name_or_path=str(tiny_model_dir),
-        problems_per_batch=2,
-        num_generations=2,
-        mini_batch_problems=2,
-        max_completion_length=8,
-    )
+    module = tiny_module(tiny_model_dir)
     data = ThinkTwiceDataModule(
         train=ProblemSource(num_problems=8),
         problems_per_batch=2,
@@ -157,16 +152,7 @@ def test_fit_validates_on_schedule_and_the_tracker_writes_csv_and_png(tiny_model
         Evaluation(num_samples=2, max_completion_length=8),
         tracker,
     ]
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        val_check_interval=2,
-        logger=CSVLogger(tmp_path, name="f"),
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(tmp_path, *callbacks, log="f", max_steps=4, val_check_interval=2)
     trainer.fit(module, datamodule=data)
     log_dir = Path(trainer.logger.log_dir)
     metrics = pd.read_csv(log_dir / "metrics.csv")
@@ -421,13 +407,7 @@ def test_remove_system_prompt_settings_of_training_and_evaluation(tiny_model_dir
 
     def fit(remove: bool, eval_remove: bool) -> tuple[list[str], list[str]]:
         engine = RecordingEngine()
-        module = ThinkTwiceModule(
-            model_name_or_path=str(model_dir),
-            problems_per_batch=2,
-            num_generations=2,
-            mini_batch_problems=2,
-            max_completion_length=8,
-        )
+        module = tiny_module(model_dir)
         data = ThinkTwiceDataModule(
             train=ProblemSource(num_problems=4),
             problems_per_batch=2,
@@ -437,16 +417,8 @@ def test_remove_system_prompt_settings_of_training_and_evaluation(tiny_model_dir
             engine=engine, num_generations=2, max_completion_length=8, reward_workers=0, remove_system_prompt=remove
         )
         evaluation = Evaluation(num_samples=2, max_completion_length=8, remove_system_prompt=eval_remove)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_steps=2,
-            val_check_interval=2,
-            logger=False,
-            callbacks=[rollout, evaluation],
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            default_root_dir=tmp_path,
-            num_sanity_val_steps=0,
+        trainer = quiet_trainer(
+            tmp_path, rollout, evaluation, log=None, max_steps=2, val_check_interval=2, num_sanity_val_steps=0
         )
         trainer.fit(module, datamodule=data)
         # validation of the base model, solve, refine, validation again; each validation makes 3 calls: sampled

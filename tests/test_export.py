@@ -6,36 +6,21 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-from lightning.pytorch.loggers import CSVLogger
+from fit_helpers import quiet_trainer, tiny_module
 
 from thinktwice_pl.callbacks import HFExport, RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.errors import UserError
-from thinktwice_pl.module import ThinkTwiceModule
 
 
 def _fit(model_dir: Path, root: Path, *callbacks: pl.Callback) -> Path:
     """One GRPO phase of the tiny model with `callbacks`; returns the run's log folder."""
-    module = ThinkTwiceModule(
-        model_name_or_path=str(model_dir),
-        problems_per_batch=2,
-        num_generations=2,
-        mini_batch_problems=2,
-        max_completion_length=4,
-    )
+    module = tiny_module(model_dir, max_completion_length=4)
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=4), problems_per_batch=2, refine=False)
     rollout = RolloutCallback(
         num_generations=2, max_completion_length=4, reward="signal_rewards.even_length", reward_workers=0
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=CSVLogger(root, name="run"),
-        callbacks=[rollout, *callbacks],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(root, rollout, *callbacks, max_steps=1)
     trainer.fit(module, datamodule=data)
     return Path(trainer.log_dir)
 

@@ -11,8 +11,8 @@ import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
+from fit_helpers import quiet_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from metrics_helpers import train_phases
 
 from thinktwice_pl.callbacks import RolloutCallback
@@ -72,15 +72,8 @@ def _fit(
             **(rollout_kw or {}),
         }
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=CSVLogger(root, name="run"),
-        callbacks=[rollout, *(callbacks or [])],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=bool(callbacks),
-        default_root_dir=root,
+    trainer = quiet_trainer(
+        root, rollout, *(callbacks or []), max_steps=max_steps, enable_checkpointing=bool(callbacks)
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
@@ -184,14 +177,7 @@ def test_missing_rollout_callback_is_a_clear_error(tiny_model_dir: Path, tmp_pat
         model_name_or_path=str(tiny_model_dir), problems_per_batch=2, mini_batch_problems=1, num_generations=2
     )
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=8), problems_per_batch=2)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, log=None, max_steps=1)
     with pytest.raises(RuntimeError, match="RolloutCallback is missing"):
         trainer.fit(module, datamodule=data)
 

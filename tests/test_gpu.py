@@ -14,10 +14,10 @@ import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
+from fit_helpers import quiet_trainer, tiny_module
 
 from thinktwice_pl.callbacks import RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
-from thinktwice_pl.module import ThinkTwiceModule
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,30 +36,15 @@ def _fit(
     lr: float = 1e-3,
 ) -> tuple[Any, pd.DataFrame]:
     pl.seed_everything(0)
-    module = ThinkTwiceModule(
-        model_name_or_path=str(model_dir),
-        dtype=dtype,
-        problems_per_batch=2,
-        num_generations=4,
-        max_completion_length=12,
-        learning_rate=lr,
-        mini_batch_problems=1,
+    module = tiny_module(
+        model_dir, dtype=dtype, num_generations=4, max_completion_length=12, learning_rate=lr, mini_batch_problems=1
     )
     data = ThinkTwiceDataModule(train=ProblemSource(path="procedural", num_problems=16), problems_per_batch=2)
     rollout = RolloutCallback(
         num_generations=4, max_completion_length=12, reward="signal_rewards.even_length", reward_workers=0
     )
-    trainer = pl.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision=precision,
-        strategy=strategy,
-        max_steps=max_steps,
-        logger=pl.loggers.CSVLogger(root, name="run"),
-        callbacks=[rollout],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=root,
+    trainer = quiet_trainer(
+        root, rollout, accelerator="gpu", devices=1, precision=precision, strategy=strategy, max_steps=max_steps
     )
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=data)

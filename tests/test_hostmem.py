@@ -71,8 +71,14 @@ def test_host_allocator_returns_freed_tensors_of_4_mib_and_more_to_the_system() 
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     results = {}
     for mode in ("configure", "default"):
-        done = subprocess.run([sys.executable, "-c", _ALLOCATOR_CHECK, mode], env=env, capture_output=True,
-                              text=True, timeout=120, check=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", _ALLOCATOR_CHECK, mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
         results[mode] = [int(x) for x in done.stdout.split()]
     assert results["configure"][0] >= 5 << 20 and results["configure"][1] == 0  # mapped, then unmapped
     assert results["default"][0] == 0  # glibc's own behaviour, which the call changes

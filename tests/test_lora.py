@@ -10,8 +10,8 @@ import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
+from fit_helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from thinktwice_pl.callbacks import HFExport, RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
@@ -37,16 +37,8 @@ def _fit(
     rollout = RolloutCallback(
         num_generations=4, max_completion_length=10, reward="signal_rewards.even_length", reward_workers=0
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=CSVLogger(root, name="run"),
-        callbacks=[rollout, *(callbacks or [])],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
-        default_root_dir=root,
-    )
+    checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks or [])
+    trainer = quiet_trainer(root, rollout, *(callbacks or []), max_steps=max_steps, enable_checkpointing=checkpoints)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module, pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv"), trainer
 

@@ -12,12 +12,12 @@ import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
+from fit_helpers import quiet_trainer, tiny_module
 
 from thinktwice_pl.builtin_models import convert_smollm2
 from thinktwice_pl.callbacks import HFExport, RolloutCallback
 from thinktwice_pl.data import ProblemSource, ThinkTwiceDataModule
 from thinktwice_pl.models import load_causal_lm, load_tokenizer
-from thinktwice_pl.module import ThinkTwiceModule
 from thinktwice_pl.prompts import DEFAULT_SOLVE_SUFFIX, render_chat, solve_messages
 
 pytestmark = [
@@ -58,25 +58,11 @@ def test_smollm2_template_renders_the_solve_prompt(smollm2_dir: Path) -> None:
 
 def test_one_thinktwice_pair_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
     pl.seed_everything(0)
-    module = ThinkTwiceModule(
-        model_name_or_path=str(smollm2_dir),
-        problems_per_batch=2,
-        mini_batch_problems=2,
-        num_generations=2,
-        max_completion_length=8,
-        learning_rate=1e-5,
-    )
+    module = tiny_module(smollm2_dir, learning_rate=1e-5)
     data = ThinkTwiceDataModule(train=ProblemSource(num_problems=4, difficulty=0), problems_per_batch=2)
     rollout = RolloutCallback(num_generations=2, max_completion_length=8, reward_workers=1)
     export = HFExport(str(tmp_path / "hf_model"))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=pl.loggers.CSVLogger(tmp_path),
-        callbacks=[rollout, export],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(tmp_path, rollout, export, log="lightning_logs", max_steps=2)
     trainer.fit(module, datamodule=data)
     metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
     assert metrics["train/solve/reward_errors"].dropna().tolist() == [0.0]
