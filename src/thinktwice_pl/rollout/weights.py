@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -165,9 +166,11 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _peft_classes() -> tuple[Any, Any]:
-    try:
-        from peft.tuners.lora import LoraLayer
-        from peft.utils.other import ModulesToSaveWrapper
-    except ImportError:  # pragma: no cover - peft is a core dependency
+    """peft's LoRA layer and wrapper classes, or Nones when peft is not imported: a model holds peft layers only once
+    peft is imported, and importing it imports bitsandbytes, whose CPU backend logs a failed hub download offline."""
+    if "peft" not in sys.modules:
         return None, None
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
     return LoraLayer, ModulesToSaveWrapper
