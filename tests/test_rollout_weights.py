@@ -80,7 +80,7 @@ def test_merge_rounding_measures_the_update_lost_in_16_bit_weights(tiny_model_di
     for name, module in model.named_modules():
         if hasattr(module, "lora_B") and "default" in module.lora_B:
             base = module.get_base_layer().weight.float()
-            delta = module.get_delta_weight("default").float()
+            delta = module.get_delta_weight("default").detach().float()
             carried = merged[name.removeprefix("base_model.model.") + ".weight"].float() - base
             error_sq += float((carried - delta).pow(2).sum())
             delta_sq += float(delta.pow(2).sum())
