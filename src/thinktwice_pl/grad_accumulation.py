@@ -87,8 +87,7 @@ class _RowSparseEmbedding(torch.autograd.Function):
         rows, slot = torch.unique(ids, return_inverse=True)  # sorted rows, each token's row slot
         values = grad.new_zeros(len(rows), grad.shape[-1]).index_add_(0, slot, grad)
         shape = (ctx.rows, grad.shape[-1])
-        sparse = torch.sparse_coo_tensor(rows[None], values, shape, is_coalesced=True, check_invariants=False)
-        return None, sparse, None, None
+        return None, row_sparse(rows, values, shape), None, None
 
 
 def grad_in_place(param: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -106,6 +105,13 @@ def added_in_place(weight: torch.Tensor) -> torch.Tensor:
     sparse tensor of the weight's shape. Autograd still accumulates it, so the hooks on that accumulation (a DDP
     reducer's, a gradient leaf's) run as they would for a dense gradient (Megatron-LM's fused weight-gradient
     accumulation returns a placeholder for the same reason)."""
-    rows = torch.zeros(1, 0, dtype=torch.long, device=weight.device)
-    values = weight.new_zeros(0, *weight.shape[1:])
-    return torch.sparse_coo_tensor(rows, values, weight.shape, is_coalesced=True, check_invariants=False)
+    rows = torch.zeros(0, dtype=torch.long, device=weight.device)
+    return row_sparse(rows, weight.new_zeros(0, *weight.shape[1:]), weight.shape)
+
+
+def row_sparse(rows: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """A sparse COO tensor of `shape` holding ``values[i]`` in row ``rows[i]`` (`rows` sorted and distinct), built
+    without invariant checks. The opt-out is explicit (torch 2.11 and 2.12 warn on every process's first sparse
+    tensor built without it)."""
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):
+        return torch.sparse_coo_tensor(rows[None], values, shape, is_coalesced=True, check_invariants=False)
