@@ -41,6 +41,7 @@ from thinktwice_pl.data import ThinkTwiceDataModule
 from thinktwice_pl.errors import DEBUG_ENV, UserError, describe, notes_of, report
 from thinktwice_pl.hostmem import configure_host_allocator
 from thinktwice_pl.lightning_shims import ConfigKeepingCLI, fixed_version
+from thinktwice_pl.log_filters import DropMessages
 from thinktwice_pl.module import ThinkTwiceModule
 from thinktwice_pl.parallel import close_process_group, exit_skipping_native_teardown
 from thinktwice_pl.resume import (
@@ -197,20 +198,9 @@ def _refuse_on_exception_checkpoint(trainer: Any) -> None:
         )
 
 
-class _DropMessages(logging.Filter):
-    """Drops log records whose message starts with one of `starts`."""
-
-    def __init__(self, *starts: str) -> None:
-        super().__init__()
-        self.starts = starts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.starts)
-
-
 _LOG_FILTERS = {
     # Lightning 2.6 advertises its cloud products ("💡 Tip: ... litlogger / litmodels") in every run's log.
-    "lightning.pytorch.utilities.rank_zero": _DropMessages("💡 Tip:"),
+    "lightning.pytorch.utilities.rank_zero": DropMessages("💡 Tip:"),
 }
 
 

@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from thinktwice_pl.errors import UserError
+from thinktwice_pl.log_filters import DemoteMessages, DropMessages
 from thinktwice_pl.optional import VLLM, require
 
 _DEMOTED = {
@@ -64,22 +65,6 @@ _NUMA_NOTICE = b"NUMA binding: Using MEMBIND policy"
 _preload_tip_given = False
 
 
-class _Demote(logging.Filter):
-    """Lowers a record whose message starts with one of `starts` to INFO (its handler's level then decides), or
-    drops it (`drop`: for torch's loggers, whose handlers print every level the logger lets through)."""
-
-    def __init__(self, starts: tuple[str, ...], drop: bool = False) -> None:
-        super().__init__()
-        self.starts, self.drop = starts, drop
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno > logging.INFO and record.getMessage().startswith(self.starts):
-            if self.drop:
-                return False
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
 def import_vllm(log_level: str) -> Any:
     """``import vllm`` with its loggers at `log_level` from the start and its notices demoted (see `_DEMOTED`)."""
     hint = (
@@ -92,8 +77,8 @@ def import_vllm(log_level: str) -> Any:
 
     for name, starts in _DEMOTED.items():
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _Demote) for f in logger.filters):
-            logger.addFilter(_Demote(starts))
+        if not any(isinstance(f, DemoteMessages) for f in logger.filters):
+            logger.addFilter(DemoteMessages(*starts))
     return vllm
 
 
@@ -191,7 +176,7 @@ def _process_rng_kept(device: torch.device) -> Iterator[None]:
 def _torch_triton_notice_dropped(quiet: bool) -> Iterator[None]:
     """Importing vLLM's kernels makes torch warn "Triton not available" (see `_DEMOTED` on Triton)."""
     logger = logging.getLogger("torch._library.triton")
-    drop = _Demote(("Triton not available",), drop=True)
+    drop = DropMessages("Triton not available")
     if quiet:
         logger.addFilter(drop)
     try:
