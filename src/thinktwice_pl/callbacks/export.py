@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from thinktwice_pl.errors import UserError
-from thinktwice_pl.models import is_peft_model
+from thinktwice_pl.models import is_peft_model, is_sharded
 from thinktwice_pl.resume import display_path
 from thinktwice_pl.rollout.weights import MergeRounding, rollout_weights
 
@@ -68,7 +68,7 @@ class HFExport(Callback):
             pass
         if not trainer.is_global_zero:
             return
-        if not _is_sharded(policy):  # peft's own save cannot gather FSDP2 shards
+        if not is_sharded(policy):  # peft's own save cannot gather FSDP2 shards
             policy.save_pretrained(folder)
         if rounding.lost >= 0.1:
             log.warning(
@@ -98,15 +98,9 @@ def _holds_files(folder: Path) -> bool:
     return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
 
 
-def _is_sharded(model: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def _gathered_state_dict(model: Any) -> dict[str, Any] | None:
     """The full (unsharded, CPU) state dict of an FSDP2-sharded model; None for a plain one."""
-    if not _is_sharded(model):
+    if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
