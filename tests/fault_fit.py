@@ -10,6 +10,8 @@ command); environment variables choose the fault:
   model's forward (the decoder's), as CUDA does when an allocation fails.
 - ``FAULT_PAUSE_AFTER_PHASE=k``: once phase batch k is logged (its metrics row is on disk) the process sleeps, so
   that a test can kill it between two phases.
+- ``FAULT_KILL_IN_ROUND=k:r``: the process SIGKILLs itself as generation round r (0 = the first) of phase batch k
+  starts (dynamic sampling), between two rounds of one phase.
 - ``FAULT_SLOW_SAVES=1``: every checkpoint is written in 64 KiB chunks, 50 ms apart, so that a test can kill the
   process in the middle of a write.
 
@@ -83,6 +85,19 @@ def _pause_after_phase(phase: int) -> None:
     PhaseLogger.on_train_batch_end = on_train_batch_end  # type: ignore[method-assign]
 
 
+def _kill_in_round(phase: int, round_: int) -> None:
+    from thinktwice_pl.callbacks.rollout import RolloutCallback
+
+    original = RolloutCallback.sample
+
+    def sample(self: Any, trainer: Any, pl_module: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        if batch.index == phase and (args[2] if len(args) > 2 else kwargs.get("round_", 0)) == round_:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, trainer, pl_module, batch, *args, **kwargs)
+
+    RolloutCallback.sample = sample  # type: ignore[method-assign]
+
+
 def _slow_saves() -> None:
     real_save = torch.save
 
@@ -106,6 +121,8 @@ if __name__ == "__main__":
         _oom_in_phase(int(os.environ["FAULT_OOM_PHASE"]))
     if "FAULT_PAUSE_AFTER_PHASE" in os.environ:
         _pause_after_phase(int(os.environ["FAULT_PAUSE_AFTER_PHASE"]))
+    if "FAULT_KILL_IN_ROUND" in os.environ:
+        _kill_in_round(*map(int, os.environ["FAULT_KILL_IN_ROUND"].split(":")))
     if os.environ.get("FAULT_SLOW_SAVES"):
         _slow_saves()
     runpy.run_module("thinktwice_pl", run_name="__main__", alter_sys=True)

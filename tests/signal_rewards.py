@@ -18,3 +18,8 @@ def even_answers_right(prompts: list[str], completions: list[str], answer: list[
     """1 for every completion of a problem whose gold answer is even, else `even_length`: groups of all-right and
     of mixed answers side by side."""
     return [1.0 if int(gold) % 2 == 0 else float(len(c) % 2 == 0) for c, gold in zip(completions, answer, strict=True)]
+
+
+def always_wrong(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    """0 for every completion: no group ever has a reward variance."""
+    return [0.0 for _ in completions]

@@ -22,6 +22,7 @@ import hashlib
 import random
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
@@ -120,7 +121,7 @@ class ThinkTwiceDataModule(LightningDataModule):
         self.seed = seed
         self._problems: list[Problem] | None = None
         self._cursor = 0  # phase batches completed (phase_done), not fetched: Lightning prefetches one ahead
-        self._cache: dict[int, tuple[int, list[Rollout]]] = {}  # pair -> (group size, its solve rollouts)
+        self._cache: dict[int, _Solved] = {}  # pair -> its solve phase's trained groups
         self._pending_state: dict[str, Any] | None = None  # load_state_dict before setup
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, problem order) of the last epoch served
 
@@ -253,35 +254,68 @@ class ThinkTwiceDataModule(LightningDataModule):
                     "problems; the rollout callback must set batch.rollouts (one group per problem) before phase_done"
                 )
             # Only the records: tensors built on the batch are not kept. Older pairs are never refined again.
-            self._cache = {batch.pair: (batch.rollouts.group_size, list(batch.rollouts.rollouts))}
+            rollouts = batch.rollouts
+            self._cache = {batch.pair: _Solved(rollouts.group_size, list(rollouts.rollouts), list(batch.problems))}
         elif batch.phase == "refine":
             self._cache.pop(batch.pair, None)  # no longer needed: keeps checkpoints after a refine batch small
         self._cursor += 1
 
+    def solved_problems(self, batch: PhaseBatch) -> list[Problem]:
+        """The problems the solve phase of refine `batch`'s pair trained, in group order: the batch's own problems, or
+        with dynamic sampling the problems of the informative groups it kept (some may be extra draws)."""
+        return list(self._solved(batch).problems)
+
     def bases_for(self, batch: PhaseBatch) -> list[Rollout]:
         """The B solve answers to review in refine `batch` (`select_bases` with ``refine_selection``).
 
-        ``bases[i].problem_id`` is the problem of refine prompt i: with ``uniform`` nearly always the batch's problems
-        in order, with ``wrong_first`` / ``balanced`` a problem may get several bases and another none. The choice is
-        seeded by (seed, pair), so it is the same after a resume.
+        ``bases[i].problem_id`` is the problem of refine prompt i: with ``uniform`` nearly always the pair's solved
+        problems in order, with ``wrong_first`` / ``balanced`` a problem may get several bases and another none. The
+        choice is seeded by (seed, pair), so it is the same after a resume.
         """
+        groups = self._solved_groups(batch)
+        return select_bases(groups, self.refine_selection, random.Random(f"thinktwice-bases-{self.seed}-{batch.pair}"))
+
+    def extra_bases(self, batch: PhaseBatch, round_: int, count: int, used: list[Rollout]) -> list[Rollout]:
+        """Dynamic sampling in refine `batch`: up to `count` more bases for generation round `round_` (1, 2, ...), drawn
+        uniformly from the pair's cached solve answers not reviewed yet (`used`), seeded by (seed, pair, round). A
+        refine group is the G refinements of one base, so the extra groups review other samples of the same
+        problems; fewer than `count` (or none) once every cached answer has been reviewed."""
+        taken = {id(r) for r in used}
+        pool = [r for group in self._solved_groups(batch) for r in group if id(r) not in taken]
+        rng = random.Random(f"thinktwice-extra-bases-{self.seed}-{batch.pair}-{round_}")
+        return rng.sample(pool, min(count, len(pool)))
+
+    def extra_problems(self, batch: PhaseBatch, round_: int, count: int, used: list[Problem]) -> list[Problem]:
+        """Dynamic sampling in solve `batch`: up to `count` more problems for generation round `round_` (1, 2, ...),
+        drawn uniformly from the training problems not in this phase yet (`used`), seeded by (seed, pair, round). The
+        epoch layout does not change: every problem is still a batch problem once per epoch."""
+        taken = {p.id for p in used}
+        pool = [p for p in self.problems if p.id not in taken]
+        rng = random.Random(f"thinktwice-extra-problems-{self.seed}-{batch.pair}-{round_}")
+        return rng.sample(pool, min(count, len(pool)))
+
+    def _solved(self, batch: PhaseBatch) -> _Solved:
         if batch.phase != "refine":
-            raise ValueError(f"bases_for needs a refine batch; phase batch {batch.index} is a {batch.phase} batch")
-        cached = self._cache.get(batch.pair)
-        if cached is None:
+            raise ValueError(f"phase batch {batch.index} is a {batch.phase} batch; only refine batches review answers")
+        solved = self._cache.get(batch.pair)
+        if solved is None:
             raise RuntimeError(
                 f"refine batch for pair {batch.pair} but no cached solve rollouts: the solve batch of that pair "
                 f"must end with phase_done(batch) and batch.rollouts set (cached pairs: {sorted(self._cache)})"
             )
-        size, rollouts = cached
+        return solved
+
+    def _solved_groups(self, batch: PhaseBatch) -> list[list[Rollout]]:
+        solved = self._solved(batch)
+        size, rollouts = solved.group_size, solved.rollouts
         groups = [rollouts[start : start + size] for start in range(0, len(rollouts), size)]
-        expected = [p.id for p in batch.problems]
+        expected = [p.id for p in solved.problems]
         if [{r.problem_id for r in group} for group in groups] != [{i} for i in expected]:
             raise RuntimeError(
                 f"cached solve rollouts of pair {batch.pair} do not match its problems {expected[:4]}...: "
                 "they must be group-major, one group per problem, in batch order"
             )
-        return select_bases(groups, self.refine_selection, random.Random(f"thinktwice-bases-{self.seed}-{batch.pair}"))
+        return groups
 
     # --- checkpoint state
 
@@ -295,8 +329,13 @@ class ThinkTwiceDataModule(LightningDataModule):
             "fingerprint": _fingerprint(self._problems),
             "layout": self._layout(),
             "cache": [
-                {"pair": pair, "group_size": size, "rollouts": [dataclasses.asdict(r) for r in rollouts]}
-                for pair, (size, rollouts) in self._cache.items()
+                {
+                    "pair": pair,
+                    "group_size": solved.group_size,
+                    "rollouts": [dataclasses.asdict(r) for r in solved.rollouts],
+                    "problems": [dataclasses.asdict(p) for p in solved.problems],
+                }
+                for pair, solved in self._cache.items()
             ],
         }
 
@@ -337,9 +376,30 @@ class ThinkTwiceDataModule(LightningDataModule):
             )
         self._cursor = int(state["cursor"])
         self._cache = {
-            int(entry["pair"]): (int(entry["group_size"]), [Rollout(**r) for r in entry["rollouts"]])
+            int(entry["pair"]): _Solved(
+                int(entry["group_size"]),
+                [Rollout(**r) for r in entry["rollouts"]],
+                self._problems_of(entry),
+            )
             for entry in state["cache"]
         }
+
+    def _problems_of(self, entry: dict[str, Any]) -> list[Problem]:
+        """The solved problems of a cache entry; an entry without them (written before dynamic sampling existed)
+        solved its pair's own problems."""
+        if "problems" in entry:
+            return [Problem(**p) for p in entry["problems"]]
+        return self.phase_batch(2 * int(entry["pair"])).problems
+
+
+@dataclass
+class _Solved:
+    """A solve phase's trained groups, kept for the refine phase of its pair: `rollouts` group-major, one group of
+    `group_size` per problem of `problems`."""
+
+    group_size: int
+    rollouts: list[Rollout]
+    problems: list[Problem]
 
 
 def thinktwice_data(trainer: Any, user: str) -> ThinkTwiceDataModule:

@@ -32,6 +32,7 @@ from thinktwice_pl import parallel, policy_state
 from thinktwice_pl.batching import Pass, StepPlan, collate, plan_phase
 from thinktwice_pl.builtin_models import check_model_name_or_path, resolve_model_path
 from thinktwice_pl.callbacks.phase_log import PhaseLogger
+from thinktwice_pl.dynamic_sampling import training_reward
 from thinktwice_pl.errors import OutOfMemoryInPhase, UserError, is_out_of_memory, out_of_memory_message
 from thinktwice_pl.grpo import LossType, ScaleRewards, group_advantages, policy_loss, truncated_importance_weights
 from thinktwice_pl.hostmem import trim_host_memory
@@ -242,7 +243,7 @@ class ThinkTwiceModule(pl.LightningModule):
         loss, batching = self.loss, self.batching
         start = time.perf_counter()
         rollouts = _rollouts_of(batch)
-        rewards = torch.tensor([r.reward for r in rollouts.rollouts], dtype=torch.float32)  # [N]
+        rewards = torch.tensor([training_reward(r) for r in rollouts.rollouts], dtype=torch.float32)  # [N]
         advantages = group_advantages(rewards, rollouts.group_size, loss.scale_rewards)  # [N]
         in_loss = [not (loss.mask_truncated_completions and r.truncated) for r in rollouts.rollouts]
         # a sequence with advantage 0 has no gradient without a KL term: it counts in the normaliser, unforwarded

@@ -8,7 +8,10 @@ Plain dataclasses, no behaviour beyond small derived views. Tensor shapes are in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from thinktwice_pl.dynamic_sampling import SamplingStats
 
 Phase = Literal["solve", "refine"]
 FinishReason = Literal["stop", "length"]
@@ -53,8 +56,9 @@ class Rollout:
     completion_text: str
     finish_reason: FinishReason
     sampler_logprobs: list[float] | None = None
-    reward: float = 0.0
+    reward: float = 0.0  # correctness (the grader's score)
     reward_error: bool = False  # the grader timed out or raised; reward was set to 0 and counted
+    length_penalty: float = 0.0  # DAPO's soft overlong penalty (<= 0), added to `reward` for the advantages only
     base_text: str | None = None
     base_correct: bool | None = None
 
@@ -94,8 +98,10 @@ class PhaseBatch:
     """One Lightning training batch: a batch of problems tagged with the phase to run on them.
 
     `index` counts phase batches from the start of training (solve and refine each count one);
-    `pair` counts problem batches. `problems` is the problem batch, the same in both phases. The
-    fields after it are filled as the phase runs, each by one callback and read by those named.
+    `pair` counts problem batches. `problems` is the problem batch, the same in both phases; with dynamic
+    sampling the RolloutCallback sets it to the problems of the groups trained (in the solve phase some may be
+    extra draws), before the refine phase reviews them. The fields after `epoch` are filled as the phase runs,
+    each by one callback and read by those named.
     """
 
     phase: Phase
@@ -103,6 +109,7 @@ class PhaseBatch:
     index: int
     pair: int
     epoch: int
+    sampling: SamplingStats | None = None  # rounds, dropped groups, length penalty (RolloutCallback; PhaseLogger)
     bases: list[Rollout] | None = None  # refine: the solve answer each prompt reviews (RolloutCallback, batch start)
     rollouts: RolloutBatch | None = None  # scored rollouts (RolloutCallback, batch start; the module trains on them)
     sync_s: float | None = None  # the engine's weight sync after the update (RolloutCallback; PhaseLogger logs it)

@@ -2,7 +2,8 @@
 
 The module's `training_step` returns the phase's metrics; they reach this callback as `outputs`, and the row adds
 ``perf/sync_s``, the weight-sync time the `RolloutCallback` puts on the batch (``PhaseBatch.sync_s``) in its own
-``on_train_batch_end``, which runs first. Lightning would write one row per optimizer step and repeat the other
+``on_train_batch_end``, which runs first, and the counts of dynamic sampling and the overlong penalty
+(``PhaseBatch.sampling``) when they are on. Lightning would write one row per optimizer step and repeat the other
 phase's last values in each; here every phase is one row at ``step`` = phase index, as the reference code counts.
 """
 
@@ -55,6 +56,8 @@ class PhaseLogger(Callback):
         metrics = {key: float(value) for key, value in outputs.items()}
         if batch.sync_s is not None:
             metrics["perf/sync_s"] = batch.sync_s
+        if batch.sampling is not None:
+            metrics.update(batch.sampling.metrics(batch.phase))
         size = len(batch.rollouts.rollouts) if batch.rollouts is not None else 1
         # callback_metrics (monitors, early stopping) and the progress bar; the loggers get the row below
         for key, value in metrics.items():

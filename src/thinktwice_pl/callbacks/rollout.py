@@ -6,8 +6,10 @@ paper's ``uniform`` selection one per problem), and each chat holds its problem,
 review instruction; the refinements are sampled after the solve step's update. After each step it
 hands the solve rollouts to the data module's cache (`ThinkTwiceDataModule.phase_done`) and syncs the
 engine's weights with the policy, putting the sync time on the batch (``PhaseBatch.sync_s``) for the
-`PhaseLogger`. The Evaluation callback asks it for prompts, completions and grades (`prompts`, `awake`,
-`score`).
+`PhaseLogger`. DAPO's dynamic sampling and soft overlong penalty (`thinktwice_pl.dynamic_sampling`) are options
+of both phases: with dynamic sampling a phase runs more generation rounds (extra problems in a solve phase,
+other cached solve answers of the pair in a refine phase) until it holds B informative groups. The Evaluation
+callback asks it for prompts, completions and grades (`prompts`, `awake`, `score`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from thinktwice_pl.batching import rank_slice
 from thinktwice_pl.data import thinktwice_data
-from thinktwice_pl.errors import OutOfMemoryInPhase, is_out_of_memory
+from thinktwice_pl.dynamic_sampling import (
+    choose_groups,
+    groups_of,
+    informative_count,
+    overlong_penalty,
+    sampling_stats,
+)
+from thinktwice_pl.errors import OutOfMemoryInPhase, UserError, is_out_of_memory
 from thinktwice_pl.hostmem import trim_host_memory
 from thinktwice_pl.lightning_shims import tqdm_train_bar
 from thinktwice_pl.parallel import check_cpu_bf16, compute_dtype
@@ -72,6 +81,18 @@ class RolloutCallback(Callback):
             evaluation prompts alike. A no-op for templates without a default system prompt; an error at start-up
             when the template's system turn cannot be cut out.
         seed: base seed of the per-phase sampling seeds (a resumed run draws the same samples).
+        dynamic_sampling: DAPO's dynamic sampling, in both phases: groups whose G training rewards are all equal are
+            dropped and more prompts are sampled until the phase holds B informative groups (solve: extra problems
+            drawn from the training set; refine: other cached solve answers of the same problems), or until
+            `max_sampling_rounds` generation rounds have run; a phase still short is filled with dropped groups
+            (advantage 0) so that it takes the usual number of optimizer steps. Counted per phase
+            (``train/<phase>/sampling_rounds``, ``groups_dropped``, ``groups_filled`` ...).
+        max_sampling_rounds: most generation rounds per phase with dynamic sampling (the first included; the
+            reference allowed 10); None = until B informative groups are found or no prompt is left to draw.
+        overlong_buffer: L_b of DAPO's soft overlong penalty (eq. 13): a completion longer than
+            ``max_completion_length - L_b`` tokens loses reward linearly, down to ``-overlong_penalty_factor`` at the
+            limit; logged apart from correctness (``train/<phase>/overlong_penalty_mean``). None = off.
+        overlong_penalty_factor: the penalty's weight.
     """
 
     def __init__(
@@ -90,8 +111,28 @@ class RolloutCallback(Callback):
         refine_instruction: str = DEFAULT_REFINE_INSTRUCTION,
         remove_system_prompt: bool = False,
         seed: int = 0,
+        dynamic_sampling: bool = False,
+        max_sampling_rounds: int | None = 10,
+        overlong_buffer: int | None = None,
+        overlong_penalty_factor: float = 1.0,
     ) -> None:
         super().__init__()
+        if max_sampling_rounds is not None and max_sampling_rounds < 1:
+            raise UserError(
+                f"rollout.max_sampling_rounds={max_sampling_rounds} must be >= 1 (the first round counts) or null "
+                "(no limit)"
+            )
+        if overlong_buffer is not None and not 0 < overlong_buffer <= max_completion_length:
+            raise UserError(
+                f"rollout.overlong_buffer={overlong_buffer} must be in 1..rollout.max_completion_length="
+                f"{max_completion_length}, or null (no length penalty)"
+            )
+        if overlong_penalty_factor < 0:
+            raise UserError(f"rollout.overlong_penalty_factor={overlong_penalty_factor} must be >= 0")
+        self.dynamic_sampling = dynamic_sampling
+        self.max_sampling_rounds = max_sampling_rounds
+        self.overlong_buffer = overlong_buffer
+        self.overlong_penalty_factor = overlong_penalty_factor
         self.engine: RolloutEngine = engine if engine is not None else HFRolloutEngine()
         self.num_generations = num_generations
         self.sampling = SamplingConfig(
@@ -107,6 +148,7 @@ class RolloutCallback(Callback):
         self.scorer: RewardScorer | None = None
         self._ready = False
         self._warned_truncation = False
+        self._warned_short = False
 
     @property
     def max_prompt_length(self) -> int | None:
@@ -159,7 +201,9 @@ class RolloutCallback(Callback):
             raise TypeError(f"expected a PhaseBatch from ThinkTwiceDataModule, got {type(batch).__name__}")
         _show_phase(trainer, batch)
         if batch.phase == "refine":
-            batch.bases = thinktwice_data(trainer, "RolloutCallback").bases_for(batch)
+            data = thinktwice_data(trainer, "RolloutCallback")
+            batch.problems = data.solved_problems(batch)
+            batch.bases = data.bases_for(batch)
         batch.rollouts = self.rollout(trainer, pl_module, batch)
 
     def on_train_batch_end(
@@ -237,18 +281,88 @@ class RolloutCallback(Callback):
     # ------------------------------------------------------------------------------ one phase
 
     def rollout(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: PhaseBatch) -> RolloutBatch:
-        """Build the phase's prompts, sample G completions each, grade them: a scored `RolloutBatch`.
+        """The phase's scored rollouts: its prompts sampled G times each and graded (`sample`); with dynamic
+        sampling, more rounds until B informative groups are found (`choose_groups`), after which `batch.problems`
+        (solve) or `batch.bases` (refine) name the groups trained. Sets ``batch.sampling``."""
+        problems, bases = batch.prompt_problems, batch.bases
+        first = self.sample(trainer, pl_module, batch, problems, bases)
+        rounds = [groups_of(first.rollouts, first.group_size)]
+        if not self.dynamic_sampling:
+            batch.sampling = sampling_stats(rounds, rounds[0], dynamic=False, overlong=self.overlong_buffer is not None)
+            return first
+        want, data, world = len(problems), thinktwice_data(trainer, "RolloutCallback"), trainer.world_size
+        used_problems, used_bases = list(problems), list(bases or [])
+        timing = [first]
+        while sum(map(informative_count, rounds)) < want and (
+            self.max_sampling_rounds is None or len(rounds) < self.max_sampling_rounds
+        ):
+            if batch.phase == "solve":
+                extra_bases = None
+                extra = data.extra_problems(batch, len(rounds), want, used_problems)
+                extra = extra[: len(extra) - len(extra) % world]  # every rank samples an equal share
+                used_problems += extra
+            else:
+                extra_bases = data.extra_bases(batch, len(rounds), want, used_bases)
+                extra_bases = extra_bases[: len(extra_bases) - len(extra_bases) % world]
+                by_id = {p.id: p for p in batch.problems}
+                extra = [by_id[b.problem_id] for b in extra_bases]
+                used_bases += extra_bases
+            if not extra:
+                break  # every problem (solve) or cached answer (refine) has been sampled
+            more = self.sample(trainer, pl_module, batch, extra, extra_bases, len(rounds))
+            rounds.append(groups_of(more.rollouts, more.group_size))
+            timing.append(more)
+        trained = choose_groups(rounds, want)
+        batch.sampling = sampling_stats(rounds, trained, dynamic=True, overlong=self.overlong_buffer is not None)
+        if batch.sampling.groups_filled:
+            self._warn_short(batch)
+        if batch.phase == "solve":
+            by_id = {p.id: p for p in used_problems}
+            batch.problems = [by_id[group[0].problem_id] for group in trained]
+        else:  # the groups of all rounds, in order, are the G refinements of used_bases[0], used_bases[1], ...
+            base_of = {id(group): base for group, base in zip(_flat(rounds), used_bases, strict=True)}
+            batch.bases = [base_of[id(group)] for group in trained]
+        return RolloutBatch(
+            [r for group in trained for r in group],
+            first.group_size,
+            generate_s=sum(part.generate_s for part in timing),
+            score_s=sum(part.score_s for part in timing),
+            reward_errors=sum(part.reward_errors for part in timing),
+            truncated_prompts=sum(part.truncated_prompts for part in timing),
+        )
+
+    def _warn_short(self, batch: PhaseBatch) -> None:
+        if not self._warned_short and batch.sampling is not None:
+            self._warned_short = True
+            log.warning(batch.sampling.short_message(batch.index, batch.phase, self.max_sampling_rounds))
+
+    def sample(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: PhaseBatch,
+        prompt_problems: list[Problem],
+        bases: list[Rollout] | None,
+        round_: int = 0,
+    ) -> RolloutBatch:
+        """One generation round of `batch`: the prompts of `prompt_problems` (reviewing `bases` in a refine phase)
+        sampled G times each and graded: a scored `RolloutBatch`. Round 0 is the phase's own prompts; later rounds
+        (dynamic sampling) draw their own seeds.
 
         With several ranks each rank samples and grades its share of the prompts (`rank_slice`), then the
         shares are gathered, so every rank holds the whole phase (the refine cache and the logged metrics
         are the same everywhere; the module trains each rank on its share).
         """
         world = trainer.world_size
-        prompt_problems = batch.prompt_problems  # refine prompt i reviews bases[i]
         share = rank_slice(len(prompt_problems), pl_module.global_rank, world)
-        problems, bases = prompt_problems[share], batch.bases[share] if batch.bases is not None else None
+        problems, bases = (
+            prompt_problems[share],
+            bases[share] if bases is not None else None,
+        )  # prompt i reviews bases[i]
         prompts = self.prompts(problems, pl_module.tokenizer, [b.completion_text for b in bases] if bases else None)
-        sampling = dataclasses.replace(self.sampling, seed=phase_seed(self.seed, batch.index, pl_module.global_rank))
+        sampling = dataclasses.replace(
+            self.sampling, seed=phase_seed(self.seed, batch.index, pl_module.global_rank, round_)
+        )
         start = time.perf_counter()
         try:
             with self.awake() as engine:
@@ -281,6 +395,7 @@ class RolloutCallback(Callback):
                 sampler_logprobs=c.logprobs,
                 reward=graded.rewards[i * g + j],
                 reward_error=graded.errors[i * g + j] is not None,
+                length_penalty=self._length_penalty(len(c.token_ids)),
                 base_text=bases[i].completion_text if bases else None,
                 base_correct=bases[i].correct if bases else None,
             )
@@ -297,11 +412,23 @@ class RolloutCallback(Callback):
         )
         return _gather(local) if world > 1 else local
 
+    def _length_penalty(self, length: int) -> float:
+        if self.overlong_buffer is None:
+            return 0.0
+        limit = self.sampling.max_new_tokens
+        return overlong_penalty(length, limit, self.overlong_buffer, self.overlong_penalty_factor)
 
-def phase_seed(seed: int, index: int, rank: int = 0) -> int:
-    """A sampling seed for phase batch `index` on `rank` that depends only on (seed, index, rank)."""
-    digest = hashlib.sha256(f"{seed}/{index}/{rank}".encode()).digest()
+
+def phase_seed(seed: int, index: int, rank: int = 0, round_: int = 0) -> int:
+    """A sampling seed for phase batch `index` on `rank` (generation round `round_` with dynamic sampling) that
+    depends only on (seed, index, rank, round)."""
+    key = f"{seed}/{index}/{rank}" if round_ == 0 else f"{seed}/{index}/{rank}/{round_}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def _flat(rounds: list[list[list[Rollout]]]) -> list[list[Rollout]]:
+    return [group for groups in rounds for group in groups]
 
 
 def _gather(local: RolloutBatch) -> RolloutBatch:
