@@ -45,6 +45,7 @@ class ScriptedEngine(HFRolloutEngine):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[int, int, SamplingConfig]] = []
+        self.texts: list[tuple[list[str], list[str]]] = []  # per call: decoded prompts, first completion of each
         self.setups = 0
 
     def setup(self, model: Any, tokenizer: Any, compute_dtype: Any = None) -> None:
@@ -69,6 +70,7 @@ class ScriptedEngine(HFRolloutEngine):
                 completion = f"The answer is \\boxed{{{answer}}}."
                 group.append(Completion(self.tokenizer.encode(completion), completion, "stop"))
             out.append(group)
+        self.texts.append(([self.tokenizer.decode(ids) for ids in prompts], [group[0].text for group in out]))
         return out
 
 
@@ -481,3 +483,240 @@ def test_records_hold_each_problems_correct_counts(tiny_model_dir: Path, tmp_pat
     )
     quiet.validate(module, datamodule=data)
     assert not (Path(quiet.logger.log_dir) / "eval_records.csv").exists()  # off by default
+
+
+# ------------------------------------------------------------------------------ several rounds of refinement
+
+TRANSITION_RATES = ("fix_wrong", "damage_correct", "keep_right", "stay_wrong")
+
+
+def round_keys(split: str, benchmarks: list[str], ks: list[int], rounds: int, n: int) -> set[str]:
+    """The keys that eval.refine_rounds >= 2 adds to `documented_keys`."""
+    names = [*benchmarks, "avg"]
+    keys: set[str] = set()
+    for r in range(2, rounds + 1):
+        keys |= {f"{split}/{b}/refine{r}/{m}" for b in names for m in [*(f"pass@{k}" for k in ks), "greedy_acc"]}
+        keys |= {f"{split}/transition{r}/{rate}" for rate in TRANSITION_RATES}
+    for r in range(1, rounds + 1):
+        keys |= {f"{split}/{b}/matched{r}/pass@{k}" for b in names for k in ks if (r + 1) * k <= n}
+    return keys
+
+
+def scripted_validation(tmp_path: Path, name: str, sources: dict[str, ProblemSource], **settings: Any) -> Any:
+    """`trainer.validate` with the ScriptedEngine (n = 4, seed 3, records on): (results, engine, log dir)."""
+    engine = ScriptedEngine()
+    module = ThinkTwiceModule(
+        model_name_or_path=str(settings.pop("model_dir")),
+        problems_per_batch=2,
+        num_generations=2,
+        mini_batch_problems=None,
+    )
+    data = ThinkTwiceDataModule(problems_per_batch=2, val=sources, eval_problems_per_batch=2)
+    evaluation = Evaluation(num_samples=4, seed=3, records=True, **settings)
+    callbacks = [RolloutCallback(engine=engine, reward_workers=0), evaluation]
+    trainer = quiet_trainer(tmp_path, *callbacks, log=name)
+    [results] = trainer.validate(module, datamodule=data)
+    return results, engine, Path(trainer.logger.log_dir)
+
+
+def test_three_rounds_refine_the_previous_round_and_log_matched_pass_at_k(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The ScriptedEngine flips the correctness of the answer a refinement reviews: round r is right exactly where
+    round r - 1 was wrong, which holds only if round r reviewed round r - 1's text."""
+    from thinktwice_pl.callbacks.evaluation import RECORD_COLUMNS
+
+    n, rounds = 4, 3
+    sources = {
+        "sums": ProblemSource(num_problems=5, difficulty=0),
+        "more": ProblemSource(num_problems=3, difficulty=0, seed=7),
+    }
+    results, engine, log_dir = scripted_validation(
+        tmp_path, "r3", sources, model_dir=tiny_model_dir, refine_rounds=rounds
+    )
+    keys = documented_keys("val", list(sources), [1, 2, 4]) | round_keys("val", list(sources), [1, 2, 4], rounds, n)
+    assert set(results) == keys | {"perf/val_s"}
+    assert {k for k in keys if "matched" in k and "/sums/" in k} == {
+        "val/sums/matched1/pass@1",
+        "val/sums/matched1/pass@2",
+        "val/sums/matched2/pass@1",
+        "val/sums/matched3/pass@1",
+    }
+
+    expected: dict[str, float] = {}
+    for name, source in sources.items():
+        golds = [int(p.answer) for p in load_problems(source)]
+        right = [g % (n + 1) for g in golds]  # correct samples of round 0; each round flips every answer
+        per_round = [right if r % 2 == 0 else [n - c for c in right] for r in range(rounds + 1)]
+        greedy = [[(g % 5 > 0) != (r % 2 == 1) for g in golds] for r in range(rounds + 1)]
+        for r, stage in enumerate(["solve", "refine", "refine2", "refine3"]):
+            for k in (1, 2, 4):
+                expected[f"val/{name}/{stage}/pass@{k}"] = sum(pass_at_k(n, c, k) for c in per_round[r]) / len(golds)
+            expected[f"val/{name}/{stage}/greedy_acc"] = sum(greedy[r]) / len(golds)
+        for r, k in ((1, 1), (1, 2), (2, 1), (3, 1)):  # the first answers' pass@((r + 1)k)
+            expected[f"val/{name}/matched{r}/pass@{k}"] = sum(pass_at_k(n, c, (r + 1) * k) for c in right) / len(golds)
+    for key in [k for k in keys if k.startswith("val/sums/")]:
+        expected[key.replace("/sums/", "/avg/")] = (expected[key] + expected[key.replace("/sums/", "/more/")]) / 2
+    for name in ("transition", "transition2", "transition3"):  # every greedy refinement flips the one before
+        expected.update(
+            {f"val/{name}/{rate}": float(rate in ("fix_wrong", "damage_correct")) for rate in TRANSITION_RATES}
+        )
+    results.pop("perf/val_s")
+    assert results == pytest.approx(expected)
+    assert expected["val/avg/refine2/pass@1"] != expected["val/avg/refine/pass@1"]  # the rounds differ: a real check
+    assert expected["val/avg/matched2/pass@1"] != expected["val/avg/solve/pass@2"]
+
+    # per batch: sampled answers, greedy answers, then one greedy call per round over 2 * n + 2 refine prompts
+    calls = engine.texts
+    assert len(calls) == 5 * 5  # 5 batches: 5 + 3 problems, 2 per batch
+    for batch in range(5):
+        for r in (1, 2, 3):
+            prompts, previous = calls[5 * batch + 1 + r][0], calls[5 * batch + r][1]
+            if r == 1:  # round 1 reviews the sampled answers (the first call: n per problem), then the greedy ones
+                previous = [f"The answer is \\boxed{{{a}}}." for a in _sampled_answers(calls[5 * batch], n)]
+                previous += calls[5 * batch + 1][1]
+            assert len(prompts) == len(previous)
+            for prompt, answer in zip(prompts, previous, strict=True):
+                assert prompt.count("carefully review your previous solution") == 1
+                assert prompt.count("The answer is \\boxed{") == 1 and answer in prompt
+
+    records = pd.read_csv(log_dir / "eval_records.csv")
+    extra = ("refine2_correct", "greedy_refine2_correct", "refine3_correct", "greedy_refine3_correct")
+    assert tuple(records.columns) == RECORD_COLUMNS + extra
+    assert (records["refine2_correct"] == records["solve_correct"]).all()
+    assert (records["refine3_correct"] == records["refine_correct"]).all()
+    assert (records["greedy_refine2_correct"] == records["greedy_correct"]).all()
+    assert (records["greedy_refine3_correct"] == 1 - records["greedy_correct"]).all()
+    assert records["solve_correct"].tolist() == [
+        int(p.answer) % (n + 1) for source in sources.values() for p in load_problems(source)
+    ]
+
+
+def identical(a: float, b: float) -> bool:
+    """The same float, NaN included."""
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _sampled_answers(call: tuple[list[str], list[str]], n: int) -> list[int]:
+    """The ScriptedEngine's n sampled answers of each prompt of a solve call (the first c right, then -1)."""
+    out = []
+    for prompt in call[0]:
+        a, b = map(int, re.search(r"What is (\d+) \+ (\d+)\?", prompt).groups())
+        c = (a + b) % (n + 1)
+        out += [a + b if j < c else -1 for j in range(n)]
+    return out
+
+
+def test_sampled_refinements_seed_each_round_and_one_round_keeps_its_records(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from thinktwice_pl.callbacks.evaluation import RECORD_COLUMNS
+    from thinktwice_pl.callbacks.rollout import phase_seed
+
+    sources = {"sums": ProblemSource(num_problems=3, difficulty=0)}
+    two, engine, _ = scripted_validation(
+        tmp_path, "s2", sources, model_dir=tiny_model_dir, refine_rounds=2, refine_temperature=0.5
+    )
+    refine_calls = [(p, s) for p, k, s in engine.calls if s.temperature == 0.5]
+    # each batch (index 0, 1): round 1 with the seed after the answers', round 2 with the next one
+    assert [s.seed for _, s in refine_calls] == [phase_seed(3, b, 0) + r for b in (0, 1) for r in (1, 2)]
+    assert [(p, k, s.temperature) for p, k, s in engine.calls[:6]] == [
+        (2, 4, 0.7), (2, 1, 0.0), (8, 1, 0.5), (2, 1, 0.0), (8, 1, 0.5), (2, 1, 0.0)
+    ]  # fmt: skip
+    one, _, log_dir = scripted_validation(tmp_path, "s1", sources, model_dir=tiny_model_dir)
+    assert set(one) == documented_keys("val", ["sums"], [1, 2, 4]) | {"perf/val_s"}
+    assert all(identical(one[k], two[k]) for k in one if k != "perf/val_s")
+    assert tuple(pd.read_csv(log_dir / "eval_records.csv").columns) == RECORD_COLUMNS
+    with pytest.raises(ValueError, match=r"eval.refine_rounds=0 must be an integer >= 1"):
+        Evaluation(refine_rounds=0)
+    with pytest.raises(ValueError, match=r"eval_records.csv has the columns .* but eval.refine_rounds=2 writes"):
+        module = ThinkTwiceModule(
+            model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2, mini_batch_problems=None
+        )
+        evaluation = Evaluation(num_samples=4, records=True, refine_rounds=2)
+        trainer = quiet_trainer(log_dir, RolloutCallback(engine=ScriptedEngine()), evaluation, log=None)
+        trainer.validate(module, datamodule=ThinkTwiceDataModule(problems_per_batch=2, val=sources), verbose=False)
+
+
+class ChainEngine(HFRolloutEngine):
+    """The HF engine (a real tiny model), recording the prompt ids and completion texts of every generate call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[list[list[int]], list[list[str]], float]] = []
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        out = super().generate(prompts, n, sampling)
+        self.calls.append((prompts, [[c.text for c in group] for group in out], sampling.temperature))
+        return out
+
+
+def tiny_test_run(tiny_model_dir: Path, tmp_path: Path, name: str, rounds: int) -> tuple[dict, ChainEngine, Path, Any]:
+    """`trainer.test` of the tiny model with the HF engine, n = 3 answers of 6 tokens, records on; graded by
+    `signal_rewards.even_length` (right iff the text has an even length), so about half the answers are right."""
+    engine = ChainEngine()
+    rollout = RolloutCallback(engine=engine, reward="signal_rewards.even_length", reward_workers=0)
+    evaluation = Evaluation(num_samples=3, max_completion_length=6, records=True, seed=1, refine_rounds=rounds)
+    module = ThinkTwiceModule(
+        model_name_or_path=str(tiny_model_dir), problems_per_batch=2, num_generations=2, mini_batch_problems=None
+    )
+    test = {"a": ProblemSource(num_problems=3, difficulty=0), "b": ProblemSource(num_problems=2, seed=4)}
+    data = ThinkTwiceDataModule(problems_per_batch=2, test=test, eval_problems_per_batch=3)
+    trainer = quiet_trainer(tmp_path, rollout, evaluation, log=name)
+    [results] = trainer.test(module, datamodule=data, verbose=False)
+    results.pop("perf/test_s")
+    return results, engine, Path(trainer.logger.log_dir), (rollout, module.tokenizer, data)
+
+
+def test_two_rounds_on_the_tiny_model_chain_real_texts_and_leave_round_one_unchanged(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from thinktwice_pl.callbacks.evaluation import RECORD_COLUMNS
+
+    two, engine, log_dir, (rollout, tokenizer, data) = tiny_test_run(tiny_model_dir, tmp_path, "r2", rounds=2)
+    assert set(two) == documented_keys("test", ["a", "b"], [1, 2, 3]) | round_keys("test", ["a", "b"], [1, 2, 3], 2, 3)
+    assert {k for k in two if "matched" in k and "/a/" in k} == {"test/a/matched1/pass@1", "test/a/matched2/pass@1"}
+
+    # per batch: sampled, greedy, round 1 and round 2 (greedy refinements): round 2 reviews round 1's texts
+    assert len(engine.calls) == 4 * 2 and {t for *_, t in engine.calls} == {0.7, 0.0}
+    problems = [b.problems for b in data.test_dataloader()]
+    for batch, owners in enumerate(problems):
+        (_, sampled, _), (_, greedy, _), (_, first, _), (ids, second, _) = engine.calls[4 * batch : 4 * batch + 4]
+        owners_of_refinements = [p for p in owners for _ in range(3)] + owners
+        reviewed = [t for group in first for t in group]
+        assert ids == rollout.prompts(owners_of_refinements, tokenizer, reviewed, remove_system_prompt=False).ids
+        assert reviewed != [t for group in sampled for t in group] + [t for g in greedy for t in g]  # a real chain
+        assert len(second) == len(first) == 3 * len(owners) + len(owners)
+
+    records = pd.read_csv(log_dir / "eval_records.csv")
+    assert tuple(records.columns) == (*RECORD_COLUMNS, "refine2_correct", "greedy_refine2_correct")
+    even = [[[len(t) % 2 == 0 for t in group] for group in texts] for _, texts, _ in engine.calls]
+    for batch in range(len(problems)):
+        rows = records.iloc[3 * batch : 3 * batch + len(problems[batch])]
+        third = even[4 * batch + 3]
+        assert rows["refine2_correct"].tolist() == [
+            sum(g[0] for g in third[3 * i : 3 * i + 3]) for i in range(len(rows))
+        ]
+        assert rows["greedy_refine2_correct"].tolist() == [int(g[0]) for g in third[3 * len(rows) :]]
+    # the logged values are those of the records: pass@k, matched pass@((r + 1)k), transitions of round 2
+    for bench, rows in records.groupby("benchmark"):
+        for k in (1, 2, 3):
+            value = rows["refine2_correct"].map(lambda c, k=k: pass_at_k(3, int(c), k)).mean()
+            assert two[f"test/{bench}/refine2/pass@{k}"] == pytest.approx(value)
+        assert two[f"test/{bench}/matched1/pass@1"] == pytest.approx(two[f"test/{bench}/solve/pass@2"])
+        assert two[f"test/{bench}/matched2/pass@1"] == pytest.approx(two[f"test/{bench}/solve/pass@3"])
+        assert two[f"test/{bench}/refine2/greedy_acc"] == pytest.approx(rows["greedy_refine2_correct"].mean())
+    before, after = records["greedy_refine_correct"], records["greedy_refine2_correct"]
+    rates = {
+        "fix_wrong": ((before == 0) & (after == 1)).sum() / (before == 0).sum(),
+        "damage_correct": ((before == 1) & (after == 0)).sum() / (before == 1).sum(),
+    }
+    for rate, value in rates.items():
+        assert two[f"test/transition2/{rate}"] == pytest.approx(value, nan_ok=True)
+    assert records["refine2_correct"].tolist() != records["refine_correct"].tolist()
+
+    # refine_rounds=1 is the one-round evaluation: the same calls and bit-identical values, no extra keys or columns
+    one, engine_one, log_dir_one, _ = tiny_test_run(tiny_model_dir, tmp_path, "r1", rounds=1)
+    assert set(one) == documented_keys("test", ["a", "b"], [1, 2, 3])
+    assert all(identical(one[k], two[k]) for k in one)
+    assert engine_one.calls == [call for i, call in enumerate(engine.calls) if i % 4 != 3]
+    records_one = pd.read_csv(log_dir_one / "eval_records.csv")
+    assert records_one.equals(records[list(RECORD_COLUMNS)])

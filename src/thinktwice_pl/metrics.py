@@ -11,6 +11,8 @@
   ``compute()`` reduces across data-parallel ranks before dividing.
 - `greedy_accuracies`: accuracy of the greedy answers and of their greedy refinements (the paper selects
   checkpoints by the former).
+- `eval_metrics`: an evaluation's logged keys from those metrics, for one or more rounds of refinement (round r
+  reviews round r - 1's answer), with the compute-matched pass@((r + 1)k) of the first answers.
 - Training: `StepStats` (the update's statistics, summed over passes, steps and ranks), `refine_signals`
   (METHOD.md section 8) and `phase_metrics`, the ``train/<phase>/*`` and ``perf/*`` values of one phase.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -172,6 +175,84 @@ class Transitions(Metric):
     def totals(self) -> dict[str, int]:
         """This rank's counts (inside ``sync_context()`` or `compute`: all ranks' counts)."""
         return {key: int(value) for key, value in zip(self._ORDER, self.counts.tolist(), strict=True)}
+
+
+def stage_name(round_: int) -> str:
+    """The key part of refinement round `round_`: ``solve`` (0, the first answers), ``refine`` (1), ``refine<r>``."""
+    return "solve" if round_ == 0 else "refine" if round_ == 1 else f"refine{round_}"
+
+
+def transition_name(round_: int) -> str:
+    """The key part of the transitions into round `round_` >= 1 from round - 1: ``transition``, ``transition<r>``."""
+    return "transition" if round_ == 1 else f"transition{round_}"
+
+
+def record_columns(round_: int) -> tuple[str, str]:
+    """The eval_records.csv columns of round `round_`: (correct samples, greedy answer correct)."""
+    if round_ == 0:
+        return "solve_correct", "greedy_correct"
+    suffix = "" if round_ == 1 else str(round_)
+    return f"refine{suffix}_correct", f"greedy_refine{suffix}_correct"
+
+
+def matched_ks(ks: Sequence[int], round_: int, n: int) -> list[int]:
+    """The budgets k whose compute-matched pass@((round + 1)k) exists with n samples: pass@k after `round_`
+    refinements costs (round + 1)k generations, as many as (round + 1)k first answers."""
+    return [k for k in ks if (round_ + 1) * k <= n]
+
+
+def eval_metrics(
+    pass_metrics: dict[str, Sequence[PassAtK]],
+    greedy: dict[str, Sequence[Transitions]],
+    split: str,
+    matched: dict[str, Sequence[PassAtK]] | None = None,
+) -> dict[str, float]:
+    """The documented keys of one evaluation; computes (so reduces across ranks) every metric.
+
+    Args:
+        pass_metrics: benchmark -> pass@k of round 0 (the first answers), 1, 2, ... (the refinements).
+        greedy: benchmark -> transitions into round 1, 2, ...: the greedy answer -> its greedy refinement, then
+            each greedy refinement -> the next.
+        split: ``val`` or ``test``.
+        matched: benchmark -> one `PassAtK` of the first answers per round 1, 2, ... whose budgets are
+            (r + 1)k (`matched_ks`); logged under k.
+
+    Returns:
+        ``<split>/<bench>/<stage>/{pass@<k>,greedy_acc}`` (`stage_name`), ``<split>/<bench>/matched<r>/pass@<k>``,
+        their macro averages ``<split>/avg/...`` and the ``<split>/<transition_name>/*`` rates pooled over benchmarks.
+    """
+    out: dict[str, float] = {}
+    per_key: dict[str, list[float]] = {}  # "<stage>/<metric>" -> one value per benchmark
+    for bench, rounds in pass_metrics.items():
+        for round_, metric in enumerate(rounds):
+            for k, value in metric.compute().items():
+                out[f"{split}/{bench}/{stage_name(round_)}/pass@{k}"] = value
+                per_key.setdefault(f"{stage_name(round_)}/pass@{k}", []).append(value)
+    for bench, rounds in (matched or {}).items():
+        for round_, metric in enumerate(rounds, start=1):
+            for budget, value in metric.compute().items():
+                key = f"matched{round_}/pass@{budget // (round_ + 1)}"
+                out[f"{split}/{bench}/{key}"] = value
+                per_key.setdefault(key, []).append(value)
+    pooled: list[Counter[str]] = []  # per round: the counts of all benchmarks
+    for bench, rounds in greedy.items():
+        for round_, outcomes in enumerate(rounds, start=1):
+            with outcomes.sync_context():  # every rank's problems
+                counts = outcomes.totals()
+            if len(pooled) < round_:
+                pooled.append(Counter())
+            pooled[round_ - 1].update(counts)
+            before, after = greedy_accuracies(counts)
+            stages = [(stage_name(round_), after)] if round_ > 1 else [("solve", before), ("refine", after)]
+            for stage, value in stages:
+                out[f"{split}/{bench}/{stage}/greedy_acc"] = value
+                per_key.setdefault(f"{stage}/greedy_acc", []).append(value)
+    for key, values in per_key.items():
+        out[f"{split}/avg/{key}"] = sum(values) / len(values)
+    for round_, counts in enumerate(pooled, start=1):  # the transition rates pool the problems of all benchmarks
+        name = transition_name(round_)
+        out.update({f"{split}/{name}/{rate}": v for rate, v in transition_rates(dict(counts)).items()})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- training

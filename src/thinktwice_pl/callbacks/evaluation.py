@@ -1,4 +1,4 @@
-"""Evaluation: pass@k before and after one self-refinement, and the transition rates (METHOD.md section 6).
+"""Evaluation: pass@k before and after self-refinement, and the transition rates (METHOD.md section 6).
 
 For every problem of a validation/test benchmark:
 
@@ -7,7 +7,11 @@ For every problem of a validation/test benchmark:
 2. every answer is refined once with the review instruction (greedy by default), in the same
    three-turn chat as training -> ``<split>/<benchmark>/refine/pass@<k>``;
 3. one greedy answer and its greedy refinement -> ``<split>/<benchmark>/{solve,refine}/greedy_acc`` and
-   ``<split>/transition/{fix_wrong, damage_correct, keep_right, stay_wrong}`` (over all benchmarks).
+   ``<split>/transition/{fix_wrong, damage_correct, keep_right, stay_wrong}`` (over all benchmarks);
+4. with ``eval.refine_rounds`` R >= 2, rounds 2..R refine the previous round's answer of every sample and of the
+   greedy chain with the same prompt and settings -> ``refine<r>/{pass@<k>,greedy_acc}``, ``transition<r>/*``
+   (round r against round r - 1), and the compute-matched ``matched<r>/pass@<k>``: the first answers'
+   pass@((r + 1)k), as many generations as pass@k after r refinements.
 
 ``<split>/avg/...`` is the macro average over benchmarks (``<split>/avg/solve/greedy_acc`` is the paper's
 model-selection score, METHOD.md section 4), ``perf/<split>_s`` the wall time. ``<split>`` is ``val``
@@ -28,7 +32,6 @@ from __future__ import annotations
 import csv
 import logging
 import time
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -40,9 +43,9 @@ from thinktwice_pl.callbacks.rollout import RolloutCallback, phase_seed
 from thinktwice_pl.data import thinktwice_data
 from thinktwice_pl.errors import UserError
 from thinktwice_pl.lightning_shims import run_validation, validation_due
-from thinktwice_pl.metrics import PassAtK, Transitions, default_ks, greedy_accuracies, transition_rates
-from thinktwice_pl.rollout import SamplingConfig
-from thinktwice_pl.types import EvalBatch
+from thinktwice_pl.metrics import PassAtK, Transitions, default_ks, eval_metrics, matched_ks, record_columns
+from thinktwice_pl.rollout import RolloutEngine, SamplingConfig
+from thinktwice_pl.types import Completion, EvalBatch
 
 log = logging.getLogger(__name__)
 Split = Literal["val", "test"]
@@ -75,6 +78,8 @@ class Evaluation(Callback):
         remove_system_prompt: leave out the system turn that the chat template inserts into a chat without one
             (as ``rollout.remove_system_prompt`` does for training prompts). Off by default: the reference
             evaluation kept the template's system prompt even for runs trained without it.
+        refine_rounds: R, refinements in a row (1 = the paper); round r >= 2 reviews round r - 1's answer of each
+            sample and of the greedy chain, with the same review prompt and refine settings.
     """
 
     def __init__(
@@ -92,8 +97,14 @@ class Evaluation(Callback):
         seed: int = 0,
         records: bool = False,
         remove_system_prompt: bool = False,
+        refine_rounds: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(refine_rounds, bool) or not isinstance(refine_rounds, int) or refine_rounds < 1:
+            raise UserError(
+                f"eval.refine_rounds={refine_rounds!r} must be an integer >= 1 (1 = one refinement of every answer, "
+                "the paper; 2 = refine that refinement once more, ...)"
+            )
         if num_samples < 1:
             raise UserError(f"eval.num_samples={num_samples} must be at least 1")
         if val_num_samples is not None and val_num_samples < 0:
@@ -125,10 +136,12 @@ class Evaluation(Callback):
         self.seed = seed
         self.records = records
         self.remove_system_prompt = remove_system_prompt
+        self.refine_rounds = refine_rounds
         self._started = 0.0
         self._split: Split = "val"
-        self._pass: dict[str, tuple[PassAtK, PassAtK]] = {}  # benchmark -> (solve, refine)
-        self._greedy: dict[str, Transitions] = {}  # benchmark -> greedy answer / greedy refinement outcomes
+        self._pass: dict[str, list[PassAtK]] = {}  # benchmark -> pass@k of round 0 (solve), 1, ... R
+        self._matched: dict[str, list[PassAtK]] = {}  # benchmark -> solve's pass@((r+1)k) of round 1..R (R >= 2)
+        self._greedy: dict[str, list[Transitions]] = {}  # benchmark -> greedy outcomes into round 1..R
         self._truncated_prompts = self._refine_prompts = 0
         self._validated_at: int | None = None  # phase step of the last validation logged during fit (checkpointed)
 
@@ -198,7 +211,7 @@ class Evaluation(Callback):
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: Split) -> None:
         rollout_callback(trainer).ready(trainer, pl_module)  # the engine and the grader (set up once)
         self._split = split
-        self._pass, self._greedy = {}, {}
+        self._pass, self._matched, self._greedy = {}, {}, {}
         self._truncated_prompts = self._refine_prompts = 0  # this rank's, in this evaluation
         self._started = time.perf_counter()
 
@@ -216,64 +229,106 @@ class Evaluation(Callback):
         with rollout.awake() as engine:
             samples = engine.generate(solve.ids, n, replace(self.sampling, seed=seed)) if n else [[] for _ in problems]
             bases = [group[0] for group in engine.generate(solve.ids, 1, greedy)] if self.transitions else []  # [P]
-            # one refinement of every sampled answer (problem-major), then of every greedy answer, as in training
+            # every sampled answer (problem-major), then every greedy answer, refined R times in a row
             owners = [p for p, group in zip(problems, samples, strict=True) for _ in group] + problems[: len(bases)]
-            reviewed = [c for group in samples for c in group] + bases
-            refine = rollout.prompts(owners, tokenizer, [c.text for c in reviewed], self.remove_system_prompt)
             m = len(owners) - len(bases)  # refinements of sampled answers
-            if self.refine_sampling.temperature == 0 or not m:  # one greedy call for both kinds of refinement
-                refined = [group[0] for group in engine.generate(refine.ids, 1, greedy)]
-            else:
-                sampled = replace(self.refine_sampling, seed=seed + 1)
-                refined = [group[0] for group in engine.generate(refine.ids[:m], 1, sampled)]
-                refined += [group[0] for group in engine.generate(refine.ids[m:], 1, greedy)] if bases else []
-        self._truncated_prompts += len(refine.truncated)
-        self._refine_prompts += len(refine.ids)
+            chain = [[c for group in samples for c in group] + bases]  # round -> completions
+            prompt_texts = [[t for t in solve.texts for _ in range(n)] + solve.texts[: len(bases)]]
+            for round_ in range(1, self.refine_rounds + 1):
+                refine = rollout.prompts(owners, tokenizer, [c.text for c in chain[-1]], self.remove_system_prompt)
+                chain.append(self._refine(engine, refine.ids, m, seed + round_, greedy))
+                prompt_texts.append(refine.texts)
+                self._truncated_prompts += len(refine.truncated)
+                self._refine_prompts += len(refine.ids)
 
         golds = [p.answer for p in owners]
-        segments = {  # name -> (prompt texts, completions, gold answers)
-            "answers": ([t for t in solve.texts for _ in range(n)], [c.text for c in reviewed[:m]], golds[:m]),
-            "greedy": (solve.texts[: len(bases)], [c.text for c in bases], golds[m:]),
-            "refined": (refine.texts[:m], [c.text for c in refined[:m]], golds[:m]),
-            "greedy_refined": (refine.texts[m:], [c.text for c in refined[m:]], golds[m:]),
-        }
+        segments = {}  # name -> (prompt texts, completions, gold answers)
+        for round_, (texts, completions) in enumerate(zip(prompt_texts, chain, strict=True)):
+            sampled, greedy_name = segment_names(round_)
+            segments[sampled] = (texts[:m], [c.text for c in completions[:m]], golds[:m])
+            segments[greedy_name] = (texts[m:], [c.text for c in completions[m:]], golds[m:])
         results = rollout.score(segments, f"{batch.benchmark} evaluation")
         right = {name: [r > 0.5 for r in result.rewards] for name, result in results.items()}
         keep = [i for i in range(len(problems)) if batch.counted[i]]
+        counts = [  # round -> correct samples of each counted problem
+            [sum(right[segment_names(r)[0]][i * n : (i + 1) * n]) for i in keep] for r in range(len(chain))
+        ]
         if n:
-            solve_metric, refine_metric = self._pass_metrics(batch.benchmark, n, pl_module)
-            solve_metric.update([sum(right["answers"][i * n : (i + 1) * n]) for i in keep])
-            refine_metric.update([sum(right["refined"][i * n : (i + 1) * n]) for i in keep])
+            for metric, correct in zip(self._pass_metrics(batch.benchmark, n, pl_module), counts, strict=True):
+                metric.update(correct)
+            for metric in self._matched.get(batch.benchmark, []):
+                metric.update(counts[0])
         if bases:
-            outcomes = self._greedy.setdefault(batch.benchmark, Transitions().to(pl_module.device))
-            outcomes.update([right["greedy"][i] for i in keep], [right["greedy_refined"][i] for i in keep])
+            rounds = self._greedy.setdefault(
+                batch.benchmark, [Transitions().to(pl_module.device) for _ in range(self.refine_rounds)]
+            )
+            for round_, outcomes in enumerate(rounds, start=1):
+                before, after = right[segment_names(round_ - 1)[1]], right[segment_names(round_)[1]]
+                outcomes.update([before[i] for i in keep], [after[i] for i in keep])
         if self.records:
-            self._write_records(trainer, batch, n, keep, right)
+            self._write_records(trainer, batch, n, keep, counts, right)
         batch.evaluated = True
 
+    def _refine(
+        self, engine: RolloutEngine, ids: list[list[int]], m: int, seed: int, greedy: SamplingConfig
+    ) -> list[Completion]:
+        """One refinement of each prompt: the first `m` (reviewing sampled answers) with the refine settings and
+        `seed`, the rest (the greedy chain) greedily; one greedy call for all when the refine settings are greedy."""
+        if self.refine_sampling.temperature == 0 or not m:
+            return [group[0] for group in engine.generate(ids, 1, greedy)]
+        refined = [group[0] for group in engine.generate(ids[:m], 1, replace(self.refine_sampling, seed=seed))]
+        return refined + ([group[0] for group in engine.generate(ids[m:], 1, greedy)] if len(ids) > m else [])
+
     def _write_records(
-        self, trainer: pl.Trainer, batch: EvalBatch, n: int, keep: list[int], right: dict[str, list[bool]]
+        self,
+        trainer: pl.Trainer,
+        batch: EvalBatch,
+        n: int,
+        keep: list[int],
+        counts: list[list[int]],
+        right: dict[str, list[bool]],
     ) -> None:
         """Appends a row per counted problem of `batch` to ``eval_records.csv`` (``eval_records.rank<r>.csv`` with
-        several ranks) in the log directory; greedy columns are empty without ``eval.transitions``."""
+        several ranks) in the log directory; greedy columns are empty without ``eval.transitions``. Refuses a file
+        whose header differs (written with another ``eval.refine_rounds``) rather than mixing rows."""
         name = "eval_records.csv" if trainer.world_size == 1 else f"eval_records.rank{trainer.global_rank}.csv"
         path = Path(trainer.log_dir or trainer.default_root_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
+        columns = record_columns_for(self.refine_rounds)
         new = not path.exists()
+        if not new:
+            with path.open(newline="") as f:
+                header = tuple(next(csv.reader(f), ()))
+            if header != columns:
+                raise UserError(
+                    f"{path} has the columns {', '.join(header)} but eval.refine_rounds={self.refine_rounds} writes "
+                    f"{', '.join(columns)}: evaluate into a new log directory (or keep eval.refine_rounds) so the "
+                    "existing records stay as they are"
+                )
+        greedy_names = [segment_names(r)[1] for r in range(self.refine_rounds + 1)]
         with path.open("a", newline="") as f:
             writer = csv.writer(f)
             if new:
-                writer.writerow(RECORD_COLUMNS)
-            for i in keep:
-                greedy = [int(right["greedy"][i]), int(right["greedy_refined"][i])] if right["greedy"] else ["", ""]
-                solved, refined = sum(right["answers"][i * n : (i + 1) * n]), sum(right["refined"][i * n : (i + 1) * n])
-                row = [self._split, phase_step(trainer), batch.benchmark, batch.problems[i].id, n, solved, refined]
-                writer.writerow([*row, *greedy])
+                writer.writerow(columns)
+            for j, i in enumerate(keep):
+                greedy = [int(right[g][i]) if right[g] else "" for g in greedy_names]
+                row = [self._split, phase_step(trainer), batch.benchmark, batch.problems[i].id, n]
+                row += [counts[0][j], counts[1][j], *greedy[:2]]  # the paper's columns (RECORD_COLUMNS)
+                for round_ in range(2, self.refine_rounds + 1):
+                    row += [counts[round_][j], greedy[round_]]
+                writer.writerow(row)
 
-    def _pass_metrics(self, name: str, n: int, pl_module: pl.LightningModule) -> tuple[PassAtK, PassAtK]:
+    def _pass_metrics(self, name: str, n: int, pl_module: pl.LightningModule) -> list[PassAtK]:
+        """pass@k of rounds 0..R of benchmark `name` (created on its first batch, with the compute-matched metrics
+        of rounds 1..R when R >= 2)."""
         if name not in self._pass:
             ks = [k for k in self.ks if k <= n] if self._ks_given else default_ks(n)
-            self._pass[name] = (PassAtK(n, ks).to(pl_module.device), PassAtK(n, ks).to(pl_module.device))
+            rounds = range(self.refine_rounds + 1)
+            self._pass[name] = [PassAtK(n, ks).to(pl_module.device) for _ in rounds]
+            if self.refine_rounds > 1:
+                self._matched[name] = [
+                    PassAtK(n, [(r + 1) * k for k in matched_ks(ks, r, n)]).to(pl_module.device) for r in rounds[1:]
+                ]
         return self._pass[name]
 
     # ------------------------------------------------------------------------------ logging
@@ -291,7 +346,7 @@ class Evaluation(Callback):
                 self._refine_prompts,
                 rollout_callback(trainer).max_prompt_length,
             )
-        metrics = eval_metrics(self._pass, self._greedy, split)
+        metrics = eval_metrics(self._pass, self._greedy, split, self._matched)
         metrics[f"perf/{split}_s"] = time.perf_counter() - self._started  # wall time of the whole evaluation
         # During fit the loggers get one row at the phase step, like the training rows (Lightning would write it
         # at the optimizer step); validate/test go through Lightning's logging, results table and return value.
@@ -321,31 +376,18 @@ RECORD_COLUMNS = (
 greedy answer and its greedy refinement are correct (1/0)."""
 
 
-def eval_metrics(
-    pass_metrics: dict[str, tuple[PassAtK, PassAtK]], greedy: dict[str, Transitions], split: Split
-) -> dict[str, float]:
-    """The documented keys: ``<split>/<bench>/{solve,refine}/{pass@<k>,greedy_acc}``, their macro averages
-    ``<split>/avg/...`` and the pooled ``<split>/transition/*``; computes (so reduces across ranks) every metric."""
-    out: dict[str, float] = {}
-    per_key: dict[str, list[float]] = {}  # "<phase>/<metric>" -> one value per benchmark
-    for bench, (solve, refine) in pass_metrics.items():
-        for phase, metric in (("solve", solve), ("refine", refine)):
-            for k, value in metric.compute().items():
-                out[f"{split}/{bench}/{phase}/pass@{k}"] = value
-                per_key.setdefault(f"{phase}/pass@{k}", []).append(value)
-    pooled: Counter[str] = Counter()
-    for bench, outcomes in greedy.items():
-        with outcomes.sync_context():  # every rank's problems
-            counts = outcomes.totals()
-        pooled.update(counts)
-        for phase, value in zip(("solve", "refine"), greedy_accuracies(counts), strict=True):
-            out[f"{split}/{bench}/{phase}/greedy_acc"] = value
-            per_key.setdefault(f"{phase}/greedy_acc", []).append(value)
-    for key, values in per_key.items():
-        out[f"{split}/avg/{key}"] = sum(values) / len(values)
-    if greedy:  # the transition rates pool the problems of all benchmarks
-        out.update({f"{split}/transition/{name}": v for name, v in transition_rates(dict(pooled)).items()})
-    return out
+def record_columns_for(refine_rounds: int) -> tuple[str, ...]:
+    """The columns of ``eval_records.csv`` with R refinement rounds: `RECORD_COLUMNS`, then for each round r >= 2
+    ``refine<r>_correct`` and ``greedy_refine<r>_correct``."""
+    return RECORD_COLUMNS + tuple(c for r in range(2, refine_rounds + 1) for c in record_columns(r))
+
+
+def segment_names(round_: int) -> tuple[str, str]:
+    """The grading segments of round `round_`: (its sampled chain, its greedy chain)."""
+    if round_ == 0:
+        return "answers", "greedy"
+    suffix = "" if round_ == 1 else str(round_)
+    return f"refined{suffix}", f"greedy_refined{suffix}"
 
 
 def rollout_callback(trainer: pl.Trainer) -> RolloutCallback:
