@@ -108,3 +108,37 @@ def test_transitions_metric_accumulates_counts() -> None:
     assert metric.compute() == pytest.approx(
         {"fix_wrong": 0.5, "stay_wrong": 0.5, "keep_right": 2 / 3, "damage_correct": 1 / 3}
     )
+
+
+def test_eval_metrics_names_rounds_matched_budgets_and_transitions() -> None:
+    from thinktwice_pl.metrics import eval_metrics, matched_ks, record_columns, stage_name, transition_name
+
+    assert [stage_name(r) for r in range(4)] == ["solve", "refine", "refine2", "refine3"]
+    assert [transition_name(r) for r in (1, 2)] == ["transition", "transition2"]
+    assert record_columns(0) == ("solve_correct", "greedy_correct")
+    assert record_columns(2) == ("refine2_correct", "greedy_refine2_correct")
+    assert matched_ks([1, 2, 4, 8], 1, 8) == [1, 2, 4] and matched_ks([1, 2, 4, 8], 2, 8) == [1, 2]
+    n, counts = 8, [[1, 8, 0], [3, 8, 2], [6, 7, 4]]  # rounds 0, 1, 2 of three problems
+    rounds = [PassAtK(n, [1, 2]) for _ in counts]
+    for metric, correct in zip(rounds, counts, strict=True):
+        metric.update(correct)
+    matched = [PassAtK(n, [(r + 1) * k for k in matched_ks([1, 2], r, n)]) for r in (1, 2)]
+    for metric in matched:
+        metric.update(counts[0])
+    greedy = [Transitions(), Transitions()]
+    greedy[0].update([False, True, False], [True, True, False])
+    greedy[1].update([True, True, False], [True, False, False])
+    out = eval_metrics({"b": rounds}, {"b": greedy}, "test", {"b": matched})
+
+    def mean(round_: int, k: int) -> float:
+        return sum(pass_at_k(n, c, k) for c in counts[round_]) / 3
+
+    assert out["test/b/refine2/pass@2"] == pytest.approx(mean(2, 2))
+    assert out["test/b/matched1/pass@2"] == pytest.approx(mean(0, 4))  # pass@2 after one round costs 4 answers
+    assert out["test/b/matched2/pass@2"] == pytest.approx(mean(0, 6))
+    assert out["test/avg/matched2/pass@1"] == pytest.approx(mean(0, 3))
+    assert out["test/b/solve/greedy_acc"] == pytest.approx(1 / 3) and out["test/b/refine/greedy_acc"] == 2 / 3
+    assert out["test/b/refine2/greedy_acc"] == pytest.approx(1 / 3)
+    assert out["test/transition/fix_wrong"] == 0.5 and out["test/transition/damage_correct"] == 0.0
+    assert out["test/transition2/fix_wrong"] == 0.0 and out["test/transition2/damage_correct"] == 0.5
+    assert "test/b/refine2/pass@4" not in out and "test/transition3/fix_wrong" not in out
