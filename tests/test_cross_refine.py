@@ -308,6 +308,9 @@ def test_bad_answers_files_name_the_file_and_row(tmp_path: Path) -> None:
     both = {"sums": sums, "again": sums}  # the same problems under two names: a text or id matches twice
     with pytest.raises(UserError, match=r"row 1 matches 2 problems by id .*add a 'benchmark' column"):
         cross_refine_io.read_answers("ext", tmp_path / "x.jsonl", both, DEFAULT_SOLVE_SUFFIX)
+    named = [{"benchmark": b, "problem": p.prompt_text, "answer": f"{b} {p.id}"} for b in both for p in sums]
+    read = cross_refine_io.read_answers("ext", _write_answers(tmp_path / "y.jsonl", named), both, DEFAULT_SOLVE_SUFFIX)
+    assert read == {(b, p.id): f"{b} {p.id}" for b in both for p in sums}  # a benchmark column tells them apart
 
 
 def test_print_settings_parses_without_loading(capsys: pytest.CaptureFixture[str]) -> None:

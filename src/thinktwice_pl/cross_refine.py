@@ -133,30 +133,34 @@ def run(
     for name, path in answer_files.items():
         if not path.is_file():
             raise UserError(f"--answers {name}={path}: no such file; give a .jsonl or .parquet file of base answers")
+    outside = {  # read (and checked) before any model is loaded
+        name: io.read_answers(name, path, benchmarks, settings.solve_suffix)
+        for name, path in answer_files.items()
+        if not (out / "bases" / f"{name}.jsonl").exists()
+    }
     io.check_or_record(out, io.settings_record(settings, benchmarks, answer_files))
     device = resolve_device(device)
     sampler_spec = (engine_factory or make_engine, settings.engine, settings.engine_args)
     scorer = RewardScorer(settings.reward, timeout_s=5.0, num_workers=reward_workers)
     try:
         bases: dict[str, list[dict[str, Any]]] = {}
-        for name, path in settings.models.items():
+        for name, model_path in settings.models.items():
             file = out / "bases" / f"{name}.jsonl"
             if not file.exists():
-                with loaded(name, path, settings.dtype, device, sampler_spec) as (tokenizer, sampler):
+                with loaded(name, model_path, settings.dtype, device, sampler_spec) as (tokenizer, sampler):
                     _write_bases(file, name, benchmarks, settings, scorer, tokenizer=tokenizer, engine=sampler)
             bases[name] = _read_bases(file, benchmarks)
-        for name, path in answer_files.items():
+        for name in answer_files:
             file = out / "bases" / f"{name}.jsonl"
-            if not file.exists():
-                texts = io.read_answers(name, path, benchmarks, settings.solve_suffix)
-                _write_bases(file, name, benchmarks, settings, scorer, texts=texts)
+            if name in outside:
+                _write_bases(file, name, benchmarks, settings, scorer, texts=outside[name])
             bases[name] = _read_bases(file, benchmarks)
         computed = 0
-        for refiner, path in settings.models.items():
+        for refiner, model_path in settings.models.items():
             todo = [base for base in bases if not io.cell_path(out, base, refiner).exists()]
             if not todo or (max_cells is not None and computed >= max_cells):
                 continue
-            with loaded(refiner, path, settings.dtype, device, sampler_spec) as (tokenizer, sampler):
+            with loaded(refiner, model_path, settings.dtype, device, sampler_spec) as (tokenizer, sampler):
                 for base in todo:
                     if max_cells is not None and computed >= max_cells:
                         break
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     _show_our_log()
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # a bar per model load; this command logs one line per load
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a bar per model load; this command logs one line per load
     try:
         settings = settings_from(args)
         if args.print_settings:

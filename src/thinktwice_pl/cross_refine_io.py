@@ -126,21 +126,20 @@ def read_answers(name: str, path: Path, benchmarks: dict[str, list[Problem]], so
     row_of: dict[Key, int] = {}
     for number, row in rows:
         where = f"{flag}: row {number}"
-        text = row.get("answer")
-        if not isinstance(text, str):
-            raise UserError(f"{where} has a {type(text).__name__} in its 'answer' column; give the answer's text")
-        bench = _optional_text(row.get("benchmark"))
-        if bench is not None and bench not in benchmarks:
+        answer = row.get("answer")
+        if not isinstance(answer, str):
+            raise UserError(f"{where} has a {type(answer).__name__} in its 'answer' column; give the answer's text")
+        in_bench = _optional_text(row.get("benchmark"))
+        if in_bench is not None and in_bench not in benchmarks:
             raise UserError(
-                f"{where} names benchmark {bench!r}, which is not one of the --benchmark names {list(benchmarks)}"
+                f"{where} names benchmark {in_bench!r}, which is not one of the --benchmark names {list(benchmarks)}"
             )
+
         row_id, problem = _optional_text(row.get("id")), _optional_text(row.get("problem"))
-        found = by_id.get(row_id, []) if row_id is not None else []
+        found = _within(by_id.get(row_id, []), in_bench) if row_id is not None else []
         how = f"id {row_id!r}"
         if not found and problem is not None:
-            found, how = by_text.get(problem.strip(), []), "its problem text"
-        if bench is not None:
-            found = [key for key in found if key[0] == bench]
+            found, how = _within(by_text.get(problem.strip(), []), in_bench), "its problem text"
         found = list(dict.fromkeys(found))
         if not found:
             shown = f"id {row_id!r}" if row_id is not None else f"problem {(problem or '')[:80]!r}"
@@ -159,7 +158,7 @@ def read_answers(name: str, path: Path, benchmarks: dict[str, list[Problem]], so
                 f"{flag}: rows {row_of[key]} and {number} both answer problem {key[1]!r} of benchmark {key[0]!r}; "
                 "keep one answer per problem"
             )
-        answers[key], row_of[key] = text, number
+        answers[key], row_of[key] = answer, number
     missing = [(b, p.id) for b, problems in benchmarks.items() for p in problems if (b, p.id) not in answers]
     if missing:
         raise UserError(
@@ -168,6 +167,10 @@ def read_answers(name: str, path: Path, benchmarks: dict[str, list[Problem]], so
             "(add the rows, or drop the benchmarks it does not cover)"
         )
     return answers
+
+
+def _within(keys: list[Key], benchmark: str | None) -> list[Key]:
+    return [key for key in keys if benchmark is None or key[0] == benchmark]
 
 
 def _answer_rows(flag: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -275,7 +278,8 @@ def settings_record(
     record["answers"] = {
         name: {"path": str(path.resolve()), "digest": file_digest(path)} for name, path in answer_files.items()
     }
-    return json.loads(json.dumps(record))  # as it reads back
+    as_read: dict[str, Any] = json.loads(json.dumps(record))  # as it reads back
+    return as_read
 
 
 def _model_identity(path: str) -> str:
@@ -323,7 +327,9 @@ def write_tables(
     for base in bases:
         values = [_number(matrix.get((base, refiner))) for refiner in refiners]
         table.append([base, *values, _number(greedy[base][0])])
-    rows = [["base", "refiner", "benchmark", "problems", "samples", "pass_at_k", "mean_correct", "base_greedy_acc"]]
+    rows: list[list[Any]] = [
+        ["base", "refiner", "benchmark", "problems", "samples", "pass_at_k", "mean_correct", "base_greedy_acc"]
+    ]
     for (base, refiner), cell in cells.items():
         total, per = cell_value(cell)
         n = int(cell["samples"])
@@ -333,7 +339,7 @@ def write_tables(
             rows.append([base, refiner, bench, len(counts), n, _number(per[bench]), _number(mean)])
             rows[-1].append(_number(greedy[base][1][bench]))
         rows.append([base, refiner, "avg", "", n, _number(total), "", _number(greedy[base][0])])
-    accuracy = [["base", "benchmark", "problems", "greedy_acc"]]
+    accuracy: list[list[Any]] = [["base", "benchmark", "problems", "greedy_acc"]]
     for base, base_rows in bases.items():
         for bench, value in greedy[base][1].items():
             accuracy.append([base, bench, sum(r["benchmark"] == bench for r in base_rows), _number(value)])
