@@ -161,3 +161,100 @@ def test_zero_advantage_rows_carry_no_gradient_so_skipping_them_is_exact() -> No
     kept = [0, 2]  # what the module forwards; the normaliser still counts all 12 tokens
     part, _ = policy_loss(logprobs[kept], old[kept], adv[kept], mask[kept], num_tokens=12.0)
     assert float(part.detach()) == pytest.approx(float(full.detach()), abs=1e-7)
+
+
+def _dr_grpo_by_definition(
+    logprobs: torch.Tensor, old: torch.Tensor, adv: list[float], lengths: list[int], max_len: int, clip_c: float
+) -> torch.Tensor:
+    """Dr.GRPO's objective written out from its definition (Liu et al. 2025; verl seq-mean-token-sum-norm), one
+    sequence and one token at a time: the PPO token loss with the symmetric clip 0.2 and the dual clip, summed over
+    each sequence's own tokens, divided by the constant `max_len`, averaged over all sequences of the step."""
+    total = logprobs.new_zeros(())
+    for i, (a, n) in enumerate(zip(adv, lengths, strict=True)):
+        for t in range(n):
+            ratio = torch.exp(logprobs[i, t] - old[i, t])
+            token = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
+            if a < 0:
+                token = torch.minimum(token, torch.tensor(-a * clip_c))
+            total = total + token / max_len
+    return total / len(adv)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_dr_grpo_through_the_step_plan_is_the_definition(world_size: int) -> None:
+    """The dr_grpo loss as the module runs it: the phase planned into optimizer steps, rank shares and micro-batches
+    (batching.plan_phase), each pass normalised by its step's num_sequences, a rank's passes summed and the ranks'
+    gradients averaged (the module scales each pass by the world size). Per optimizer step that must be the
+    definition over the step's sequences, rows with advantage 0 (never forwarded) included in the count."""
+    from thinktwice_pl.batching import plan_phase
+
+    torch.manual_seed(3)
+    group_size, max_len = 4, 12
+    lengths = [3, 12, 7, 1, 5, 5, 9, 2, 4, 11, 6, 8, 10, 2, 3, 7]  # 4 groups; 12 = the limit, a truncated answer
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    adv = group_advantages(rewards, group_size, "none")  # group 1 all right: advantage 0, no forward pass
+    logprobs = (-torch.rand(16, max_len) * 3).requires_grad_(True)
+    old = logprobs.detach() + 0.5 * torch.randn(16, max_len)  # ratios on both sides of the clip range
+    old[1, 0] = logprobs[1, 0].item() - 3.0  # A < 0 and ratio e^3 = 20: the dual clip 10 binds
+    old[2, 1] = logprobs[2, 1].item() - 1.5  # A < 0 and ratio e^1.5 = 4.5: it does not (3.0 would)
+    mask = (torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]).float()
+    kw = {"epsilon_low": 0.2, "epsilon_high": 0.2, "clip_ratio_c": 10.0, "loss_type": "dr_grpo"}
+    plans = [
+        plan_phase(
+            [(5, n) for n in lengths],
+            group_size,
+            [True] * 16,
+            [a != 0 for a in adv.tolist()],
+            mini_batch_groups=2,  # two optimizer steps of 2 groups
+            micro_batch_size=3,
+            max_tokens=None,
+            rank=rank,
+            world_size=world_size,
+        )
+        for rank in range(world_size)
+    ]
+    assert [s.num_sequences for s in plans[0].steps] == [8.0, 8.0]
+    for step, rows in enumerate((list(range(8)), list(range(8, 16)))):
+        passes = [(p.steps[step], work) for p in plans for work in p.steps[step].passes if work.weight]
+        assert sorted(i for _, work in passes for i in work.rows) == [i for i in rows if adv[i] != 0]
+        assert max(len(work.rows) for _, work in passes) <= 3 and len(passes) >= 2, "split into micro-batches"
+        run = (
+            sum(
+                policy_loss(
+                    logprobs[w.rows],
+                    old[w.rows],
+                    adv[w.rows],
+                    mask[w.rows],
+                    max_completion_length=max_len,
+                    num_sequences=step_plan.num_sequences,
+                    **kw,  # type: ignore[arg-type]
+                )[0]
+                * world_size  # the module's scaling; the strategy then averages over the ranks
+                for step_plan, w in passes
+            )
+            / world_size
+        )
+        expected = _dr_grpo_by_definition(
+            logprobs[rows], old[rows], adv[rows].tolist(), [lengths[i] for i in rows], max_len, clip_c=10.0
+        )
+        assert float(run.detach()) == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-7)
+        (run_grad,) = torch.autograd.grad(run, logprobs)
+        (expected_grad,) = torch.autograd.grad(expected, logprobs)
+        torch.testing.assert_close(run_grad, expected_grad, rtol=1e-5, atol=1e-7)
+        assert run_grad[mask == 0].abs().max() == 0  # no gradient past a sequence's own tokens
+
+
+def test_dr_grpo_weighs_a_token_the_same_whatever_the_lengths_around_it() -> None:
+    """Dr.GRPO's point: the normaliser is the constant L_max x sequences, so a token's gradient does not depend on its
+    sequence's length or on the other sequences' lengths (the token mean's does)."""
+    lp = torch.zeros(2, 10, requires_grad=True)
+    adv = torch.tensor([1.0, -1.0])
+    grads = {}
+    for loss_type in ("dr_grpo", "dapo"):
+        for other in (2, 10):
+            mask = torch.zeros(2, 10)
+            mask[0, :4], mask[1, :other] = 1, 1
+            loss, _ = policy_loss(lp, lp.detach(), adv, mask, loss_type=loss_type, max_completion_length=10)  # type: ignore[arg-type]
+            grads[loss_type, other] = float(torch.autograd.grad(loss, lp)[0][0, 0])
+    assert grads["dr_grpo", 2] == grads["dr_grpo", 10] == pytest.approx(-1.0 / (10 * 2))  # -A / (L_max * N)
+    assert grads["dapo", 2] == pytest.approx(-1.0 / 6) and grads["dapo", 10] == pytest.approx(-1.0 / 14)
