@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,18 @@ def test_configs_exist() -> None:
         "quickstart.yaml",
         "qwen3-4b/thinktwice.yaml",
         "qwen3-4b/grpo.yaml",
+        "qwen3-4b/drgrpo.yaml",
+        "qwen3-4b/dapo.yaml",
+        "qwen3-4b/thinktwice-dapo.yaml",
         "qwen3-4b/lora.yaml",
         "qwen3-4b/qlora.yaml",
         "olmo3-7b/thinktwice.yaml",
+        "olmo3-7b/grpo.yaml",
+        "olmo3-7b/drgrpo.yaml",
+        "olmo3-7b/dapo.yaml",
         "smollm2/thinktwice.yaml",
         "smollm2/grpo.yaml",
+        "smollm2/dapo.yaml",
     } <= names
 
 
@@ -208,24 +216,70 @@ print("ok")
 
 # --------------------------------------------------------------------------------------------- recipe fidelity
 
-# Every recipe family that ships a GRPO twin: (ThinkTwice config, GRPO config). The twin must be the same experiment
-# with the refine phase off: same devices, strategy, precision, token budget, grader, evaluation, steps.
-TWINS = [("qwen3-4b/thinktwice.yaml", "qwen3-4b/grpo.yaml"), ("smollm2/thinktwice.yaml", "smollm2/grpo.yaml")]
+
+@dataclass(frozen=True)
+class Twin:
+    """A config that is another config (its twin) with a few settings changed: the paper's baselines (METHOD.md
+    section 9) are one experiment with one method swapped, same devices, strategy, precision, token budget, grader,
+    evaluation and number of optimizer steps.
+
+    `changes` is every resolved key where `config` differs from `twin`, with `config`'s value; run names, plot labels
+    and output paths differ besides. `holds` are values `config` must have that its twin shares (defaults included),
+    so the method's whole definition is checked, not only what changed."""
+
+    twin: str
+    config: str
+    changes: dict[str, Any]
+    holds: dict[str, Any] = field(default_factory=dict)
+
+
+GRPO = {"data.refine": False}  # ThinkTwice without its refine phase
+DRGRPO = {"model.loss_type": "dr_grpo", "model.epsilon_high": 0.2}  # Liu et al. 2025
+DRGRPO_HOLDS = {"model.scale_rewards": "none", "model.epsilon": 0.2, "rollout.max_completion_length": 3000}
+DAPO = {"model.clip_ratio_c": 10.0, "rollout.dynamic_sampling": True, "rollout.overlong_buffer": 750}  # Yu et al.
+DAPO_HOLDS = {
+    "model.epsilon": 0.2,
+    "model.epsilon_high": 0.28,
+    "model.loss_type": "dapo",
+    "rollout.max_sampling_rounds": 10,
+    "rollout.overlong_penalty_factor": 1.0,
+}
+TWINS = [
+    Twin("qwen3-4b/thinktwice.yaml", "qwen3-4b/grpo.yaml", GRPO),
+    Twin("olmo3-7b/thinktwice.yaml", "olmo3-7b/grpo.yaml", GRPO),
+    Twin("smollm2/thinktwice.yaml", "smollm2/grpo.yaml", GRPO),
+    Twin("qwen3-4b/grpo.yaml", "qwen3-4b/drgrpo.yaml", DRGRPO, DRGRPO_HOLDS),
+    Twin("olmo3-7b/grpo.yaml", "olmo3-7b/drgrpo.yaml", DRGRPO, DRGRPO_HOLDS),
+    Twin("qwen3-4b/grpo.yaml", "qwen3-4b/dapo.yaml", DAPO, DAPO_HOLDS),
+    Twin("olmo3-7b/grpo.yaml", "olmo3-7b/dapo.yaml", DAPO, DAPO_HOLDS),
+    Twin("qwen3-4b/thinktwice.yaml", "qwen3-4b/thinktwice-dapo.yaml", DAPO, DAPO_HOLDS),
+    # the CPU miniature: 32-token completions, so the overlong buffer keeps the paper's ratio L_max / 4
+    Twin("smollm2/grpo.yaml", "smollm2/dapo.yaml", {**DAPO, "rollout.overlong_buffer": 8}, DAPO_HOLDS),
+]
+BASELINE_NAMES = ("grpo.yaml", "drgrpo.yaml", "dapo.yaml", "thinktwice-dapo.yaml")
 PAPER_CONFIGS = [
     "qwen3-4b/thinktwice.yaml",
     "qwen3-4b/grpo.yaml",
+    "qwen3-4b/drgrpo.yaml",
+    "qwen3-4b/dapo.yaml",
+    "qwen3-4b/thinktwice-dapo.yaml",
     "qwen3-4b/lora.yaml",
     "qwen3-4b/qlora.yaml",
     "olmo3-7b/thinktwice.yaml",
+    "olmo3-7b/grpo.yaml",
+    "olmo3-7b/drgrpo.yaml",
+    "olmo3-7b/dapo.yaml",
 ]
 
 
 def resolved_config(config: str | Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     """The config as LightningCLI resolves it (defaults, class paths and links filled in)."""
     capsys.readouterr()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "configs" / config), "--print_config"])
-    return yaml.safe_load(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    assert exit_info.value.code in (0, None), f"{config} does not parse: {printed.err[-2000:]}"
+    return yaml.safe_load(printed.out)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -259,13 +313,23 @@ def _is_name_or_output_path(key: str) -> bool:
     )
 
 
-@pytest.mark.parametrize(("thinktwice", "grpo"), TWINS, ids=[t for t, _ in TWINS])
-def test_grpo_twin_differs_only_in_refine_and_names(thinktwice: str, grpo: str, capsys) -> None:
-    differences = config_differences(resolved_config(thinktwice, capsys), resolved_config(grpo, capsys))
-    assert differences.pop("data.refine") == (True, False)
-    unexpected = {k: v for k, v in differences.items() if not _is_name_or_output_path(k)}
-    assert not unexpected, f"{grpo} must be {thinktwice} with data.refine false; it also differs in {unexpected}"
-    assert differences, "the twins should at least log under different names"
+@pytest.mark.parametrize("twin", TWINS, ids=[t.config for t in TWINS])
+def test_twin_differs_only_in_its_method_and_names(twin: Twin, capsys) -> None:
+    config = resolved_config(twin.config, capsys)
+    differences = config_differences(resolved_config(twin.twin, capsys), config)
+    changed = {key: differences[key][1] for key in twin.changes if key in differences}
+    assert changed == twin.changes, f"{twin.config} changes {changed} of {twin.twin} (a key left out is unchanged)"
+    unexpected = {k: v for k, v in differences.items() if k not in twin.changes and not _is_name_or_output_path(k)}
+    assert not unexpected, f"{twin.config} must be {twin.twin} with {twin.changes}; it also differs in {unexpected}"
+    assert "trainer.logger.init_args.name" in differences, "a baseline logs under its own name, not its twin's"
+    flat = flatten(config)
+    missing = {key: (flat.get(key), value) for key, value in twin.holds.items() if flat.get(key) != value}
+    assert not missing, f"{twin.config}: (value, expected) of the settings that define its method: {missing}"
+
+
+def test_every_baseline_config_is_held_to_a_twin() -> None:
+    baselines = {str(p.relative_to(ROOT / "configs")) for p in CONFIGS if p.name in BASELINE_NAMES}
+    assert baselines == {t.config for t in TWINS}
 
 
 def test_config_differences_sees_a_changed_leaf_in_a_callback_list() -> None:
