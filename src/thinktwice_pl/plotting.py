@@ -410,3 +410,29 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_command(description: str, plot: Any, argv: list[str] | None = None) -> None:
+    """The command line of scripts/plot_passk.py and scripts/plot_rounds.py: ``--run LABEL=PATH`` (repeated),
+    ``--out``, ``--split``, ``--step``, ``--title``; `plot(runs, out, title=...)` writes the PNG and its CSV."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="LABEL=PATH",
+        help="a run's legend label and its log directory, eval_records.csv or metrics.csv (repeat to overlay runs)",
+    )
+    parser.add_argument("--out", required=True, help="the PNG to write; the CSV goes beside it")
+    parser.add_argument("--split", choices=("test", "val"), help="the evaluation to draw (default: test if present)")
+    parser.add_argument("--step", type=int, help="the step of the evaluation (default: the split's last)")
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+    try:
+        png, csv = plot(read_runs(args.run, args.split, args.step), args.out, title=args.title)
+    except UserError as error:
+        parser.error(str(error))
+    print(png)
+    print(csv)
