@@ -9,7 +9,7 @@ For each ``--model LABEL=PATH`` (an HF directory or a built-in name) it runs ``t
 ``<out>/logs/<label>.log``, run in ``<out>/runs/<label>``), the same evaluation and sampling seeds for every model.
 Then it writes ``rounds.png`` / ``rounds.csv`` (accuracy against round beside the compute-matched pass@((r+1)k) of
 first answers, `scripts/plot_rounds.py`), ``passk.png`` / ``passk.csv`` (`scripts/plot_passk.py`) and
-``timings.json``. A rerun with the same --out skips the models whose test finished.
+``timings.json``. A rerun with the same --out skips the models whose test finished, and refuses other settings.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,8 @@ from thinktwice_pl.plotting import plot_passk, plot_rounds, read_runs
 def main(argv: list[str] | None = None) -> Path:
     args = _parse(argv)
     out: Path = args.out.resolve()
-    models = dict(_label_and_path(spec) for spec in args.model)
+    models = _models(args.model)
+    _check_settings(out, {"config": str(args.config.resolve()), "rounds": args.rounds, "overrides": args.overrides})
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
     timings_file = out / "timings.json"
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> Path:
     for label, path in models.items():
         done = out / "done" / label
         if done.is_file():
+            earlier = json.loads(done.read_text())["model"]
+            if earlier != path:
+                raise SystemExit(f"--model {label}={path}: {out} holds a finished test of {label}={earlier}")
             print(f"[{label}] finished earlier, skipped", flush=True)
             continue
         run = out / "runs" / label
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> Path:
         timings[label] = round(time.perf_counter() - start, 1)
         timings_file.write_text(json.dumps(timings, indent=2))
         done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(f"{timings[label]}\n")
+        done.write_text(json.dumps({"model": path, "seconds": timings[label]}) + "\n")
         print(f"[{label}] {timings[label] / 60:.1f} min", flush=True)
     runs = read_runs([f"{label}={out / 'runs' / label}" for label in models], "test")
     for written in (*plot_rounds(runs, out / "rounds.png"), *plot_passk(runs, out / "passk.png")):
@@ -85,11 +90,36 @@ def main(argv: list[str] | None = None) -> Path:
     return out
 
 
-def _label_and_path(spec: str) -> tuple[str, str]:
-    label, sep, path = spec.partition("=")
-    if not sep or not label or not path:
-        raise SystemExit(f"--model {spec}: write LABEL=PATH, e.g. --model GRPO=runs/grpo/version_0/hf_model")
-    return label, path
+def _models(specs: list[str]) -> dict[str, str]:
+    """``{label: path}`` of the ``--model LABEL=PATH`` options; a label names a folder, so it is checked."""
+    models: dict[str, str] = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not path or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", label):
+            raise SystemExit(
+                f"--model {spec}: write LABEL=PATH with a label of letters, digits, '_', '-', '.', e.g. "
+                "--model GRPO=runs/grpo/version_0/hf_model"
+            )
+        if label in models:
+            raise SystemExit(f"--model {spec}: the label {label} is given twice")
+        models[label] = path
+    return models
+
+
+def _check_settings(out: Path, settings: dict[str, object]) -> None:
+    """Record the settings every test of `out` runs with; a rerun with other settings is refused (its tests would
+    not be comparable with the finished ones)."""
+    path = out / "settings.json"
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier != settings:
+            raise SystemExit(
+                f"{out} was run with {earlier}, not {settings}: rerun with the same --config, --rounds and arguments "
+                "after --, or choose another --out"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -68,3 +68,7 @@ def test_two_models_three_rounds_one_command_and_a_rerun_skips_them(
     _script().main(argv)
     printed = capsys.readouterr().out
     assert "[A] finished earlier, skipped" in printed and "[B] finished earlier, skipped" in printed
+    with pytest.raises(SystemExit, match="rounds"):  # another R would mix into the finished tests
+        _script().main([*argv[:4], "--rounds", "2", *argv[6:]])
+    with pytest.raises(SystemExit, match="given twice"):
+        _script().main(["--out", str(tmp_path / "x"), "--config", argv[3], "--model", "A=a", "--model", "A=b"])

@@ -64,23 +64,27 @@ def test_groups_with_equal_rewards_are_dropped_and_the_phase_is_filled_in_sampli
     first = [_group("a", 1, 1), _group("b", 0, 1), _group("c", 0, 0)]
     second = [_group("d", 1, 0), _group("e", 1, 0), _group("f", 0, 0)]
     trained = choose_groups([first, second], 3)
-    assert [g[0].problem_id for g in trained] == ["b", "d", "e"]  # informative, in order; f's surplus not needed
+    assert [g[0].problem_id for g in trained] == ["b", "d", "e"]  # informative, in order; f is not needed
     stats = sampling_stats([first, second], trained, dynamic=True, overlong=False)
     assert (stats.rounds, stats.groups_sampled, stats.groups_informative) == (2, 6, 3)
     assert (stats.groups_dropped, stats.groups_filled) == (3, 0)
-    short = choose_groups([first], 3)  # one informative group: filled with the dropped ones, first dropped first
-    assert [g[0].problem_id for g in short] == ["b", "a", "c"]
+    short = choose_groups([first], 3)  # one informative group, filled with the dropped ones, in sampling order
+    assert [g[0].problem_id for g in short] == ["a", "b", "c"]
+    assert [g[0].problem_id for g in choose_groups([first, second], 2)] == ["b", "d"]
+    assert [g[0].problem_id for g in choose_groups([first[::-1]], 2)] == ["c", "b"]  # c dropped before a
     stats = sampling_stats([first], short, dynamic=True, overlong=False)
     assert (stats.groups_informative, stats.groups_filled, stats.groups_dropped) == (1, 2, 0)
     assert stats.metrics("solve")["train/solve/groups_filled"] == 2.0
 
 
-def test_a_length_penalty_makes_a_group_of_equal_correctness_informative() -> None:
-    group = [_rollout("a", 0.0, 0.0), _rollout("a", 0.0, -0.5)]
-    assert choose_groups([[group]], 1) == [group]
-    stats = sampling_stats([[group]], [group], dynamic=True, overlong=True)
-    assert stats.groups_informative == 1
-    assert stats.metrics("refine")["train/refine/overlong_penalty_mean"] == -0.25
+def test_the_filter_reads_correctness_only_as_dapo_does() -> None:
+    # all wrong, different length penalties: a gradient from the penalty, but dropped (DAPO eq. 11, verl's "score")
+    wrong = [_rollout("a", 0.0, 0.0), _rollout("a", 0.0, -0.5)]
+    mixed = [_rollout("b", 1.0, -1.0), _rollout("b", 0.0, 0.0)]  # equal training rewards, different correctness
+    assert choose_groups([[wrong, mixed]], 1) == [mixed]
+    stats = sampling_stats([[wrong, mixed]], [mixed], dynamic=True, overlong=True)
+    assert (stats.groups_informative, stats.groups_dropped) == (1, 1)
+    assert stats.metrics("refine")["train/refine/overlong_penalty_mean"] == -0.5
     assert stats.metrics("refine")["train/refine/overlong_frac"] == 0.5
 
 
@@ -122,9 +126,8 @@ class _Phases(Callback):
 def _fit(model_dir: Path, root: Path, reward: str, **rollout: Any) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     module = tiny_module(model_dir, num_generations=4, max_completion_length=12, learning_rate=1e-3)
     data = ThinkTwiceDataModule(train=ProblemSource(path="procedural", num_problems=16), problems_per_batch=2, seed=0)
-    callback = RolloutCallback(
-        num_generations=4, max_completion_length=12, reward_workers=0, reward=reward, dynamic_sampling=True, **rollout
-    )
+    settings = {"num_generations": 4, "max_completion_length": 12, "reward_workers": 0, "dynamic_sampling": True}
+    callback = RolloutCallback(reward=reward, **{**settings, **rollout})
     phases = _Phases()
     trainer = quiet_trainer(root, callback, phases, max_steps=4)
     trainer.fit(module, datamodule=data)
@@ -168,19 +171,18 @@ def test_a_phase_without_informative_groups_is_filled_and_warned_once(
 
 def test_the_overlong_penalty_alone_gives_a_gradient_and_is_logged_apart(tiny_model_dir: Path, tmp_path: Path) -> None:
     # correctness is 0 for every sample; the length penalty differs between a sample that stops early and one cut at
-    # the limit, so such groups are informative and trained
+    # the limit, so such groups have non-zero advantages and are trained
     metrics, _ = _fit(
-        tiny_model_dir, tmp_path, "signal_rewards.always_wrong", max_sampling_rounds=6, overlong_buffer=10
+        tiny_model_dir, tmp_path, "signal_rewards.always_wrong", dynamic_sampling=False, overlong_buffer=10
     )
     for phase in ("solve", "refine"):
         rows = metrics[metrics[f"train/{phase}/reward_mean"].notna()]
         assert (rows[f"train/{phase}/reward_mean"] == 0).all(), "the correctness reward is logged without the penalty"
         assert (rows[f"train/{phase}/overlong_penalty_mean"] < 0).all()
         assert rows[f"train/{phase}/overlong_frac"].between(0, 1).all()
-        informative = rows[f"train/{phase}/groups_informative"] > 0
-        assert (rows.loc[informative, f"train/{phase}/trained_frac"] > 0).all()
-        assert (rows.loc[~informative, f"train/{phase}/trained_frac"] == 0).all()
-    assert (metrics["train/solve/groups_informative"].dropna() > 0).any(), "no solve group had different lengths"
+        assert f"train/{phase}/groups_dropped" not in rows, "dynamic sampling is off: no sampling counts"
+    trained = metrics[["train/solve/trained_frac", "train/refine/trained_frac"]].stack()
+    assert (trained > 0).any(), "no group had different lengths"
 
 
 # ---------------------------------------------------------------------------------------------- kill and resume

@@ -1,11 +1,12 @@
 """DAPO's two rollout-side changes (Yu et al. 2025, arXiv 2503.14476; METHOD.md section 9), as pure functions.
 
-- Dynamic sampling: a group whose G training rewards are all equal has advantage 0 for every sample and gives no
-  gradient. With ``rollout.dynamic_sampling`` such groups are dropped and more prompts are sampled, round after
-  round, until the phase holds B informative groups or ``rollout.max_sampling_rounds`` rounds have run
-  (`choose_groups`). A phase still short of B after the last round is filled with dropped groups (first dropped,
-  first used), so every phase trains B groups and takes the same number of optimizer steps; the filled groups carry
-  advantage 0, as they would without dynamic sampling, and are counted.
+- Dynamic sampling: a group whose G answers are all right or all wrong teaches nothing about correctness (DAPO
+  eq. 11 keeps ``0 < #correct < G``). With ``rollout.dynamic_sampling`` such groups are dropped and more prompts
+  are sampled, round after round, until the phase holds B informative groups or ``rollout.max_sampling_rounds``
+  rounds have run (`choose_groups`). The filter reads correctness only, as DAPO and the reference's
+  ``filter_groups.metric=score`` do: a group of equal correctness whose length penalties differ is dropped too. A
+  phase still short of B after the last round is filled with dropped groups (first dropped, first used), so every
+  phase trains B groups and takes the same number of optimizer steps; the filled groups are counted.
 - Soft overlong penalty (DAPO eq. 13, `overlong_penalty`): a completion longer than ``L_max - L_b`` tokens loses
   reward linearly, down to ``-factor`` at ``L_max``. It is kept apart from the correctness reward
   (``Rollout.length_penalty``): advantages use their sum, correctness metrics and refine bases use correctness only.
@@ -39,9 +40,8 @@ def training_reward(rollout: Rollout) -> float:
 
 
 def is_informative(group: list[Rollout]) -> bool:
-    """Whether a group's training rewards differ, so that some sample gets a non-zero advantage."""
-    first = training_reward(group[0])
-    return any(training_reward(r) != first for r in group[1:])
+    """Whether a group holds both right and wrong answers (its correctness rewards differ)."""
+    return len({r.reward for r in group}) > 1
 
 
 def groups_of(rollouts: list[Rollout], group_size: int) -> list[list[Rollout]]:
@@ -115,13 +115,13 @@ def sampling_stats(
 
 
 def choose_groups(rounds: list[list[list[Rollout]]], want: int) -> list[list[Rollout]]:
-    """The `want` groups a phase trains under dynamic sampling, from the groups of each generation round in order:
-    the informative ones in the order they were sampled (a surplus of the last round is left out), then, when fewer
-    than `want` were found, the dropped ones in the same order."""
+    """The `want` groups a phase trains under dynamic sampling, from the groups of each generation round: the first
+    `want` informative ones (a surplus of the last round is left out) and, when fewer were found, the first dropped
+    ones, all in the order they were sampled (so filled groups spread over the phase's optimizer steps)."""
     sampled = [group for groups in rounds for group in groups]
-    informative = [group for group in sampled if is_informative(group)][:want]
-    dropped = [group for group in sampled if not is_informative(group)]
-    return informative + dropped[: want - len(informative)]
+    informative = [i for i, group in enumerate(sampled) if is_informative(group)][:want]
+    dropped = [i for i, group in enumerate(sampled) if not is_informative(group)]
+    return [sampled[i] for i in sorted(informative + dropped[: want - len(informative)])]
 
 
 def informative_count(groups: list[list[Rollout]]) -> int:
