@@ -198,9 +198,24 @@ def test_other_settings_on_the_same_out_are_refused(full_run: dict[str, Any], tm
     with pytest.raises(UserError, match=r"other settings \(samples: recorded 4, now 2\).*or give another --out"):
         run(replace(full_run["settings"], samples=2), out, reward_workers=0)
     changed = _outside_answers(tmp_path / "ext.jsonl", right={0})
-    with pytest.raises(UserError, match=r"other settings \(answers: recorded"):
+    with pytest.raises(UserError, match=r"other settings \(answers\.ext: recorded"):
         run(replace(full_run["settings"], answers={"ext": str(changed)}), out, reward_workers=0)
     assert (out / "settings.json").read_text() == recorded
+
+
+def test_a_rerun_adds_a_model_and_computes_only_its_cells(full_run: dict[str, Any], tmp_path: Path) -> None:
+    settings, out = full_run["settings"], tmp_path / "out"
+    first = run(replace(settings, models={"a": settings.models["a"]}), out, reward_workers=0)
+    assert set(first.matrix) == {("a", "a"), ("ext", "a")}
+    before = _cells(out)
+    _reset_recording()
+    second = run(settings, out, reward_workers=0, engine_factory=recording)
+    assert second.computed == 4 and RecordingEngine.setups == 3  # b writes its base set, a refines it, b refines all
+    assert second.matrix == full_run["result"].matrix  # the same cells as a run of both models at once
+    assert {k: v for k, v in _cells(out).items() if k in before} == before  # a's cells reused as they were
+    assert set(json.loads((out / "settings.json").read_text())["models"]) == {"a", "b"}
+    with pytest.raises(UserError, match=r"models\.b: recorded"):  # the same name for another model is refused
+        run(replace(settings, models={**settings.models, "b": settings.models["a"]}), out, reward_workers=0)
 
 
 def test_real_grader_grades_outside_answers_and_the_refinements(models: dict[str, str], tmp_path: Path) -> None:

@@ -288,25 +288,50 @@ def _model_identity(path: str) -> str:
     return str(local.resolve()) if not path.startswith(BUILTIN_PREFIX) and local.exists() else path
 
 
+GROWING = ("models", "answers")
+"""Settings a rerun may extend: new models and answers sets only add cells; the ones both runs name must agree."""
+
+
 def check_or_record(out: Path, record: dict[str, Any]) -> None:
-    """Records the settings of a new ``--out``; refuses, naming what differs, to continue one recorded with others."""
+    """Records the settings of a new ``--out``; continues one recorded with the same settings, where new models and
+    answers sets may be added (their cells are computed, the others reused); refuses, naming what differs, any other
+    change."""
     file = out / "settings.json"
     if not file.exists():
         out.mkdir(parents=True, exist_ok=True)
         write_json(file, record)
         return
     recorded = read_json(file)
-    changed = [key for key in sorted(set(record) | set(recorded)) if record.get(key) != recorded.get(key)]
-    if changed:
+    differences = {
+        key: (recorded.get(key), record.get(key))
+        for key in sorted(set(record) | set(recorded))
+        if key not in GROWING and record.get(key) != recorded.get(key)
+    }
+    for key in GROWING:
+        ours, theirs = record.get(key) or {}, recorded.get(key) or {}
+        differences.update(
+            {
+                f"{key}.{name}": (theirs[name], ours[name])
+                for name in sorted(ours.keys() & theirs.keys())
+                if ours[name] != theirs[name]
+            }
+        )
+    if differences:
         details = "; ".join(
-            f"{key}: recorded {json.dumps(recorded.get(key))[:200]}, now {json.dumps(record.get(key))[:200]}"
-            for key in changed
+            f"{key}: recorded {json.dumps(old)[:200]}, now {json.dumps(new)[:200]}"
+            for key, (old, new) in differences.items()
         )
         raise UserError(
             f"--out {out} holds a cross-refinement with other settings ({details}); rerun with the recorded settings "
-            f"({file}) to continue it, or give another --out"
+            f"({file}) to continue it (adding models or answers sets is allowed), or give another --out"
         )
-    log.info("--out %s: continuing (same settings as recorded)", out)
+    merged = {**recorded, **{key: {**(recorded.get(key) or {}), **(record.get(key) or {})} for key in GROWING}}
+    added = [name for key in GROWING for name in (record.get(key) or {}) if name not in (recorded.get(key) or {})]
+    if added:
+        write_json(file, merged)
+        log.info("--out %s: continuing, with %s added", out, ", ".join(added))
+    else:
+        log.info("--out %s: continuing (same settings as recorded)", out)
 
 
 # ---------------------------------------------------------------------------------------------- tables, heatmap
