@@ -57,6 +57,9 @@ _DEMOTED = {
         "RotaryEmbedding: Failed to load weights",
         "ParallelLMHead: Failed to load weights",
     ),
+    # a second engine in one process (cross-refinement loads one model after another) registers vLLM's CPU
+    # replacements of its Triton kernels again: the same functions, re-registered
+    "vllm.triton_utils.dispatcher": ("Kernel vllm.",),
     # adapter mode: our adapters never carry a tokenizer of their own
     "vllm.v1.engine.input_processor": ("vLLM has deprecated support for supporting different tokenizers",),
 }
