@@ -247,6 +247,9 @@ class VLLMRolloutEngine:
             with contextlib.suppress(Exception):
                 self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
+            # the CPU worker names its process group in the environment; left behind, the next engine started in
+            # this process (cross-refinement loads one model after another) warns that it is an unknown variable
+            os.environ.pop("VLLM_DIST_IDENT", None)
         if self._lora_dir is not None:
             shutil.rmtree(self._lora_dir, ignore_errors=True)
             self._lora_dir = None
