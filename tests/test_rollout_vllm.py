@@ -5,6 +5,7 @@ Every check compares vLLM against an HF forward pass of the trainer's own model,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,4 @@ def test_seeded_sampling_on_cpu_runs_in_chunks_that_prefill_in_one_step(tiny_mod
             engine.generate([_long_prompt(tokenizer) * 2], 4, sampled)
     assert [len(group) for group in first] == [4] * 12
     assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in again]
+    assert "VLLM_DIST_IDENT" not in os.environ, "a closed engine leaves no variable that the next one warns about"
