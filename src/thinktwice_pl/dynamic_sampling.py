@@ -44,6 +44,11 @@ def is_informative(group: list[Rollout]) -> bool:
     return len({r.reward for r in group}) > 1
 
 
+def sampled_groups(rounds: list[list[list[Rollout]]]) -> list[list[Rollout]]:
+    """The groups of all generation rounds, in the order they were sampled."""
+    return [group for groups in rounds for group in groups]
+
+
 def groups_of(rollouts: list[Rollout], group_size: int) -> list[list[Rollout]]:
     """Group-major rollouts as a list of groups."""
     return [rollouts[start : start + group_size] for start in range(0, len(rollouts), group_size)]
@@ -97,7 +102,7 @@ def sampling_stats(
 ) -> SamplingStats:
     """The counts of a phase that sampled the groups of `rounds` (one list per generation round) and trains
     `trained`, with dynamic sampling and the overlong penalty on or off."""
-    sampled = [group for groups in rounds for group in groups]
+    sampled = sampled_groups(rounds)
     trained_ids = {id(group) for group in trained}
     informative = sum(is_informative(group) for group in trained)
     return SamplingStats(
@@ -118,7 +123,7 @@ def choose_groups(rounds: list[list[list[Rollout]]], want: int) -> list[list[Rol
     """The `want` groups a phase trains under dynamic sampling, from the groups of each generation round: the first
     `want` informative ones (a surplus of the last round is left out) and, when fewer were found, the first dropped
     ones, all in the order they were sampled (so filled groups spread over the phase's optimizer steps)."""
-    sampled = [group for groups in rounds for group in groups]
+    sampled = sampled_groups(rounds)
     informative = [i for i, group in enumerate(sampled) if is_informative(group)][:want]
     dropped = [i for i, group in enumerate(sampled) if not is_informative(group)]
     return [sampled[i] for i in sorted(informative + dropped[: want - len(informative)])]

@@ -33,6 +33,7 @@ from thinktwice_pl.dynamic_sampling import (
     groups_of,
     informative_count,
     overlong_penalty,
+    sampled_groups,
     sampling_stats,
 )
 from thinktwice_pl.errors import OutOfMemoryInPhase, UserError, is_out_of_memory
@@ -320,7 +321,7 @@ class RolloutCallback(Callback):
             by_id = {p.id: p for p in used_problems}
             batch.problems = [by_id[group[0].problem_id] for group in trained]
         else:  # the groups of all rounds, in order, are the G refinements of used_bases[0], used_bases[1], ...
-            base_of = {id(group): base for group, base in zip(_flat(rounds), used_bases, strict=True)}
+            base_of = {id(group): base for group, base in zip(sampled_groups(rounds), used_bases, strict=True)}
             batch.bases = [base_of[id(group)] for group in trained]
         return RolloutBatch(
             [r for group in trained for r in group],
@@ -425,10 +426,6 @@ def phase_seed(seed: int, index: int, rank: int = 0, round_: int = 0) -> int:
     key = f"{seed}/{index}/{rank}" if round_ == 0 else f"{seed}/{index}/{rank}/{round_}"
     digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def _flat(rounds: list[list[list[Rollout]]]) -> list[list[Rollout]]:
-    return [group for groups in rounds for group in groups]
 
 
 def _gather(local: RolloutBatch) -> RolloutBatch:
