@@ -385,8 +385,8 @@ class ThinkTwiceDataModule(LightningDataModule):
         }
 
     def _problems_of(self, entry: dict[str, Any]) -> list[Problem]:
-        """The solved problems of a cache entry; an entry without them (written before dynamic sampling existed)
-        solved its pair's own problems."""
+        """The solved problems of a cache entry; an entry without them (an older checkpoint's) solved its pair's own
+        problems."""
         if "problems" in entry:
             return [Problem(**p) for p in entry["problems"]]
         return self.phase_batch(2 * int(entry["pair"])).problems

@@ -82,11 +82,11 @@ class RolloutCallback(Callback):
             evaluation prompts alike. A no-op for templates without a default system prompt; an error at start-up
             when the template's system turn cannot be cut out.
         seed: base seed of the per-phase sampling seeds (a resumed run draws the same samples).
-        dynamic_sampling: DAPO's dynamic sampling, in both phases: groups whose G training rewards are all equal are
-            dropped and more prompts are sampled until the phase holds B informative groups (solve: extra problems
-            drawn from the training set; refine: other cached solve answers of the same problems), or until
-            `max_sampling_rounds` generation rounds have run; a phase still short is filled with dropped groups
-            (advantage 0) so that it takes the usual number of optimizer steps. Counted per phase
+        dynamic_sampling: DAPO's dynamic sampling, in both phases: groups whose G answers are all right or all wrong
+            (correctness only, not the length penalty) are dropped and more prompts are sampled until the phase holds
+            B informative groups (solve: extra problems drawn from the training set; refine: other cached solve
+            answers of the same problems), or until `max_sampling_rounds` generation rounds have run; a phase still
+            short is filled with dropped groups so that it takes the usual number of optimizer steps. Counted per phase
             (``train/<phase>/sampling_rounds``, ``groups_dropped``, ``groups_filled`` ...).
         max_sampling_rounds: most generation rounds per phase with dynamic sampling (the first included; the
             reference allowed 10); None = until B informative groups are found or no prompt is left to draw.
