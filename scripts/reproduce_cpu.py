@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"thinktwice": "ThinkTwice", "grpo": "GRPO"}  # config file stem -> label
-BOOTSTRAP_RESAMPLES = 2000
+SELECTION_METRIC = "val/avg/solve/greedy_acc"
+BEST_CHECKPOINT = "checkpoints/best.ckpt"  # written by the configs' ModelCheckpoint on val/avg/solve/greedy_acc
 SMOKE_ARGS = [
     "--model.model_name_or_path",
     "thinktwice:tiny",
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> Path:
     extra = list(args.overrides)
     if args.smoke:
         extra = SMOKE_ARGS + _smoke_benchmark_sizes(configs["thinktwice"]) + extra
+    precision = args.precision if args.precision != "auto" else auto_precision()
+    if not any(arg.startswith("--trainer.precision") for arg in extra):
+        extra = ["--trainer.precision", precision, *extra]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
     runner = _Stages(out, env)
@@ -109,22 +114,31 @@ def main(argv: list[str] | None = None) -> Path:
         if seed == args.seeds[0]:
             stages.append(base)  # after the first fits: with --jobs 2 it runs while the shorter fit's lane is free
         for method, config in configs.items():
-            model = fits[method].run_dir / "hf_model"
-            test = Stage(
+            fit = fits[method]
+            best = Stage(  # the paper's model selection: the checkpoint with the best validation greedy accuracy
+                f"{method}-best-seed{seed}",
+                ["test", "--config", str(config), *extra, "--ckpt_path", str(fit.run_dir / BEST_CHECKPOINT)],
+                out,
+                f"{method}-best",
+                f"seed{seed}",
+                after=(fit.stage,),
+            )
+            final = Stage(
                 f"{method}-test-seed{seed}",
-                ["test", "--config", str(config), *extra, "--model.model_name_or_path", str(model)],
+                ["test", "--config", str(config), *extra, "--model.model_name_or_path", str(fit.run_dir / "hf_model")],
                 out,
                 f"{method}-test",
                 f"seed{seed}",
-                after=(fits[method].stage,),
+                after=(fit.stage, best.stage),
+                same_as=_selected_last_step(fit.run_dir, best.run_dir),
             )
-            stages.append(test)
-            runs[(method, seed)] = {"fit": fits[method].run_dir, "test": test.run_dir}
+            stages += [best, final]
+            runs[(method, seed)] = {"fit": fit.run_dir, "best": best.run_dir, "final": final.run_dir}
     runner.run_all(stages, args.jobs)
     runner.timings["wall (this command)"] = round(time.perf_counter() - start, 1)
     (out / "timings.json").write_text(json.dumps(runner.timings, indent=2))
     command = " ".join(["python scripts/reproduce_cpu.py", *(sys.argv[1:] if argv is None else argv)])
-    report(out, base.run_dir, runs, runner.timings, command)
+    report(out, base.run_dir, runs, runner.timings, command, precision_of(extra))
     print((out / "table.md").read_text())
     return out
 
@@ -146,6 +160,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=2,
         help="stages at once: 2 = two one-thread processes on two cores, 1 = one by one",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16-mixed", "32-true"),
+        default="auto",
+        help="training and sampling precision; auto: bf16-mixed on a CPU with bf16 hardware (AVX512-BF16 or AMX), "
+        "32-true on any other, where torch emulates bf16 many times slower",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, minimal sizes: checks the pipeline runs")
     parser.add_argument("overrides", nargs="*", help="after --: arguments added to every thinktwice command")
     return parser.parse_args(argv)
@@ -165,6 +186,8 @@ class Stage:
     name: str
     version: str
     after: tuple[str, ...] = ()
+    same_as: Callable[[], Path | None] | None = None
+    """Checked when the stage is due: a finished run folder whose outputs this stage would repeat (then copied)."""
 
     @property
     def run_dir(self) -> Path:
@@ -202,6 +225,13 @@ class _Stages:
                 if (self.out / "done" / stage.stage).is_file():
                     print(f"[{stage.stage}] finished earlier, skipped ({stage.run_dir})", flush=True)
                     pending.remove(stage)
+                    finished.add(stage.stage)
+                elif stage.same_as is not None and (source := stage.same_as()) is not None:
+                    pending.remove(stage)
+                    shutil.rmtree(stage.run_dir, ignore_errors=True)
+                    shutil.copytree(source, stage.run_dir)
+                    print(f"[{stage.stage}] the same model as {source}: its results copied", flush=True)
+                    self._finish(stage, 0.0)
                     finished.add(stage.stage)
                 elif len(running) < jobs:
                     pending.remove(stage)
@@ -297,6 +327,32 @@ def check_configs(configs: dict[str, Path], extra: list[str]) -> None:
         raise SystemExit(f"{configs['thinktwice']} has no data.test benchmarks: the final evaluation needs them")
 
 
+def _selected_last_step(fit_dir: Path, best_dir: Path) -> Callable[[], Path | None]:
+    """For the final model's test: the best checkpoint's test folder when model selection kept the last step."""
+
+    def check() -> Path | None:
+        metrics = pd.read_csv(fit_dir / "metrics.csv")
+        return best_dir if best_step(metrics) == int(metrics["step"].max()) else None
+
+    return check
+
+
+def precision_of(extra: list[str]) -> str:
+    """The --trainer.precision value among the stages' arguments (the last one wins, as in the CLI)."""
+    values = [extra[i + 1] for i, arg in enumerate(extra[:-1]) if arg == "--trainer.precision"]
+    values += [arg.split("=", 1)[1] for arg in extra if arg.startswith("--trainer.precision=")]
+    return values[-1] if values else "the configs' precision"
+
+
+def auto_precision() -> str:
+    """bf16-mixed where the CPU computes in bf16 natively (AVX512-BF16 or AMX flags), else 32-true."""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+        if "avx512_bf16" in flags or "amx_bf16" in flags:
+            return "bf16-mixed"
+    return "32-true"
+
+
 def _smoke_benchmark_sizes(config: Path) -> list[str]:
     data = yaml.safe_load(config.read_text()).get("data", {})
     return [
@@ -311,48 +367,65 @@ def _smoke_benchmark_sizes(config: Path) -> list[str]:
 
 
 def report(
-    out: Path, base_dir: Path, runs: dict[tuple[str, int], dict[str, Path]], timings: dict[str, float], command: str
+    out: Path,
+    base_dir: Path,
+    runs: dict[tuple[str, int], dict[str, Path]],
+    timings: dict[str, float],
+    command: str,
+    precision: str,
 ) -> None:
     """Writes table.md, summary.csv, records.csv, metrics/, dynamics.png, curves.png from the stages' outputs."""
+    from thinktwice_pl.comparison import markdown_table, summarize
     from thinktwice_pl.plotting import plot_dynamics, read_metrics
 
-    records = {("Base", None): read_records(base_dir)}
+    records = {("Base", "base", None): read_records(base_dir)}
     for (method, seed), dirs in runs.items():
-        records[(METHODS[method], seed)] = read_records(dirs["test"])
-    n = int(next(iter(records.values()))["n"].iloc[0])
-    rng = np.random.default_rng(0)
-    ids = records[("Base", None)]["problem_id"].tolist()
+        for checkpoint in ("best", "final"):
+            records[(METHODS[method], checkpoint, seed)] = read_records(dirs[checkpoint])
+    n = int(records[("Base", "base", None)]["n"].iloc[0])
+    ids = records[("Base", "base", None)]["problem_id"].tolist()
     for key, frame in records.items():
         if frame["problem_id"].tolist() != ids:
             raise SystemExit(f"the test problems of {key} differ from the base model's: evaluate all with one config")
-    resamples = rng.integers(0, len(ids), size=(BOOTSTRAP_RESAMPLES, len(ids)))  # the same resamples for every model
-    rows = []
-    for (label, seed), frame in records.items():
-        rows += [
-            {"model": label, "seed": seed, "metric": metric, **values}
-            for metric, values in bootstrap(frame, n, resamples).items()
-        ]
-    seeds = sorted({seed for _, seed in runs})
-    for seed in seeds:  # paired: same problems, same resamples
-        tt, grpo = records[("ThinkTwice", seed)], records[("GRPO", seed)]
-        for metric, values in bootstrap(tt, n, resamples, minus=grpo).items():
-            rows.append({"model": "ThinkTwice - GRPO", "seed": seed, "metric": metric, **values})
-    summary = pd.DataFrame(rows)
+    summary = summarize(records, n)
     summary.to_csv(out / "summary.csv", index=False)
-    pd.concat([f.assign(model=label, seed=seed) for (label, seed), f in records.items()]).to_csv(
+    pd.concat([f.assign(model=m, checkpoint=c, seed=s) for (m, c, s), f in records.items()]).to_csv(
         out / "records.csv", index=False
     )
     (out / "metrics").mkdir(exist_ok=True)
-    fit_metrics = {}
+    by_method: dict[str, list[pd.DataFrame]] = {}
+    best_steps = {}
     for (method, seed), dirs in runs.items():
-        fit_metrics[(METHODS[method], seed)] = read_metrics(dirs["fit"] / "metrics.csv")
+        metrics = read_metrics(dirs["fit"] / "metrics.csv")
+        by_method.setdefault(METHODS[method], []).append(metrics)
+        best_steps[(METHODS[method], seed)] = best_step(metrics)
         shutil.copy(dirs["fit"] / "metrics.csv", out / "metrics" / f"{method}-seed{seed}.csv")
-    suffix = len(seeds) > 1
-    labelled = {(f"{label} (seed {seed})" if suffix else label): m for (label, seed), m in fit_metrics.items()}
-    plot_dynamics(labelled, out / "dynamics.png", title="ThinkTwice vs GRPO: rectify / fortify on held-out problems")
-    plot_curves(labelled, out / "curves.png")
-    phases = {label: phase_counts(m) for label, m in labelled.items()}
-    (out / "table.md").write_text(markdown_table(summary, n, len(ids), phases, seeds, timings, command))
+    seeds = sorted({seed for _, seed in runs})
+    label = f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""
+    averaged = {f"{m}{label}": pd.concat(frames) for m, frames in by_method.items()}  # plots average per step
+    plot_dynamics(averaged, out / "dynamics.png", title="ThinkTwice vs GRPO: rectify / fortify on held-out problems")
+    plot_curves(averaged, out / "curves.png")
+    phases = {m: phase_counts(frames[0]) for m, frames in by_method.items()}
+    sections = [
+        f"## Pooled over seeds {', '.join(map(str, seeds))}: best checkpoint (validation greedy accuracy)\n",
+        markdown_table(summary, n, "best"),
+        "## Pooled: final checkpoint\n",
+        markdown_table(summary, n, "final"),
+    ]
+    for seed in seeds:
+        for checkpoint in ("best", "final"):
+            sections += [f"## Seed {seed}: {checkpoint} checkpoint\n", markdown_table(summary, n, checkpoint, seed)]
+    text = "\n".join(sections) + notes(n, len(ids), phases, best_steps, timings, command, precision)
+    (out / "table.md").write_text(text)
+
+
+def best_step(metrics: pd.DataFrame) -> int:
+    """The step of the checkpoint that model selection keeps: the first maximum of the validation greedy accuracy."""
+    rows = metrics[["step", SELECTION_METRIC]].dropna()
+    rows = rows[rows["step"] > 0]  # the validation before training saves no checkpoint
+    if rows.empty:
+        raise SystemExit(f"the run logged no {SELECTION_METRIC}: model selection needs data.val benchmarks")
+    return int(rows["step"].iloc[int(np.argmax(rows[SELECTION_METRIC].to_numpy()))])
 
 
 def phase_counts(metrics: pd.DataFrame) -> dict[str, int]:
@@ -372,97 +445,18 @@ def read_records(run_dir: Path) -> pd.DataFrame:
     return frame[frame["split"] == "test"].reset_index(drop=True)
 
 
-def bootstrap(
-    frame: pd.DataFrame, n: int, resamples: np.ndarray, minus: pd.DataFrame | None = None
-) -> dict[str, dict[str, float]]:
-    """Each table metric of `frame` (minus that of `minus`, problem by problem: a paired difference) on all problems,
-    and its 95 % percentile interval over the bootstrap `resamples` of the problems ([resamples, problems] indices)."""
-    ours = _per_problem(frame, n)
-    theirs = _per_problem(minus, n) if minus is not None else None
-    every = np.arange(len(frame))
-    out = {}
-    for metric, (num, den) in ours.items():
-
-        def statistic(index: np.ndarray, metric: str = metric, num: np.ndarray = num, den: np.ndarray = den) -> Any:
-            value = _ratio(num[index], den[index])
-            if theirs is not None:
-                value = value - _ratio(theirs[metric][0][index], theirs[metric][1][index])
-            return value
-
-        samples = statistic(resamples)
-        finite = samples[np.isfinite(samples)]
-        lo, hi = np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan)
-        out[metric] = {"value": float(statistic(every)), "lo": float(lo), "hi": float(hi)}
-    return out
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> Any:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return num.sum(-1) / den.sum(-1)
-
-
-def _per_problem(frame: pd.DataFrame, n: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """metric -> (numerator, denominator) per problem; the metric is sum(numerator) / sum(denominator): the mean over
-    problems for pass@k, the share of wrong (right) greedy answers that the greedy refinement fixes (breaks)."""
-    from thinktwice_pl.metrics import pass_at_k
-
-    ones = np.ones(len(frame))
-    solve, refine = frame["solve_correct"].to_numpy(), frame["refine_correct"].to_numpy()
-    greedy, greedy_refine = frame["greedy_correct"].to_numpy(), frame["greedy_refine_correct"].to_numpy()
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for k in sorted({1, n}):
-        out[f"solve/pass@{k}"] = (np.array([pass_at_k(n, int(c), k) for c in solve]), ones)
-        out[f"refine/pass@{k}"] = (np.array([pass_at_k(n, int(c), k) for c in refine]), ones)
-    out["transition/fix_wrong"] = (((greedy == 0) & (greedy_refine == 1)).astype(float), (greedy == 0).astype(float))
-    out["transition/damage_correct"] = (
-        ((greedy == 1) & (greedy_refine == 0)).astype(float),
-        (greedy == 1).astype(float),
-    )
-    return out
-
-
-def markdown_table(
-    summary: pd.DataFrame,
+def notes(
     n: int,
     num_problems: int,
     phases: dict[str, dict[str, int]],
-    seeds: list[int],
+    best_steps: dict[tuple[str, int], int],
     timings: dict[str, float],
     command: str,
+    precision: str,
 ) -> str:
-    """The results table: one row per model and seed (and, with several seeds, the mean and spread over seeds)."""
-    metrics = [
-        "solve/pass@1",
-        f"solve/pass@{n}",
-        "refine/pass@1",
-        f"refine/pass@{n}",
-        "transition/fix_wrong",
-        "transition/damage_correct",
-    ]
-    header = [
-        "model",
-        "solve pass@1",
-        f"solve pass@{n}",
-        "refine pass@1",
-        f"refine pass@{n}",
-        "fix-wrong",
-        "damage-correct",
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for model in ("Base", "GRPO", "ThinkTwice", "ThinkTwice - GRPO"):
-        rows = summary[summary["model"] == model]
-        for seed in [None] if model == "Base" else seeds:
-            at_seed = rows[rows["seed"].isna()] if seed is None else rows[rows["seed"] == seed]
-            values = {r.metric: _cell(r) for r in at_seed.itertuples()}
-            name = model if seed is None or len(seeds) == 1 else f"{model} (seed {seed})"
-            lines.append("| " + " | ".join([name, *(values.get(m, "n/a") for m in metrics)]) + " |")
-        if model != "Base" and len(seeds) > 1:
-            spread = rows.groupby("metric")["value"].agg(["mean", "std"])
-            cells = [
-                f"{spread.loc[m, 'mean']:.3f} ± {spread.loc[m, 'std']:.3f}" if m in spread.index else "n/a"
-                for m in metrics
-            ]
-            lines.append("| " + " | ".join([f"{model}: mean ± sd over {len(seeds)} seeds", *cells]) + " |")
+    """The text under the tables: protocol, interval method, training, selected steps, command, machine, times."""
+    from thinktwice_pl.comparison import RESAMPLES
+
     wall = timings.get("wall (this command)", sum(timings.values()))
     stages = ", ".join(
         f"{stage} {seconds / 60:.1f}" for stage, seconds in timings.items() if not stage.startswith("wall")
@@ -471,19 +465,23 @@ def markdown_table(
         f"{label}: " + " + ".join(f"{count} {phase}" for phase, count in counts.items()) + " phases"
         for label, counts in phases.items()
     )
-    notes = [
+    selected = ", ".join(f"{label} seed {seed}: step {step}" for (label, seed), step in sorted(best_steps.items()))
+    lines = [
         "",
         f"{num_problems} held-out problems, {n} samples each (temperature 0.7, top-p 0.8, top-k 20) and one greedy "
         "refinement of each; fix-wrong / damage-correct: one greedy answer and its greedy refinement per problem. "
-        f"[95 % bootstrap interval over problems, {BOOTSTRAP_RESAMPLES} resamples; the difference row is paired: "
-        "same problems, same resamples.] "
-        f"Training (one optimizer step per phase): {trained}.",
+        f"[95 % interval: two-level bootstrap, {RESAMPLES} resamples drawing the seeds with replacement and then the "
+        "problems with replacement; with one seed, over problems only. The difference rows are paired: the same "
+        "seeds and problems on both sides.]",
+        "",
+        f"Training (one optimizer step per phase): {trained}. Precision: {precision}. Best checkpoint: the first "
+        f"maximum of {SELECTION_METRIC} over the validations ({selected}); final: the last step.",
         "",
         f"Command: `{command}`. Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}. Wall time {wall / 60:.1f} min "
         f"(minutes per stage: {stages}).",
     ]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def _cpu_name() -> str:
@@ -516,12 +514,13 @@ def plot_curves(runs: dict[str, pd.DataFrame], out: Path) -> Path:
             column = f"train/{phase}/reward_mean"
             if column in metrics.columns:
                 rows = metrics[["step", column]].dropna()
+                rows = rows.groupby("step", as_index=False)[column].mean()  # several seeds: their mean
                 if len(rows):
                     smooth = rows[column].rolling(5, min_periods=1).mean()
                     axes[0].plot(rows["step"], smooth, style, color=color, label=f"{label} {phase}")
             column = f"val/avg/{phase}/greedy_acc"
             if column in metrics.columns:
-                rows = metrics[["step", column]].dropna()
+                rows = metrics[["step", column]].dropna().groupby("step", as_index=False)[column].mean()
                 if len(rows):
                     axes[1].plot(rows["step"], rows[column], style, marker="o", color=color, label=f"{label} {phase}")
     axes[0].set_title("training reward (5-phase moving average)")

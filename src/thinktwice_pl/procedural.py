@@ -1,6 +1,6 @@
 """Generated arithmetic word problems, offline: problem i depends only on (seed, difficulty, i).
 
-Six difficulties, from bare one-digit sums (within reach of the CPU quickstart's small model) to two-step
+Seven difficulties, from bare one-digit sums (within reach of the CPU quickstart's small model) to two-step
 stories; every answer is a non-negative integer. `text_side` splits the problem texts into two halves by a hash, so
 a training set and a held-out set drawn from different halves never share a problem text.
 """
@@ -97,7 +97,8 @@ def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
         seed: generator seed.
         difficulty: 0 bare one-digit sums ("What is 3 + 4?"), 1 single-digit add/sub stories, 2 two-digit
             add/sub, 3 add/sub/mul/div, 4 two-step problems, 5 bare add/sub with operands 1 to 30 ("What is
-            27 - 9?", never negative; 1365 distinct texts).
+            27 - 9?", never negative; 1365 distinct texts), 6 three one-digit operands with + and - ("What is
+            8 - 3 + 6?", never negative on the way; 1899 distinct texts).
         index: position of the problem in the set.
 
     Returns:
@@ -113,6 +114,8 @@ def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
             return _problem(seed, difficulty, index, f"What is {a} + {b}?", a + b)
         a, b = max(a, b), min(a, b)  # no negative results
         return _problem(seed, difficulty, index, f"What is {a} - {b}?", a - b)
+    if difficulty == 6:  # the second CPU task (configs/smollm2-chains): two steps, each a slip a review can catch
+        return _problem(seed, difficulty, index, *_chain(rng))
     (name, pronoun), (other, _) = rng.sample(_NAMES, 2)
     one, many = rng.choice(_OBJECTS)
     box, she = rng.choice(_CONTAINERS), pronoun.capitalize()
@@ -168,6 +171,17 @@ def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
             text = f"{name} shares {a * b} {many} equally among {b} friends. How many {many} does each friend get?"
             answer = a
     return _problem(seed, difficulty, index, text, answer)
+
+
+def _chain(rng: random.Random) -> tuple[str, int]:
+    """Three one-digit operands joined by + or -, left to right, never negative on the way ("What is 8 - 3 + 6?")."""
+    while True:
+        a, b, c = (rng.randint(1, 9) for _ in range(3))
+        first, second = rng.choice("+-"), rng.choice("+-")
+        middle = a + b if first == "+" else a - b
+        answer = middle + c if second == "+" else middle - c
+        if middle >= 0 and answer >= 0:
+            return f"What is {a} {first} {b} {second} {c}?", answer
 
 
 def _problem(seed: int, difficulty: int, index: int, text: str, answer: int) -> Problem:

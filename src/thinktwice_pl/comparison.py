@@ -1,0 +1,146 @@
+"""Scores of a ThinkTwice-vs-GRPO comparison from per-problem evaluation records, with intervals over problems and
+training seeds.
+
+Every reported metric is a ratio of sums over (seed, problem) pairs: pass@k is the mean of the unbiased per-problem
+estimate, fix-wrong the share of wrong greedy answers whose greedy refinement is right, damage-correct the share of
+right greedy answers whose refinement is wrong. Intervals are 95 % percentile intervals of a two-level bootstrap:
+each resample draws the training seeds with replacement, then the test problems with replacement, and recomputes
+the ratio over the drawn pairs. The difference of two methods draws the same seeds and problems for both (paired).
+With one seed it is the usual bootstrap over problems.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from thinktwice_pl.metrics import pass_at_k
+
+RESAMPLES = 2000
+METHODS = ("GRPO", "ThinkTwice")
+DIFFERENCE = "ThinkTwice - GRPO"
+POOLED = "pooled"
+
+
+def per_problem(records: pd.DataFrame, n: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """metric -> (numerator, denominator), one entry per problem of an eval_records.csv's test rows."""
+    ones = np.ones(len(records))
+    solve, refine = records["solve_correct"].to_numpy(), records["refine_correct"].to_numpy()
+    greedy, refined = records["greedy_correct"].to_numpy(), records["greedy_refine_correct"].to_numpy()
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for k in sorted({1, n}):
+        out[f"solve/pass@{k}"] = (np.array([pass_at_k(n, int(c), k) for c in solve], dtype=float), ones)
+        out[f"refine/pass@{k}"] = (np.array([pass_at_k(n, int(c), k) for c in refine], dtype=float), ones)
+    out["transition/fix_wrong"] = (((greedy == 0) & (refined == 1)).astype(float), (greedy == 0).astype(float))
+    out["transition/damage_correct"] = (((greedy == 1) & (refined == 0)).astype(float), (greedy == 1).astype(float))
+    return out
+
+
+def bootstrap(
+    runs: Sequence[pd.DataFrame],
+    n: int,
+    rng: np.random.Generator,
+    minus: Sequence[pd.DataFrame] | None = None,
+    resamples: int = RESAMPLES,
+) -> dict[str, dict[str, float]]:
+    """Each metric pooled over `runs` (one records table per seed, the same problems in the same order), minus the
+    same metric pooled over `minus` (the other method's seeds, paired by position), with its two-level bootstrap
+    interval. Returns metric -> {value, lo, hi}."""
+    ours = [per_problem(r, n) for r in runs]
+    theirs = [per_problem(r, n) for r in minus] if minus is not None else None
+    if theirs is not None and len(theirs) != len(ours):
+        raise ValueError(f"a paired difference needs as many seeds on both sides, got {len(ours)} and {len(theirs)}")
+    problems = len(runs[0])
+    seeds = rng.integers(0, len(runs), size=(resamples, len(runs)))  # [B, S]: the seeds of each resample
+    picks = rng.integers(0, problems, size=(resamples, problems))  # [B, P]: the problems of each resample
+    out = {}
+    for metric in ours[0]:
+        value, samples = _pooled(ours, metric, seeds, picks)
+        if theirs is not None:
+            other, other_samples = _pooled(theirs, metric, seeds, picks)
+            value, samples = value - other, samples - other_samples
+        finite = samples[np.isfinite(samples)]
+        lo, hi = np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan)
+        out[metric] = {"value": float(value), "lo": float(lo), "hi": float(hi)}
+    return out
+
+
+def _pooled(
+    runs: list[dict[str, tuple[np.ndarray, np.ndarray]]], metric: str, seeds: np.ndarray, picks: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """The ratio over every (seed, problem) pair, and over the pairs each resample draws ([B] values)."""
+    num = np.stack([run[metric][0] for run in runs])  # [S, P]
+    den = np.stack([run[metric][1] for run in runs])
+    columns = np.arange(len(picks))
+    num_b = num[:, picks].sum(-1)[seeds.T, columns].sum(0)  # per-seed sums over the drawn problems, then drawn seeds
+    den_b = den[:, picks].sum(-1)[seeds.T, columns].sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (num.sum() / den.sum() if den.sum() else np.nan), num_b / den_b
+
+
+def summarize(records: dict[tuple[str, str, int | None], pd.DataFrame], n: int, seed: int = 0) -> pd.DataFrame:
+    """The summary table of a comparison: for each (model, checkpoint), per seed and pooled over seeds, every metric
+    with its interval, and the paired ThinkTwice - GRPO difference. `records` maps (model, checkpoint, seed) to that
+    evaluation's test records (the base model: ("Base", "base", None))."""
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, object]] = []
+
+    def add(model: str, checkpoint: str, seed_label: object, scores: dict[str, dict[str, float]]) -> None:
+        rows.extend(
+            {"model": model, "checkpoint": checkpoint, "seed": seed_label, "metric": m, **v} for m, v in scores.items()
+        )
+
+    for (model, checkpoint, run_seed), frame in records.items():
+        if run_seed is None:
+            add(model, checkpoint, POOLED, bootstrap([frame], n, rng))
+    checkpoints = sorted({c for (m, c, s) in records if s is not None})
+    for checkpoint in checkpoints:
+        seeds = sorted({s for (m, c, s) in records if c == checkpoint and s is not None})
+        by_method = {m: [records[(m, checkpoint, s)] for s in seeds] for m in METHODS}
+        for run_seed in seeds:
+            for m in METHODS:
+                add(m, checkpoint, run_seed, bootstrap([records[(m, checkpoint, run_seed)]], n, rng))
+            pair = [records[(m, checkpoint, run_seed)] for m in reversed(METHODS)]
+            add(DIFFERENCE, checkpoint, run_seed, bootstrap([pair[0]], n, rng, minus=[pair[1]]))
+        for m in METHODS:
+            add(m, checkpoint, POOLED, bootstrap(by_method[m], n, rng))
+        add(DIFFERENCE, checkpoint, POOLED, bootstrap(by_method["ThinkTwice"], n, rng, minus=by_method["GRPO"]))
+    return pd.DataFrame(rows)
+
+
+def table_metrics(n: int) -> list[tuple[str, str]]:
+    """(metric, column header) of the results tables."""
+    return [
+        ("solve/pass@1", "solve pass@1"),
+        (f"solve/pass@{n}", f"solve pass@{n}"),
+        ("refine/pass@1", "refine pass@1"),
+        (f"refine/pass@{n}", f"refine pass@{n}"),
+        ("transition/fix_wrong", "fix-wrong"),
+        ("transition/damage_correct", "damage-correct"),
+    ]
+
+
+def markdown_table(summary: pd.DataFrame, n: int, checkpoint: str, seed: object = POOLED) -> str:
+    """Rows Base, GRPO, ThinkTwice and ThinkTwice - GRPO of one checkpoint kind and one seed (or pooled): value
+    [95 % interval]."""
+    columns = table_metrics(n)
+    lines = ["| model | " + " | ".join(h for _, h in columns) + " |", "|---|" + "---|" * len(columns)]
+    for model in ("Base", *METHODS, DIFFERENCE):
+        wanted = ("base", POOLED) if model == "Base" else (checkpoint, seed)
+        rows = summary[(summary["model"] == model) & (summary["checkpoint"] == wanted[0])]
+        rows = rows[rows["seed"].astype(str) == str(wanted[1])]
+        if rows.empty:
+            continue
+        cells = {r.metric: _cell(r.value, r.lo, r.hi) for r in rows.itertuples()}
+        lines.append(f"| {model} | " + " | ".join(cells.get(m, "n/a") for m, _ in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: float, lo: float, hi: float) -> str:
+    if not np.isfinite(value):
+        return "n/a"
+    if not np.isfinite(lo):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
