@@ -1,7 +1,7 @@
-"""ThinkTwice vs GRPO on SmolLM2-135M-Instruct, on a CPU: base model, both trainings, both evaluations, one table.
+"""ThinkTwice vs GRPO on SmolLM2-135M-Instruct, on a CPU: base model, both trainings, their evaluations, one report.
 
-    python scripts/reproduce_cpu.py                               # one seed (docs/results.md)
-    python scripts/reproduce_cpu.py --seeds 0 1 2                 # mean and spread over seeds
+    python scripts/reproduce_cpu.py --seeds 0 1 2 --out runs/sums          # sums up to 30 (configs/smollm2)
+    python scripts/reproduce_cpu.py --config-dir configs/smollm2-chains --seeds 0 1 2 --out runs/chains
     python scripts/reproduce_cpu.py --out runs/lr2e-5 -- --model.learning_rate 2e-5   # arguments for every stage
     python scripts/reproduce_cpu.py --smoke --out /tmp/smoke      # the tiny model and minimal sizes: seconds
 
@@ -12,15 +12,19 @@ them one by one):
 1. checks (in this process): the two configs differ only in data.refine (model, rollout, eval and problems are
    the same), and no validation or test problem text occurs among the training problems (an error otherwise);
 2. for each seed: ``thinktwice fit`` of ThinkTwice and of GRPO (seed_everything, data.seed and rollout.seed set to
-   the seed), then ``thinktwice test`` of each exported model; once: ``thinktwice test`` of the untrained model.
-   All evaluations use the same settings and sampling seeds, so the comparison is paired problem by problem;
-3. report: ``table.md`` (pass@1 / pass@n before and after refinement, fix-wrong and damage-correct, with 95 %
-   bootstrap intervals over problems, and the paired ThinkTwice - GRPO difference), ``summary.csv``,
-   ``records.csv`` (one row per problem and model), ``metrics/`` (each training run's metrics.csv),
-   ``dynamics.png`` (the rectify/fortify overlay of scripts/plot_dynamics.py), ``curves.png`` (training reward
-   and held-out greedy accuracy of both runs) and ``timings.json``.
+   the seed), then two ``thinktwice test`` runs of each: the best checkpoint (the paper's model selection: the
+   highest validation greedy accuracy, ``checkpoints/best.ckpt``) and the final model (``hf_model``; when the best
+   checkpoint is the last step, the best one's results are copied); once: ``thinktwice test`` of the untrained
+   model. All evaluations use the same settings and sampling seeds, so the comparison is paired problem by problem;
+3. report: ``table.md`` (pass@1 / pass@n before and after refinement, fix-wrong and damage-correct, pooled over
+   the seeds and per seed, for both checkpoints, with 95 % intervals and the paired ThinkTwice - GRPO difference:
+   thinktwice_pl.comparison), ``summary.csv``, ``records.csv`` (one row per problem and evaluation),
+   ``metrics/`` (each training run's metrics.csv), ``dynamics.png`` (the rectify/fortify curves, averaged over
+   seeds), ``curves.png`` (training reward and held-out greedy accuracy) and ``timings.json``. --publish DIR
+   copies them into DIR and rewrites the README's table of DIR.
 
-A rerun with the same --out skips the stages that finished. Stages inherit OMP_NUM_THREADS (1 when unset).
+Precision: bf16-mixed on a CPU with bf16 hardware, 32-true on others (--precision; the table says which). A rerun
+with the same --out skips the stages that finished. Stages inherit OMP_NUM_THREADS (1 when unset).
 """
 
 from __future__ import annotations
@@ -140,7 +144,29 @@ def main(argv: list[str] | None = None) -> Path:
     command = " ".join(["python scripts/reproduce_cpu.py", *(sys.argv[1:] if argv is None else argv)])
     report(out, base.run_dir, runs, runner.timings, command, precision_of(extra))
     print((out / "table.md").read_text())
+    if args.publish is not None:
+        publish(out, args.publish)
     return out
+
+
+PUBLISHED = ("table.md", "summary.csv", "records.csv", "timings.json", "dynamics.png", "curves.png", "metrics")
+
+
+def publish(out: Path, target: Path, readme: Path = ROOT / "README.md") -> None:
+    """Copies the report into `target` (docs/results/<task>) and rewrites the README's table of that folder."""
+    from thinktwice_pl.comparison import update_readme
+
+    target.mkdir(parents=True, exist_ok=True)
+    for name in PUBLISHED:
+        if (out / name).is_dir():
+            shutil.copytree(out / name, target / name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(out / name, target / name)
+    try:
+        update_readme(readme, target)
+        print(f"published to {target}; {readme} shows its pooled table", flush=True)
+    except ValueError as error:
+        print(f"published to {target}; the README's table is unchanged: {error}", flush=True)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -166,6 +192,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="training and sampling precision; auto: bf16-mixed on a CPU with bf16 hardware (AVX512-BF16 or AMX), "
         "32-true on any other, where torch emulates bf16 many times slower",
+    )
+    parser.add_argument(
+        "--publish",
+        type=Path,
+        default=None,
+        help="also copy the report into this folder (docs/results/<task>) and rewrite the README's table of it",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny model, minimal sizes: checks the pipeline runs")
     parser.add_argument("overrides", nargs="*", help="after --: arguments added to every thinktwice command")

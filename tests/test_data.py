@@ -179,7 +179,7 @@ def test_bad_sources_and_duplicate_ids(tmp_path):
     with pytest.raises(ValueError, match=r"hub dataset 'nobody-xyz/no-such-set'.*HF_DATASETS_OFFLINE.*local \.jsonl"):
         load_problems(ProblemSource("nobody-xyz/no-such-set"))  # conftest sets the hub offline: fails fast
     for bad in [
-        dict(difficulty=6),
+        dict(difficulty=7),
         dict(difficulty=-1),
         dict(num_problems=0),
         dict(limit=0),
@@ -489,6 +489,19 @@ def test_difficulty_five_is_bare_add_sub_up_to_thirty():
         assert int(p.answer) == (a + b if op == "+" else a - b) >= 0
         ops.add(op)
     assert ops == {"+", "-"}
+
+
+def test_difficulty_six_is_two_steps_of_one_digit_sums_read_left_to_right():
+    problems = load_problems(ProblemSource(num_problems=2000, difficulty=6))
+    patterns = set()
+    for p in problems:
+        a, first, b, second, c = re.fullmatch(r"What is (\d) ([+-]) (\d) ([+-]) (\d)\?", p.prompt_text).groups()
+        middle = int(a) + int(b) if first == "+" else int(a) - int(b)
+        assert middle >= 0, p.prompt_text  # never negative on the way
+        assert int(p.answer) == (middle + int(c) if second == "+" else middle - int(c)) >= 0
+        patterns.add(first + second)
+    assert patterns == {"++", "+-", "-+", "--"}
+    assert len({p.prompt_text for p in problems}) > 1000  # of the 1899 possible texts
 
 
 def test_text_split_makes_training_and_held_out_sets_disjoint_by_text():

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -31,7 +31,15 @@ def test_smoke_run_writes_the_table_plots_and_raw_metrics(
     script: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = script.main(["--smoke", "--jobs", "2", "--out", str(tmp_path / "out")])
-    lines = (out / "table.md").read_text().splitlines()
+    text = (out / "table.md").read_text()
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert titles == [
+        "## Pooled over seeds 0: best checkpoint (validation greedy accuracy)",
+        "## Pooled: final checkpoint",
+        "## Seed 0: best checkpoint",
+        "## Seed 0: final checkpoint",
+    ]
+    lines = text.splitlines()[2:]  # the first table
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert header == [
         "model",
@@ -42,30 +50,71 @@ def test_smoke_run_writes_the_table_plots_and_raw_metrics(
         "fix-wrong",
         "damage-correct",
     ]
-    rows = [line for line in lines[2:] if line.startswith("|")]
+    rows = [line for line in lines[2:6]]
     assert [row.split("|")[1].strip() for row in rows] == ["Base", "GRPO", "ThinkTwice", "ThinkTwice - GRPO"]
     assert all(len(row.strip("|").split("|")) == len(header) for row in rows)
-    assert "Wall time" in lines[-1]
-    assert "ThinkTwice: 2 solve + 2 refine phases; GRPO: 4 solve phases" in "\n".join(lines)  # --smoke: 4 steps
+    notes = text.splitlines()
+    assert "Wall time" in notes[-1]
+    assert "ThinkTwice: 2 solve + 2 refine phases; GRPO: 4 solve phases" in text  # --smoke: 4 steps
+    assert "Precision: 32-true." in text
+    assert re.search(r"GRPO seed 0: step [24], ThinkTwice seed 0: step [24]", text)
 
     records = pd.read_csv(out / "records.csv")
-    assert records.groupby("model").size().to_dict() == {"Base": 4, "GRPO": 4, "ThinkTwice": 4}  # --smoke: 4 problems
+    counts = records.groupby(["model", "checkpoint"]).size().to_dict()  # --smoke: 4 problems
+    assert counts == {("Base", "base"): 4, **{(m, c): 4 for m in ("GRPO", "ThinkTwice") for c in ("best", "final")}}
     summary = pd.read_csv(out / "summary.csv")
     scores = summary[(summary["model"] != "ThinkTwice - GRPO") & summary["metric"].str.contains("pass@")]
     assert scores["value"].between(0, 1).all() and (scores["lo"] <= scores["value"] + 1e-9).all()
     for name in ("dynamics.png", "curves.png"):
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
     for method in ("thinktwice", "grpo"):
+        assert (out / "runs" / method / "seed0" / "checkpoints" / "best.ckpt").is_file()
         metrics = pd.read_csv(out / "metrics" / f"{method}-seed0.csv")
         assert metrics["train/solve/reward_mean"].notna().any()
         refined = "train/refine/reward_mean" in metrics.columns and metrics["train/refine/reward_mean"].notna().any()
         assert refined == (method == "thinktwice")
-    stages = {"base-test", "thinktwice-fit-seed0", "grpo-fit-seed0", "thinktwice-test-seed0", "grpo-test-seed0"}
+    stages = {"base-test"} | {
+        f"{method}-{stage}-seed0" for method in ("thinktwice", "grpo") for stage in ("fit", "best", "test")
+    }
     assert set(json.loads((out / "timings.json").read_text())) == stages | {"checks", "wall (this command)"}
 
     capsys.readouterr()
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- table: results/sums -->\nold\n<!-- /table -->\n\nafter\n")
     script.main(["--smoke", "--out", str(out)])  # a rerun skips what finished and rebuilds the report
     assert capsys.readouterr().out.count("finished earlier, skipped") == len(stages)
+    script.publish(out, tmp_path / "results" / "sums", readme=readme)
+    published = tmp_path / "results" / "sums"
+    assert {p.name for p in published.iterdir()} == set(script.PUBLISHED)
+    assert (published / "summary.csv").read_text() == (out / "summary.csv").read_text()
+    shown = readme.read_text()
+    assert "old" not in shown and shown.endswith("<!-- /table -->\n\nafter\n")
+    assert text.split("\n\n")[1] + "\n" in shown  # the pooled best-checkpoint table
+
+
+def test_the_final_model_reuses_the_best_checkpoints_results_only_when_it_is_the_last_step(
+    script: ModuleType, tmp_path: Path
+) -> None:
+    fit, best = tmp_path / "fit", tmp_path / "best"
+    fit.mkdir()
+    rows = [(0, 0.1), (12, 0.5), (24, 0.7), (36, 0.7), (48, 0.6)]  # the first maximum is step 24
+    pd.DataFrame(rows, columns=["step", script.SELECTION_METRIC]).to_csv(fit / "metrics.csv", index=False)
+    assert script._selected_last_step(fit, best)() is None
+    rows[-1] = (48, 0.9)
+    pd.DataFrame(rows, columns=["step", script.SELECTION_METRIC]).to_csv(fit / "metrics.csv", index=False)
+    assert script._selected_last_step(fit, best)() == best
+    rows = [(0, 0.9), (12, 0.5), (24, 0.6)]  # the validation before training keeps no checkpoint
+    assert script.best_step(pd.DataFrame(rows, columns=["step", script.SELECTION_METRIC])) == 24
+
+
+def test_precision_follows_the_cpu_and_the_arguments(script: ModuleType) -> None:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert script.auto_precision() == ("bf16-mixed" if native else "32-true")
+    assert script.precision_of(["--trainer.precision", "bf16-mixed", "--x", "1", "--trainer.precision=32-true"]) == (
+        "32-true"
+    )
+    assert script.precision_of([]) == "the configs' precision"
 
 
 def test_held_out_problems_among_the_training_problems_stop_the_run(script: ModuleType, tmp_path: Path) -> None:
@@ -77,30 +126,3 @@ def test_held_out_problems_among_the_training_problems_stop_the_run(script: Modu
     assert hotter.read_text() != configs["grpo"].read_text()
     with pytest.raises(SystemExit, match=r"the model: sections .* differ"):
         script.check_configs({"thinktwice": configs["thinktwice"], "grpo": hotter}, [])
-
-
-def test_bootstrap_intervals_and_paired_differences(script: ModuleType) -> None:
-    # 4 problems, n = 2: pass@1 per problem 1, 0.5, 0, 0 -> 0.375; greedy right on the first two, the refinement
-    # fixes problem 3 and breaks problem 2 -> fix-wrong 1/2, damage-correct 1/2
-    frame = pd.DataFrame(
-        {
-            "n": 2,
-            "solve_correct": [2, 1, 0, 0],
-            "refine_correct": [2, 0, 1, 0],
-            "greedy_correct": [1, 1, 0, 0],
-            "greedy_refine_correct": [1, 0, 1, 0],
-        }
-    )
-    resamples = np.random.default_rng(0).integers(0, 4, size=(500, 4))
-    stats = script.bootstrap(frame, 2, resamples)
-    assert stats["solve/pass@1"]["value"] == pytest.approx(0.375)
-    assert stats["solve/pass@2"]["value"] == pytest.approx((1 + 1 + 0 + 0) / 4)
-    assert stats["refine/pass@1"]["value"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
-    assert stats["transition/fix_wrong"]["value"] == pytest.approx(0.5)
-    assert stats["transition/damage_correct"]["value"] == pytest.approx(0.5)
-    assert 0 <= stats["solve/pass@1"]["lo"] < 0.375 < stats["solve/pass@1"]["hi"] <= 1
-    same = script.bootstrap(frame, 2, resamples, minus=frame)
-    assert all(v == {"value": 0.0, "lo": 0.0, "hi": 0.0} for v in same.values())  # paired: no spread
-    better = frame.assign(solve_correct=[2, 2, 1, 0])  # +0.5 and +0.5 on two problems: +0.25 on average
-    diff = script.bootstrap(better, 2, resamples, minus=frame)["solve/pass@1"]
-    assert diff["value"] == pytest.approx(0.25) and 0 <= diff["lo"] <= 0.25 <= diff["hi"] <= 0.5

@@ -12,6 +12,7 @@ With one seed it is the usual bootstrap over problems.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -144,3 +145,27 @@ def _cell(value: float, lo: float, hi: float) -> str:
     if not np.isfinite(lo):
         return f"{value:.3f}"
     return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def pooled_table(results_dir: str | Path) -> str:
+    """The pooled best-checkpoint table of a stored comparison (``<results_dir>/summary.csv``), as in the README."""
+    summary = pd.read_csv(Path(results_dir) / "summary.csv")
+    n = max(int(m.split("@")[1]) for m in summary["metric"] if m.startswith("solve/pass@"))
+    return markdown_table(summary, n, "best")
+
+
+def update_readme(readme: str | Path, results_dir: str | Path) -> None:
+    """Replaces the table between ``<!-- table: <results_dir> -->`` and ``<!-- /table -->`` in `readme` with
+    `pooled_table(results_dir)`; `results_dir` is written relative to the README's folder.
+
+    Raises:
+        ValueError: the README has no such markers.
+    """
+    readme = Path(readme)
+    name = Path(results_dir).resolve().relative_to(readme.resolve().parent).as_posix()
+    text = readme.read_text()
+    start, end = f"<!-- table: {name} -->\n", "<!-- /table -->"
+    if start not in text or end not in text.split(start, 1)[1]:
+        raise ValueError(f"{readme} has no '{start.strip()}' ... '{end}' block: add one where the table goes")
+    before, rest = text.split(start, 1)
+    readme.write_text(before + start + pooled_table(results_dir) + rest[rest.index(end) :])
