@@ -246,7 +246,11 @@ DAPO_HOLDS = {
     "rollout.max_sampling_rounds": 10,
     "rollout.overlong_penalty_factor": 1.0,
 }
-CHAINS = {f"data.{split}.difficulty": 6 for split in ("train", "val.heldout", "test.heldout")}
+CHAINS = {  # two steps need more room than one: 48 tokens instead of 32
+    **{f"data.{split}.difficulty": 6 for split in ("train", "val.heldout", "test.heldout")},
+    "rollout.max_completion_length": 48,
+    "eval.max_completion_length": 48,
+}
 TWINS = [
     Twin("qwen3-4b/thinktwice.yaml", "qwen3-4b/grpo.yaml", GRPO),
     Twin("olmo3-7b/thinktwice.yaml", "olmo3-7b/grpo.yaml", GRPO),
