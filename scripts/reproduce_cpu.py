@@ -444,11 +444,29 @@ def report(
         "## Pooled: final checkpoint\n",
         markdown_table(summary, n, "final"),
     ]
+    sections += ["## Validation greedy accuracy during training (mean over seeds)\n", validation_table(by_method)]
     for seed in seeds:
         for checkpoint in ("best", "final"):
             sections += [f"## Seed {seed}: {checkpoint} checkpoint\n", markdown_table(summary, n, checkpoint, seed)]
     text = "\n".join(sections) + notes(n, len(ids), phases, best_steps, timings, command, precision)
     (out / "table.md").write_text(text)
+
+
+def validation_table(by_method: dict[str, list[pd.DataFrame]]) -> str:
+    """Solve and refine greedy accuracy on the validation problems at each validation step, the mean over a method's
+    seeds: whether the runs had stopped improving when training ended."""
+    columns = {"solve": SELECTION_METRIC, "refine": "val/avg/refine/greedy_acc"}
+    curves = {}
+    for method, frames in by_method.items():
+        for phase, column in columns.items():
+            values = pd.concat(frames)[["step", column]].dropna().groupby("step")[column].mean()
+            curves[f"{method} {phase}"] = values
+    steps = sorted({int(step) for values in curves.values() for step in values.index})
+    lines = ["| step | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+    for step in steps:
+        cells = [f"{values[step]:.3f}" if step in values.index else "" for values in curves.values()]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def best_step(metrics: pd.DataFrame) -> int:
