@@ -51,6 +51,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"thinktwice": "ThinkTwice", "grpo": "GRPO"}  # config file stem -> label
 SELECTION_METRIC = "val/avg/solve/greedy_acc"
+CHECKPOINTS = ("best", "final")  # the checkpoint model selection keeps, and the last step
 BEST_CHECKPOINT = "checkpoints/best.ckpt"  # written by the configs' ModelCheckpoint on val/avg/solve/greedy_acc
 SMOKE_ARGS = [
     "--model.model_name_or_path",
@@ -136,8 +137,10 @@ def main(argv: list[str] | None = None) -> Path:
                 after=(fit.stage, best.stage),
                 same_as=_selected_last_step(fit.run_dir, best.run_dir),
             )
-            stages += [best, final]
-            runs[(method, seed)] = {"fit": fit.run_dir, "best": best.run_dir, "final": final.run_dir}
+            stages += [best] if args.no_final else [best, final]
+            runs[(method, seed)] = {"fit": fit.run_dir, "best": best.run_dir}
+            if not args.no_final:
+                runs[(method, seed)]["final"] = final.run_dir
     runner.run_all(stages, args.jobs)
     runner.timings["wall (this command)"] = round(time.perf_counter() - start, 1)
     (out / "timings.json").write_text(json.dumps(runner.timings, indent=2))
@@ -192,6 +195,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="training and sampling precision; auto: bf16-mixed on a CPU with bf16 hardware (AVX512-BF16 or AMX), "
         "32-true on any other, where torch emulates bf16 many times slower",
+    )
+    parser.add_argument(
+        "--no-final",
+        action="store_true",
+        help="evaluate only the best checkpoint of each run, not also its final model (saves one test per run)",
     )
     parser.add_argument(
         "--publish",
@@ -412,8 +420,9 @@ def report(
 
     records = {("Base", "base", None): read_records(base_dir)}
     for (method, seed), dirs in runs.items():
-        for checkpoint in ("best", "final"):
-            records[(METHODS[method], checkpoint, seed)] = read_records(dirs[checkpoint])
+        for checkpoint in CHECKPOINTS:
+            if checkpoint in dirs:
+                records[(METHODS[method], checkpoint, seed)] = read_records(dirs[checkpoint])
     n = int(records[("Base", "base", None)]["n"].iloc[0])
     ids = records[("Base", "base", None)]["problem_id"].tolist()
     for key, frame in records.items():
@@ -441,12 +450,13 @@ def report(
     sections = [
         f"## Pooled over seeds {', '.join(map(str, seeds))}: best checkpoint (validation greedy accuracy)\n",
         markdown_table(summary, n, "best"),
-        "## Pooled: final checkpoint\n",
-        markdown_table(summary, n, "final"),
     ]
+    checkpoints = [c for c in CHECKPOINTS if any(c in dirs for dirs in runs.values())]
+    if "final" in checkpoints:
+        sections += ["## Pooled: final checkpoint\n", markdown_table(summary, n, "final")]
     sections += ["## Validation greedy accuracy during training (mean over seeds)\n", validation_table(by_method)]
     for seed in seeds:
-        for checkpoint in ("best", "final"):
+        for checkpoint in checkpoints:
             sections += [f"## Seed {seed}: {checkpoint} checkpoint\n", markdown_table(summary, n, checkpoint, seed)]
     text = "\n".join(sections) + notes(n, len(ids), phases, best_steps, timings, command, precision)
     (out / "table.md").write_text(text)
@@ -525,7 +535,7 @@ def notes(
         "seeds and problems on both sides.]",
         "",
         f"Training (one optimizer step per phase): {trained}. Precision: {precision}. Best checkpoint: the first "
-        f"maximum of {SELECTION_METRIC} over the validations ({selected}); final: the last step.",
+        f"maximum of {SELECTION_METRIC} over the validations ({selected}); final: the model at the last step.",
         "",
         f"Command: `{command}`. Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}. Wall time {wall / 60:.1f} min "

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -260,3 +261,22 @@ def test_relative_links_point_to_existing_files(doc: Path) -> None:
         elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
             broken.append(f"{target} (no heading #{anchor} in {_rel(file)})")
     assert not broken, f"{_rel(doc)}: broken links: {broken}"
+
+
+def test_readme_results_are_the_stored_summaries() -> None:
+    """The README's results section shows each stored comparison's pooled table as `reproduce_cpu.py --publish`
+    renders it from docs/results/<task>/summary.csv, and every score it quotes (x.xxx) is one of those summaries'."""
+    from thinktwice_pl.comparison import pooled_table
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Results", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"<!-- table: (\S+) -->\n(.*?)<!-- /table -->", section, re.DOTALL)
+    assert len(blocks) >= 2, "the README's results section shows the pooled table of each CPU task"
+    quoted: set[str] = set()
+    for folder, shown in blocks:
+        assert shown == pooled_table(ROOT / folder), f"README's table of {folder} is not its summary.csv's"
+        summary = pd.read_csv(ROOT / folder / "summary.csv")
+        quoted |= {f"{v:.3f}" for column in ("value", "lo", "hi") for v in summary[column].dropna()}
+        quoted |= {f"{-v:.3f}" for column in ("value", "lo", "hi") for v in summary[column].dropna()}
+    numbers = set(re.findall(r"(?<![\d.])-?\d\.\d{3}(?!\d)", section))
+    assert numbers <= quoted, f"the README quotes {sorted(numbers - quoted)}, which no stored summary holds"

@@ -92,6 +92,10 @@ def test_smoke_run_writes_the_table_plots_and_raw_metrics(
     assert "old" not in shown and shown.endswith("<!-- /table -->\n\nafter\n")
     assert text.split("\n\n")[1] + "\n" in shown  # the pooled best-checkpoint table
 
+    script.main(["--smoke", "--no-final", "--out", str(out)])  # the best checkpoints only
+    assert "final" not in " ".join(line for line in (out / "table.md").read_text().splitlines() if line[:2] == "##")
+    assert set(pd.read_csv(out / "records.csv")["checkpoint"]) == {"base", "best"}
+
 
 def test_the_final_model_reuses_the_best_checkpoints_results_only_when_it_is_the_last_step(
     script: ModuleType, tmp_path: Path
