@@ -347,6 +347,18 @@ def check_configs(configs: dict[str, Path], extra: list[str]) -> None:
         if data.get(key) != grpo["data"].get(key):
             raise SystemExit(f"data.{key} differs between the two configs; both methods must use the same problems")
     train_texts = {p.prompt_text for p in load_problems(ProblemSource(**data["train"]))}
+    texts = {
+        split: {
+            p.prompt_text for source in (data.get(split) or {}).values() for p in load_problems(ProblemSource(**source))
+        }
+        for split in ("val", "test")
+    }
+    if shared := sorted(texts["val"] & texts["test"]):
+        raise SystemExit(
+            f"data.val and data.test share {len(shared)} problem texts (e.g. {shared[0]!r}): model selection on the "
+            "validation problems would see test problems; for procedural sources use text_split: val on data.val and "
+            "text_split: test on data.test"
+        )
     for split in ("val", "test"):
         for name, source in (data.get(split) or {}).items():
             flag = f"data.{split}.{name}"

@@ -2,7 +2,8 @@
 
 Seven difficulties, from bare one-digit sums (within reach of the CPU quickstart's small model) to two-step
 stories; every answer is a non-negative integer. `text_side` splits the problem texts into two halves by a hash, so
-a training set and a held-out set drawn from different halves never share a problem text.
+a training set and a held-out set drawn from different halves never share a problem text; `heldout_part` splits the
+held-out half again into validation and test texts.
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ def procedural_problems(
     num_problems: int,
     seed: int,
     difficulty: int,
-    text_split: Literal["all", "train", "heldout"] = "all",
+    text_split: Literal["all", "train", "heldout", "val", "test"] = "all",
     flag_prefix: str = "data.train",
 ) -> list[Problem]:
     """The first `num_problems` problems of the generator, or, with a `text_split`, of its problems whose text falls
-    on that side of `text_side` (the held-out side keeps each text once).
+    on that side of `text_side` ("val" and "test": on that part of the held-out side, `heldout_part`; every side
+    but "train" keeps each text once).
 
     Raises:
         UserError: the side has fewer distinct texts than asked for.
@@ -67,7 +69,7 @@ def procedural_problems(
         problem = procedural_problem(seed, difficulty, index)
         index += 1
         text = problem.prompt_text
-        if text_side(text) != text_split or (text_split == "heldout" and text in seen):
+        if not _on_side(text, text_split) or (text_split != "train" and text in seen):
             misses += 1
             if misses > 10_000:  # the side's distinct texts are used up
                 raise UserError(
@@ -80,6 +82,20 @@ def procedural_problems(
         seen.add(text)
         problems.append(problem)
     return problems
+
+
+def _on_side(text: str, text_split: str) -> bool:
+    side = text_side(text)
+    if text_split in ("train", "heldout"):
+        return side == text_split
+    return side == "heldout" and heldout_part(text) == text_split
+
+
+def heldout_part(text: str) -> Literal["val", "test"]:
+    """Which half of the held-out texts `text` belongs to: the second byte of its sha256, even = val, odd = test.
+    A validation set and a test set drawn from the two parts never share a text, so model selection on one does not
+    see the other."""
+    return "val" if hashlib.sha256(text.encode()).digest()[1] % 2 == 0 else "test"
 
 
 def text_side(text: str) -> Literal["train", "heldout"]:

@@ -58,10 +58,11 @@ class ProblemSource:
     difficulty: int = 1
     """Procedural only: 0 bare one-digit sums, 1 one-digit add/sub stories, 2 two-digit, 3 adds mul/div, 4 two-step,
     5 bare add/sub with operands up to 30 ("What is 27 - 9?"), 6 three one-digit operands ("What is 8 - 3 + 6?")."""
-    text_split: Literal["all", "train", "heldout"] = "all"
+    text_split: Literal["all", "train", "heldout", "val", "test"] = "all"
     """Procedural only: "train" or "heldout" keeps one of two halves of the problem texts (split by a hash of the
-    text), so a training set and a held-out set never share a problem text, whatever their seeds; "heldout" also
-    keeps each text once."""
+    text), so a training set and a held-out set never share a problem text, whatever their seeds; "val" and "test"
+    keep one of two halves of the held-out texts, so model selection on a "val" set never sees a "test" problem.
+    Every split but "train" keeps each text once."""
     seed: int = 0
     """Procedural only: problem i depends only on (seed, difficulty, i)."""
     context_field: str | None = None
@@ -93,8 +94,10 @@ class ProblemSource:
             raise UserError(f"ProblemSource.num_problems={self.num_problems} must be at least 1")
         if not 0 <= self.difficulty <= 6:
             raise UserError(f"ProblemSource.difficulty={self.difficulty} must be 0, 1, 2, 3, 4, 5 or 6")
-        if self.text_split not in ("all", "train", "heldout"):
-            raise UserError(f"ProblemSource.text_split={self.text_split!r}; use 'all', 'train' or 'heldout'")
+        if self.text_split not in ("all", "train", "heldout", "val", "test"):
+            raise UserError(
+                f"ProblemSource.text_split={self.text_split!r}; use 'all', 'train', 'heldout', 'val' or 'test'"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- presets
