@@ -50,6 +50,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"thinktwice": "ThinkTwice", "grpo": "GRPO"}  # config file stem -> label
+WALL = "wall (this command)"
 SELECTION_METRIC = "val/avg/solve/greedy_acc"
 CHECKPOINTS = ("best", "final")  # the checkpoint model selection keeps, and the last step
 BEST_CHECKPOINT = "checkpoints/best.ckpt"  # written by the configs' ModelCheckpoint on val/avg/solve/greedy_acc
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
     runner = _Stages(out, env)
 
     start = time.perf_counter()
-    check_configs(configs, extra)
+    evaluation = check_configs(configs, extra)["eval"]
     runner.timings["checks"] = round(time.perf_counter() - start, 1)
     base = Stage("base-test", ["test", "--config", str(configs["thinktwice"]), *extra], out, "base-test", "base")
     stages, runs = [], {}
@@ -142,17 +143,27 @@ def main(argv: list[str] | None = None) -> Path:
             if not args.no_final:
                 runs[(method, seed)]["final"] = final.run_dir
     runner.run_all(stages, args.jobs)
-    runner.timings["wall (this command)"] = round(time.perf_counter() - start, 1)
+    wall = round(time.perf_counter() - start, 1)  # a resumed command adds its own time to the earlier runs'
+    runner.timings[WALL] = round(runner.timings.get(WALL, 0.0) + wall, 1)
     (out / "timings.json").write_text(json.dumps(runner.timings, indent=2))
     command = " ".join(["python scripts/reproduce_cpu.py", *(sys.argv[1:] if argv is None else argv)])
-    report(out, base.run_dir, runs, runner.timings, command, precision_of(extra))
+    report(out, base.run_dir, runs, runner.timings, command, precision_of(extra), evaluation)
     print((out / "table.md").read_text())
     if args.publish is not None:
         publish(out, args.publish)
     return out
 
 
-PUBLISHED = ("table.md", "summary.csv", "records.csv", "timings.json", "dynamics.png", "curves.png", "metrics")
+PUBLISHED = (
+    "table.md",
+    "summary.csv",
+    "meta.json",
+    "records.csv",
+    "timings.json",
+    "dynamics.png",
+    "curves.png",
+    "metrics",
+)
 
 
 def publish(out: Path, target: Path, readme: Path = ROOT / "README.md") -> None:
@@ -162,7 +173,8 @@ def publish(out: Path, target: Path, readme: Path = ROOT / "README.md") -> None:
     target.mkdir(parents=True, exist_ok=True)
     for name in PUBLISHED:
         if (out / name).is_dir():
-            shutil.copytree(out / name, target / name, dirs_exist_ok=True)
+            shutil.rmtree(target / name, ignore_errors=True)  # no file of an earlier publish stays
+            shutil.copytree(out / name, target / name)
         else:
             shutil.copy2(out / name, target / name)
     try:
@@ -262,7 +274,7 @@ class _Stages:
         running: dict[str, tuple[subprocess.Popen[bytes], Stage, float]] = {}
         while pending or running:
             for stage in [s for s in pending if all(a in finished for a in s.after)]:
-                if (self.out / "done" / stage.stage).is_file():
+                if self._done(stage):
                     print(f"[{stage.stage}] finished earlier, skipped ({stage.run_dir})", flush=True)
                     pending.remove(stage)
                     finished.add(stage.stage)
@@ -303,12 +315,26 @@ class _Stages:
         with log.open("wb") as f:
             return subprocess.Popen(stage.command(), stdout=f, stderr=subprocess.STDOUT, env=self.env)
 
+    def _done(self, stage: Stage) -> bool:
+        """Whether `stage` finished in an earlier run of this --out; an error when it ran with other arguments."""
+        done = self.out / "done" / stage.stage
+        if not done.is_file():
+            return False
+        with contextlib.suppress(ValueError):  # a marker holding only the seconds: no arguments to compare
+            earlier = json.loads(done.read_text())
+            if isinstance(earlier, dict) and earlier.get("args") != stage.args:
+                raise SystemExit(
+                    f"{self.out} holds stage {stage.stage} run with other arguments ({earlier.get('args')}, now "
+                    f"{stage.args}): its results would be mixed with this command's; use another --out"
+                )
+        return True
+
     def _finish(self, stage: Stage, seconds: float) -> None:
         self.timings[stage.stage] = round(seconds, 1)
         (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2))
         done = self.out / "done" / stage.stage
         done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(f"{seconds:.1f}\n")
+        done.write_text(json.dumps({"seconds": round(seconds, 1), "args": stage.args}) + "\n")
         print(f"[{stage.stage}] {seconds / 60:.1f} min", flush=True)
 
 
@@ -329,8 +355,9 @@ def resolved_config(config: Path, extra: list[str]) -> dict[str, Any]:
     return resolved
 
 
-def check_configs(configs: dict[str, Path], extra: list[str]) -> None:
-    """The configs differ only in data.refine (and names and paths); held-out problems share no text with training."""
+def check_configs(configs: dict[str, Path], extra: list[str]) -> dict[str, Any]:
+    """The configs differ only in data.refine (and names and paths); validation, test and training problems share no
+    text. Returns the ThinkTwice config as resolved."""
     from thinktwice_pl.data import ProblemSource, load_problems
 
     thinktwice, grpo = (resolved_config(configs[m], extra) for m in METHODS)
@@ -377,6 +404,7 @@ def check_configs(configs: dict[str, Path], extra: list[str]) -> None:
             )
     if not data.get("test"):
         raise SystemExit(f"{configs['thinktwice']} has no data.test benchmarks: the final evaluation needs them")
+    return thinktwice
 
 
 def _selected_last_step(fit_dir: Path, best_dir: Path) -> Callable[[], Path | None]:
@@ -396,13 +424,14 @@ def precision_of(extra: list[str]) -> str:
     return values[-1] if values else "the configs' precision"
 
 
-def auto_precision() -> str:
-    """bf16-mixed where the CPU computes in bf16 natively (AVX512-BF16 or AMX flags), else 32-true."""
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
-        if "avx512_bf16" in flags or "amx_bf16" in flags:
-            return "bf16-mixed"
-    return "32-true"
+def auto_precision(cpuinfo: str | None = None) -> str:
+    """bf16-mixed where the CPU computes in bf16 natively (AVX512-BF16 or AMX flags in `cpuinfo`, by default
+    /proc/cpuinfo), else 32-true."""
+    if cpuinfo is None:
+        cpuinfo = ""
+        with contextlib.suppress(OSError):
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+    return "bf16-mixed" if "avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo else "32-true"
 
 
 def _smoke_benchmark_sizes(config: Path) -> list[str]:
@@ -425,8 +454,10 @@ def report(
     timings: dict[str, float],
     command: str,
     precision: str,
+    evaluation: dict[str, Any],
 ) -> None:
-    """Writes table.md, summary.csv, records.csv, metrics/, dynamics.png, curves.png from the stages' outputs."""
+    """Writes table.md, summary.csv, meta.json, records.csv, metrics/, dynamics.png, curves.png from the stages'
+    outputs."""
     from thinktwice_pl.comparison import markdown_table, summarize
     from thinktwice_pl.plotting import plot_dynamics, read_metrics
 
@@ -442,6 +473,9 @@ def report(
             raise SystemExit(f"the test problems of {key} differ from the base model's: evaluate all with one config")
     summary = summarize(records, n)
     summary.to_csv(out / "summary.csv", index=False)
+    seeds = sorted({seed for _, seed in runs})
+    meta = {"seeds": seeds, "precision": precision, "machine": f"{os.cpu_count()} cores, {_cpu_name()}"}
+    (out / "meta.json").write_text(json.dumps({**meta, "command": command}, indent=2))
     pd.concat([f.assign(model=m, checkpoint=c, seed=s) for (m, c, s), f in records.items()]).to_csv(
         out / "records.csv", index=False
     )
@@ -453,7 +487,6 @@ def report(
         by_method.setdefault(METHODS[method], []).append(metrics)
         best_steps[(METHODS[method], seed)] = best_step(metrics)
         shutil.copy(dirs["fit"] / "metrics.csv", out / "metrics" / f"{method}-seed{seed}.csv")
-    seeds = sorted({seed for _, seed in runs})
     label = f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""
     averaged = {f"{m}{label}": pd.concat(frames) for m, frames in by_method.items()}  # plots average per step
     plot_dynamics(averaged, out / "dynamics.png", title="ThinkTwice vs GRPO: rectify / fortify on held-out problems")
@@ -470,7 +503,7 @@ def report(
     for seed in seeds:
         for checkpoint in checkpoints:
             sections += [f"## Seed {seed}: {checkpoint} checkpoint\n", markdown_table(summary, n, checkpoint, seed)]
-    text = "\n".join(sections) + notes(n, len(ids), phases, best_steps, timings, command, precision)
+    text = "\n".join(sections) + notes(n, len(ids), phases, best_steps, timings, command, precision, evaluation)
     (out / "table.md").write_text(text)
 
 
@@ -525,11 +558,12 @@ def notes(
     timings: dict[str, float],
     command: str,
     precision: str,
+    evaluation: dict[str, Any],
 ) -> str:
     """The text under the tables: protocol, interval method, training, selected steps, command, machine, times."""
     from thinktwice_pl.comparison import RESAMPLES
 
-    wall = timings.get("wall (this command)", sum(timings.values()))
+    wall = timings.get(WALL, sum(timings.values()))
     stages = ", ".join(
         f"{stage} {seconds / 60:.1f}" for stage, seconds in timings.items() if not stage.startswith("wall")
     )
@@ -540,14 +574,17 @@ def notes(
     selected = ", ".join(f"{label} seed {seed}: step {step}" for (label, seed), step in sorted(best_steps.items()))
     lines = [
         "",
-        f"{num_problems} held-out problems, {n} samples each (temperature 0.7, top-p 0.8, top-k 20) and one greedy "
-        "refinement of each; fix-wrong / damage-correct: one greedy answer and its greedy refinement per problem. "
-        f"[95 % interval: two-level bootstrap, {RESAMPLES} resamples drawing the seeds with replacement and then the "
-        "problems with replacement; with one seed, over problems only. The difference rows are paired: the same "
-        "seeds and problems on both sides.]",
+        f"{num_problems} test problems, {n} samples each (temperature {evaluation['temperature']}, top-p "
+        f"{evaluation['top_p']}, top-k {evaluation['top_k']}, at most {evaluation['max_completion_length']} tokens) "
+        "and one greedy refinement of each; fix-wrong / damage-correct: one greedy answer and its greedy refinement "
+        "per problem. [95 % intervals. One seed: percentile bootstrap over the problems, "
+        f"{RESAMPLES} resamples. Pooled: value +- t(0.975, seeds - 1) x sqrt(variance of the per-seed values / seeds "
+        "+ bootstrap variance over the problems), thinktwice_pl.comparison. The difference rows are paired: the same "
+        "problems, seed s against seed s.]",
         "",
         f"Training (one optimizer step per phase): {trained}. Precision: {precision}. Best checkpoint: the first "
-        f"maximum of {SELECTION_METRIC} over the validations ({selected}); final: the model at the last step.",
+        f"maximum of {SELECTION_METRIC} over the validations ({selected}); final: the model at the last step, "
+        "where evaluated.",
         "",
         f"Command: `{command}`. Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}. Wall time {wall / 60:.1f} min "

@@ -70,13 +70,15 @@ def test_make_checkpoints_atomic_replaces_only_lightnings_default_io() -> None:
     assert type(custom.checkpoint_io) is Custom, "a user's checkpoint IO is left alone"
 
 
-def test_latest_checkpoint_skips_partial_writes_dangling_links_and_unfinished_directories(tmp_path: Path) -> None:
+def test_latest_checkpoint_skips_partial_writes_dangling_links_unfinished_directories_and_weights_only(
+    tmp_path: Path,
+) -> None:
     a, b = tmp_path / "version_0" / "checkpoints", tmp_path / "version_1" / "checkpoints"
     a.mkdir(parents=True)
     b.mkdir(parents=True)
     older, newer = a / "epoch=0-step=4.ckpt", b / "epoch=0-step=2.ckpt"
-    torch.save({"global_step": 4}, older)
-    torch.save({"global_step": 2}, newer)
+    torch.save({"global_step": 4, "loops": {}}, older)
+    torch.save({"global_step": 2, "loops": {}}, newer)
     os.utime(older, ns=(1_000_000_000, 1_000_000_000))
     (a / "last.ckpt").symlink_to(older.name)
     assert latest_checkpoint([a, b]) == newer.resolve()
@@ -84,6 +86,8 @@ def test_latest_checkpoint_skips_partial_writes_dangling_links_and_unfinished_di
     (b / ".epoch=0-step=6.ckpt.partial-123").write_bytes(b"half")  # newest, but an unfinished write
     (b / "gone.ckpt").symlink_to("deleted.ckpt")  # dangling
     (b / "sharded.ckpt").mkdir()  # an FSDP2 directory without its metadata file: unfinished
+    assert latest_checkpoint([a, b]) == newer.resolve()
+    torch.save({"global_step": 5, "state_dict": {}}, b / "best.ckpt")  # save_weights_only: nothing to resume
     assert latest_checkpoint([a, b]) == newer.resolve()
     torch.save({"global_step": 6}, b / "sharded.ckpt" / "meta.pt")
     assert latest_checkpoint([a, b]) == (b / "sharded.ckpt").resolve()

@@ -53,8 +53,11 @@ def test_pooled_value_is_the_ratio_over_every_seed_and_problem() -> None:
     assert scores["solve/pass@1"]["value"] == pytest.approx(1 / 4)
     assert scores["refine/pass@1"]["value"] == pytest.approx(3 / 4)
     assert scores["transition/fix_wrong"]["value"] == pytest.approx(2 / 3)  # 3 wrong greedy answers, 2 fixed
-    for values in scores.values():
-        assert values["lo"] <= values["value"] + 1e-12 and values["value"] <= values["hi"] + 1e-12
+    for metric, values in scores.items():
+        if metric == "transition/damage_correct":  # seed b has no right greedy answer: one seed, no seed spread
+            assert values["value"] == 0 and np.isnan(values["lo"]) and np.isnan(values["hi"])
+        else:
+            assert values["lo"] <= values["value"] + 1e-12 and values["value"] <= values["hi"] + 1e-12
 
 
 def test_seed_to_seed_spread_widens_the_pooled_interval() -> None:
@@ -116,3 +119,16 @@ def test_one_seed_intervals_and_paired_differences_on_a_worked_example() -> None
     better = frame.assign(solve_correct=[2, 2, 1, 0])  # +0.5 and +0.5 on two problems: +0.25 on average
     diff = bootstrap([better], 2, np.random.default_rng(0), minus=[frame], resamples=500)["solve/pass@1"]
     assert diff["value"] == pytest.approx(0.25) and 0 <= diff["lo"] <= 0.25 <= diff["hi"] <= 0.5
+
+
+def test_several_seeds_interval_is_the_t_interval_of_seed_and_problem_variance() -> None:
+    rng = np.random.default_rng(4)
+    runs = [random_records(rng, 100, p) for p in (0.3, 0.5, 0.6)]
+    scores = bootstrap(runs, 4, np.random.default_rng(0), resamples=4000)["solve/pass@1"]
+    per_seed = np.array([r["solve_correct"].mean() / 4 for r in runs])  # pass@1 = c / n per problem
+    assert scores["value"] == pytest.approx(per_seed.mean())
+    problems = np.stack([r["solve_correct"].to_numpy() / 4 for r in runs]).mean(0)  # seed-mean per problem
+    se_problems = problems.std(ddof=0) / np.sqrt(len(problems))  # the bootstrap's variance, in closed form
+    half = 4.303 * np.sqrt(per_seed.var(ddof=1) / 3 + se_problems**2)
+    assert scores["hi"] - scores["value"] == pytest.approx(half, rel=0.05)
+    assert scores["value"] - scores["lo"] == pytest.approx(half, rel=0.05)

@@ -13,6 +13,8 @@ from types import ModuleType
 import pandas as pd
 import pytest
 
+from thinktwice_pl.checkpointing import checkpoint_progress
+
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -69,8 +71,9 @@ def test_smoke_run_writes_the_table_plots_and_raw_metrics(
     for name in ("dynamics.png", "curves.png"):
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
     for method in ("thinktwice", "grpo"):
-        assert (out / "runs" / method / "seed0" / "checkpoints" / "best.ckpt").is_file()
         metrics = pd.read_csv(out / "metrics" / f"{method}-seed0.csv")
+        best = checkpoint_progress(out / "runs" / method / "seed0" / "checkpoints" / "best.ckpt")
+        assert best.global_step == script.best_step(metrics)  # the step the report names is the one kept
         assert metrics["train/solve/reward_mean"].notna().any()
         refined = "train/refine/reward_mean" in metrics.columns and metrics["train/refine/reward_mean"].notna().any()
         assert refined == (method == "thinktwice")
@@ -91,10 +94,13 @@ def test_smoke_run_writes_the_table_plots_and_raw_metrics(
     shown = readme.read_text()
     assert "old" not in shown and shown.endswith("<!-- /table -->\n\nafter\n")
     assert text.split("\n\n")[1] + "\n" in shown  # the pooled best-checkpoint table
+    assert "Best checkpoint of each run; 1 training seed pooled; 32-true;" in shown
 
     script.main(["--smoke", "--no-final", "--out", str(out)])  # the best checkpoints only
     assert "final" not in " ".join(line for line in (out / "table.md").read_text().splitlines() if line[:2] == "##")
     assert set(pd.read_csv(out / "records.csv")["checkpoint"]) == {"base", "best"}
+    with pytest.raises(SystemExit, match=r"holds stage thinktwice-fit-seed0 run with other arguments"):
+        script.main(["--smoke", "--out", str(out), "--", "--model.learning_rate", "1e-3"])
 
 
 def test_the_final_model_reuses_the_best_checkpoints_results_only_when_it_is_the_last_step(
@@ -113,9 +119,9 @@ def test_the_final_model_reuses_the_best_checkpoints_results_only_when_it_is_the
 
 
 def test_precision_follows_the_cpu_and_the_arguments(script: ModuleType) -> None:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    native = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert script.auto_precision() == ("bf16-mixed" if native else "32-true")
+    assert script.auto_precision("flags : fpu avx2 avx512f avx512_bf16 amx_tile") == "bf16-mixed"
+    assert script.auto_precision("flags : fpu avx2 amx_bf16") == "bf16-mixed"
+    assert script.auto_precision("flags : fpu sse4_2 avx2 fma") == "32-true"
     assert script.precision_of(["--trainer.precision", "bf16-mixed", "--x", "1", "--trainer.precision=32-true"]) == (
         "32-true"
     )

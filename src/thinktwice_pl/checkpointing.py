@@ -121,11 +121,12 @@ def remove_partials(folder: Path) -> list[Path]:
 
 
 def latest_checkpoint(folders: Iterable[Path]) -> Path | None:
-    """The most recently written complete checkpoint in `folders` (by modification time), or None.
+    """The most recently written complete checkpoint in `folders` (by modification time) that a fit can resume
+    from, or None.
 
     Checkpoint files and FSDP2 directories named ``*.ckpt`` count; links (``last.ckpt``) count as what they point
     to, dangling links and the hidden partial files of interrupted writes do not, nor do directories without their
-    metadata file."""
+    metadata file, nor weights-only files (a ModelCheckpoint with ``save_weights_only``: no optimizer state)."""
     found: dict[Path, int] = {}
     for folder in folders:
         if not folder.is_dir():
@@ -137,7 +138,18 @@ def latest_checkpoint(folders: Iterable[Path]) -> Path | None:
             marker = target / SHARDED_METADATA if target.is_dir() else target
             if marker.is_file():
                 found[target] = marker.stat().st_mtime_ns
-    return max(found, key=lambda p: found[p]) if found else None
+    return next((p for p in sorted(found, key=lambda p: found[p], reverse=True) if _resumable(p)), None)
+
+
+def _resumable(path: Path) -> bool:
+    """Whether a checkpoint holds the training state (optimizer and loops), not the weights alone."""
+    if path.is_dir():
+        return True  # FSDP2 checkpoints of the fit always hold it
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        return True  # unreadable: --ckpt_path then names it in its error
+    return "optimizer_states" in state or "loops" in state
 
 
 @dataclass(frozen=True)

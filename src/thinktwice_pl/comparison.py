@@ -3,14 +3,19 @@ training seeds.
 
 Every reported metric is a ratio of sums over (seed, problem) pairs: pass@k is the mean of the unbiased per-problem
 estimate, fix-wrong the share of wrong greedy answers whose greedy refinement is right, damage-correct the share of
-right greedy answers whose refinement is wrong. Intervals are 95 % percentile intervals of a two-level bootstrap:
-each resample draws the training seeds with replacement, then the test problems with replacement, and recomputes
-the ratio over the drawn pairs. The difference of two methods draws the same seeds and problems for both (paired).
-With one seed it is the usual bootstrap over problems.
+right greedy answers whose refinement is wrong. A difference of two methods is paired: the same problems, and
+seed s of one method against seed s of the other.
+
+Intervals (95 %). One seed: the percentile interval of a bootstrap over the test problems. Several seeds (S): the
+pooled value +- t(0.975, S - 1) * sqrt(s^2 / S + se_p^2), where s^2 is the variance of the per-seed values (what
+training and sampling randomness move) and se_p^2 the bootstrap variance over the test problems of the pooled value
+(what the choice of problems moves, shared by all seeds). The t factor (4.30 for 3 seeds) makes it wide, on purpose:
+with three seeds the seed-to-seed spread is itself poorly known.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,38 +52,49 @@ def bootstrap(
     resamples: int = RESAMPLES,
 ) -> dict[str, dict[str, float]]:
     """Each metric pooled over `runs` (one records table per seed, the same problems in the same order), minus the
-    same metric pooled over `minus` (the other method's seeds, paired by position), with its two-level bootstrap
-    interval. Returns metric -> {value, lo, hi}."""
+    same metric pooled over `minus` (the other method's seeds, paired by position), with its 95 % interval (module
+    docstring). Returns metric -> {value, lo, hi}."""
     ours = [per_problem(r, n) for r in runs]
     theirs = [per_problem(r, n) for r in minus] if minus is not None else None
     if theirs is not None and len(theirs) != len(ours):
         raise ValueError(f"a paired difference needs as many seeds on both sides, got {len(ours)} and {len(theirs)}")
-    problems = len(runs[0])
-    seeds = rng.integers(0, len(runs), size=(resamples, len(runs)))  # [B, S]: the seeds of each resample
-    picks = rng.integers(0, problems, size=(resamples, problems))  # [B, P]: the problems of each resample
+    picks = rng.integers(0, len(runs[0]), size=(resamples, len(runs[0])))  # [B, P]: the problems of each resample
     out = {}
     for metric in ours[0]:
-        value, samples = _pooled(ours, metric, seeds, picks)
+        value, per_seed, samples = _ratios(ours, metric, picks)
         if theirs is not None:
-            other, other_samples = _pooled(theirs, metric, seeds, picks)
-            value, samples = value - other, samples - other_samples
+            other, other_seeds, other_samples = _ratios(theirs, metric, picks)
+            value, per_seed, samples = value - other, per_seed - other_seeds, samples - other_samples
         finite = samples[np.isfinite(samples)]
-        lo, hi = np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan)
+        if len(runs) == 1:
+            lo, hi = np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan)
+        else:
+            seeds = per_seed[np.isfinite(per_seed)]
+            spread = np.var(seeds, ddof=1) / len(seeds) if len(seeds) > 1 else np.nan
+            half = t_975(len(seeds) - 1) * np.sqrt(spread + np.var(finite)) if len(seeds) > 1 else np.nan
+            lo, hi = value - half, value + half
         out[metric] = {"value": float(value), "lo": float(lo), "hi": float(hi)}
     return out
 
 
-def _pooled(
-    runs: list[dict[str, tuple[np.ndarray, np.ndarray]]], metric: str, seeds: np.ndarray, picks: np.ndarray
-) -> tuple[float, np.ndarray]:
-    """The ratio over every (seed, problem) pair, and over the pairs each resample draws ([B] values)."""
+def _ratios(
+    runs: list[dict[str, tuple[np.ndarray, np.ndarray]]], metric: str, picks: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The ratio over every (seed, problem) pair, per seed ([S]), and over all seeds on each resample's problems
+    ([B])."""
     num = np.stack([run[metric][0] for run in runs])  # [S, P]
     den = np.stack([run[metric][1] for run in runs])
-    columns = np.arange(len(picks))
-    num_b = num[:, picks].sum(-1)[seeds.T, columns].sum(0)  # per-seed sums over the drawn problems, then drawn seeds
-    den_b = den[:, picks].sum(-1)[seeds.T, columns].sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (num.sum() / den.sum() if den.sum() else np.nan), num_b / den_b
+        pooled = num.sum() / den.sum() if den.sum() else np.nan
+        return pooled, num.sum(-1) / den.sum(-1), num[:, picks].sum((0, -1)) / den[:, picks].sum((0, -1))
+
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def t_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (from df 10 on, 1.96 + 2.4 / df: within 0.03)."""
+    return T_975.get(df, 1.96 + 2.4 / df)
 
 
 def summarize(records: dict[tuple[str, str, int | None], pd.DataFrame], n: int, seed: int = 0) -> pd.DataFrame:
@@ -113,11 +129,10 @@ def summarize(records: dict[tuple[str, str, int | None], pd.DataFrame], n: int, 
 
 def table_metrics(n: int) -> list[tuple[str, str]]:
     """(metric, column header) of the results tables."""
+    ks = sorted({1, n})
     return [
-        ("solve/pass@1", "solve pass@1"),
-        (f"solve/pass@{n}", f"solve pass@{n}"),
-        ("refine/pass@1", "refine pass@1"),
-        (f"refine/pass@{n}", f"refine pass@{n}"),
+        *((f"solve/pass@{k}", f"solve pass@{k}") for k in ks),
+        *((f"refine/pass@{k}", f"refine pass@{k}") for k in ks),
         ("transition/fix_wrong", "fix-wrong"),
         ("transition/damage_correct", "damage-correct"),
     ]
@@ -151,7 +166,13 @@ def pooled_table(results_dir: str | Path) -> str:
     """The pooled best-checkpoint table of a stored comparison (``<results_dir>/summary.csv``), as in the README."""
     summary = pd.read_csv(Path(results_dir) / "summary.csv")
     n = max(int(m.split("@")[1]) for m in summary["metric"] if m.startswith("solve/pass@"))
-    return markdown_table(summary, n, "best")
+    meta = json.loads((Path(results_dir) / "meta.json").read_text())
+    seeds = meta["seeds"]
+    caption = (
+        f"Best checkpoint of each run; {len(seeds)} training seed{'s' if len(seeds) > 1 else ''} pooled; "
+        f"{meta['precision']}; {meta['machine']}.\n\n"
+    )
+    return caption + markdown_table(summary, n, "best")
 
 
 def update_readme(readme: str | Path, results_dir: str | Path) -> None:
