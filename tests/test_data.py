@@ -519,5 +519,14 @@ def test_text_split_makes_training_and_held_out_sets_disjoint_by_text():
     expected = r"data\.test\.h asks for 800 problems from the 'heldout' side of difficulty 5, which has only \d+ "
     with pytest.raises(ValueError, match=expected):
         load_problems(ProblemSource(num_problems=800, difficulty=5, text_split="heldout"), flag_prefix="data.test.h")
-    with pytest.raises(ValueError, match=r"ProblemSource\.text_split='test'"):
-        ProblemSource(text_split="test")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"ProblemSource\.text_split='testing'"):
+        ProblemSource(text_split="testing")  # type: ignore[arg-type]
+    # the held-out half splits again: validation and test sets never share a text, and both are held out
+    val = load_problems(ProblemSource(num_problems=64, difficulty=5, seed=1, text_split="val"))
+    test = load_problems(ProblemSource(num_problems=200, difficulty=5, seed=1, text_split="test"))
+    val_texts, test_texts = {p.prompt_text for p in val}, {p.prompt_text for p in test}
+    assert len(val_texts) == 64 and len(test_texts) == 200 and not val_texts & test_texts
+    assert (val_texts | test_texts) <= {
+        p.prompt_text
+        for p in load_problems(ProblemSource(num_problems=680, difficulty=5, seed=1, text_split="heldout"))
+    }
