@@ -500,6 +500,10 @@ def report(
     if "final" in checkpoints:
         sections += ["## Pooled: final checkpoint\n", markdown_table(summary, n, "final")]
     sections += ["## Validation greedy accuracy during training (mean over seeds)\n", validation_table(by_method)]
+    sections += [
+        "## Validation transitions during training (greedy answer -> greedy refinement, mean over seeds)\n",
+        validation_table(by_method, VALIDATION_TRANSITIONS),
+    ]
     for seed in seeds:
         for checkpoint in checkpoints:
             sections += [f"## Seed {seed}: {checkpoint} checkpoint\n", markdown_table(summary, n, checkpoint, seed)]
@@ -507,10 +511,13 @@ def report(
     (out / "table.md").write_text(text)
 
 
-def validation_table(by_method: dict[str, list[pd.DataFrame]]) -> str:
-    """Solve and refine greedy accuracy on the validation problems at each validation step, the mean over a method's
-    seeds: whether the runs had stopped improving when training ended."""
-    columns = {"solve": SELECTION_METRIC, "refine": "val/avg/refine/greedy_acc"}
+VALIDATION_ACCURACY = {"solve": SELECTION_METRIC, "refine": "val/avg/refine/greedy_acc"}
+VALIDATION_TRANSITIONS = {"fix-wrong": "val/transition/fix_wrong", "damage-correct": "val/transition/damage_correct"}
+
+
+def validation_table(by_method: dict[str, list[pd.DataFrame]], columns: dict[str, str] = VALIDATION_ACCURACY) -> str:
+    """A validation metric per validation step, the mean over a method's seeds: by default the solve and refine
+    greedy accuracy (whether the runs had stopped improving when training ended)."""
     curves = {}
     for method, frames in by_method.items():
         for phase, column in columns.items():

@@ -39,6 +39,7 @@ def test_smoke_run_writes_the_table_plots_and_raw_metrics(
         "## Pooled over seeds 0: best checkpoint (validation greedy accuracy)",
         "## Pooled: final checkpoint",
         "## Validation greedy accuracy during training (mean over seeds)",
+        "## Validation transitions during training (greedy answer -> greedy refinement, mean over seeds)",
         "## Seed 0: best checkpoint",
         "## Seed 0: final checkpoint",
     ]
