@@ -571,6 +571,7 @@ def notes(
     from thinktwice_pl.comparison import RESAMPLES
 
     wall = timings.get(WALL, sum(timings.values()))
+    total = sum(seconds for stage, seconds in timings.items() if not stage.startswith("wall"))
     stages = ", ".join(
         f"{stage} {seconds / 60:.1f}" for stage, seconds in timings.items() if not stage.startswith("wall")
     )
@@ -594,8 +595,8 @@ def notes(
         "where evaluated.",
         "",
         f"Command: `{command}`. Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}. Wall time {wall / 60:.1f} min "
-        f"(minutes per stage: {stages}).",
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}. The stages took {total / 60:.1f} min in all "
+        f"(minutes per stage: {stages}); the command's wall time, over all its runs: {wall / 60:.1f} min.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -58,7 +58,7 @@ def test_smoke_run_writes_the_table_plots_and_raw_metrics(
     assert [row.split("|")[1].strip() for row in rows] == ["Base", "GRPO", "ThinkTwice", "ThinkTwice - GRPO"]
     assert all(len(row.strip("|").split("|")) == len(header) for row in rows)
     notes = text.splitlines()
-    assert "Wall time" in notes[-1]
+    assert "the command's wall time, over all its runs" in notes[-1]
     assert "ThinkTwice: 2 solve + 2 refine phases; GRPO: 4 solve phases" in text  # --smoke: 4 steps
     assert "Precision: 32-true." in text
     assert re.search(r"GRPO seed 0: step [24], ThinkTwice seed 0: step [24]", text)
