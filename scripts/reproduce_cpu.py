@@ -10,12 +10,13 @@ Stages, each one `thinktwice` command in its own process (logs in <out>/logs/), 
 them one by one):
 
 1. checks (in this process): the two configs differ only in data.refine (model, rollout, eval and problems are
-   the same), and no validation or test problem text occurs among the training problems (an error otherwise);
+   the same), and the training, validation and test problems share no text (an error otherwise);
 2. for each seed: ``thinktwice fit`` of ThinkTwice and of GRPO (seed_everything, data.seed and rollout.seed set to
    the seed), then two ``thinktwice test`` runs of each: the best checkpoint (the paper's model selection: the
    highest validation greedy accuracy, ``checkpoints/best.ckpt``) and the final model (``hf_model``; when the best
-   checkpoint is the last step, the best one's results are copied); once: ``thinktwice test`` of the untrained
-   model. All evaluations use the same settings and sampling seeds, so the comparison is paired problem by problem;
+   checkpoint is the last step, the best one's results are copied; --no-final skips it); once: ``thinktwice test``
+   of the untrained model. All evaluations use the same settings and sampling seeds, so the comparison is paired
+   problem by problem;
 3. report: ``table.md`` (pass@1 / pass@n before and after refinement, fix-wrong and damage-correct, pooled over
    the seeds and per seed, for both checkpoints, with 95 % intervals and the paired ThinkTwice - GRPO difference:
    thinktwice_pl.comparison), ``summary.csv``, ``records.csv`` (one row per problem and evaluation),
