@@ -405,6 +405,18 @@ def check_configs(configs: dict[str, Path], extra: list[str]) -> dict[str, Any]:
             )
     if not data.get("test"):
         raise SystemExit(f"{configs['thinktwice']} has no data.test benchmarks: the final evaluation needs them")
+    for method, resolved in (("thinktwice", thinktwice), ("grpo", grpo)):
+        selection = {"monitor": SELECTION_METRIC, "mode": "max", "filename": Path(BEST_CHECKPOINT).stem}
+        callbacks = resolved["trainer"].get("callbacks") or []
+        if not any(
+            str(c.get("class_path", "")).endswith("ModelCheckpoint")
+            and all((c.get("init_args") or {}).get(k) == v for k, v in selection.items())
+            for c in callbacks
+        ):
+            raise SystemExit(
+                f"{configs[method]} keeps no best checkpoint for the test: add a ModelCheckpoint callback with "
+                f"{selection} (as configs/smollm2/thinktwice.yaml does)"
+            )
     return thinktwice
 
 

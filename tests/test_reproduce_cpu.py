@@ -138,3 +138,9 @@ def test_held_out_problems_among_the_training_problems_stop_the_run(script: Modu
     assert hotter.read_text() != configs["grpo"].read_text()
     with pytest.raises(SystemExit, match=r"the model: sections .* differ"):
         script.check_configs({"thinktwice": configs["thinktwice"], "grpo": hotter}, [])
+    unselected = tmp_path / "thinktwice.yaml"  # model selection on another metric: not the paper's
+    unselected.write_text(
+        configs["thinktwice"].read_text().replace("monitor: val/avg/solve/", "monitor: val/avg/refine/")
+    )
+    with pytest.raises(SystemExit, match=r"thinktwice\.yaml keeps no best checkpoint for the test"):
+        script.check_configs({"thinktwice": unselected, "grpo": configs["grpo"]}, [])
