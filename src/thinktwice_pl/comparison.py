@@ -69,9 +69,10 @@ def bootstrap(
         if len(runs) == 1:
             lo, hi = np.percentile(finite, [2.5, 97.5]) if len(finite) else (np.nan, np.nan)
         else:
-            seeds = per_seed[np.isfinite(per_seed)]
-            spread = np.var(seeds, ddof=1) / len(seeds) if len(seeds) > 1 else np.nan
-            half = t_975(len(seeds) - 1) * np.sqrt(spread + np.var(finite)) if len(seeds) > 1 else np.nan
+            seeds = per_seed[np.isfinite(per_seed)]  # a seed without the metric's denominator has no value
+            half = np.nan
+            if len(seeds) > 1:
+                half = t_975(len(seeds) - 1) * np.sqrt(np.var(seeds, ddof=1) / len(seeds) + np.var(finite))
             lo, hi = value - half, value + half
         if theirs is None:  # a rate: its interval stays within [0, 1]
             lo, hi = max(lo, 0.0), min(hi, 1.0)
