@@ -1,6 +1,6 @@
 """Generated arithmetic word problems, offline: problem i depends only on (seed, difficulty, i).
 
-Seven difficulties, from bare one-digit sums (within reach of the CPU quickstart's small model) to two-step
+Eight difficulties, from bare one-digit sums (within reach of the CPU quickstart's small model) to two-step
 stories; every answer is a non-negative integer. `text_side` splits the problem texts into two halves by a hash, so
 a training set and a held-out set drawn from different halves never share a problem text; `heldout_part` splits the
 held-out half again into validation and test texts.
@@ -114,7 +114,8 @@ def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
         difficulty: 0 bare one-digit sums ("What is 3 + 4?"), 1 single-digit add/sub stories, 2 two-digit
             add/sub, 3 add/sub/mul/div, 4 two-step problems, 5 bare add/sub with operands 1 to 30 ("What is
             27 - 9?", never negative; 1365 distinct texts), 6 three one-digit operands with + and - ("What is
-            8 - 3 + 6?", never negative on the way; 1899 distinct texts).
+            8 - 3 + 6?", never negative on the way; 1899 distinct texts), 7 products of a factor 2 to 12 and a factor
+            2 to 25 in either order ("What is 16 * 9?"; 407 distinct texts).
         index: position of the problem in the set.
 
     Returns:
@@ -130,8 +131,12 @@ def procedural_problem(seed: int, difficulty: int, index: int) -> Problem:
             return _problem(seed, difficulty, index, f"What is {a} + {b}?", a + b)
         a, b = max(a, b), min(a, b)  # no negative results
         return _problem(seed, difficulty, index, f"What is {a} - {b}?", a - b)
-    if difficulty == 6:  # the second CPU task (configs/smollm2-chains): two steps, each a slip a review can catch
+    if difficulty == 6:  # configs/smollm2-chains: two steps, each a slip a review can catch
         return _problem(seed, difficulty, index, *_chain(rng))
+    if difficulty == 7:  # the second CPU task (configs/smollm2-products): SmolLM2-135M gets about a fifth right
+        a, b = rng.randint(2, 25), rng.randint(2, 12)
+        a, b = (a, b) if rng.random() < 0.5 else (b, a)
+        return _problem(seed, difficulty, index, f"What is {a} * {b}?", a * b)
     (name, pronoun), (other, _) = rng.sample(_NAMES, 2)
     one, many = rng.choice(_OBJECTS)
     box, she = rng.choice(_CONTAINERS), pronoun.capitalize()

@@ -92,8 +92,8 @@ class ProblemSource:
             raise UserError(f"ProblemSource.limit={self.limit} must be at least 1 (or unset for all problems)")
         if self.num_problems < 1:
             raise UserError(f"ProblemSource.num_problems={self.num_problems} must be at least 1")
-        if not 0 <= self.difficulty <= 6:
-            raise UserError(f"ProblemSource.difficulty={self.difficulty} must be 0, 1, 2, 3, 4, 5 or 6")
+        if not 0 <= self.difficulty <= 7:
+            raise UserError(f"ProblemSource.difficulty={self.difficulty} must be an integer from 0 to 7")
         if self.text_split not in ("all", "train", "heldout", "val", "test"):
             raise UserError(
                 f"ProblemSource.text_split={self.text_split!r}; use 'all', 'train', 'heldout', 'val' or 'test'"
