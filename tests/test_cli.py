@@ -43,6 +43,8 @@ def test_configs_exist() -> None:
         "smollm2/dapo.yaml",
         "smollm2-chains/thinktwice.yaml",
         "smollm2-chains/grpo.yaml",
+        "smollm2-products/thinktwice.yaml",
+        "smollm2-products/grpo.yaml",
     } <= names
 
 
@@ -251,6 +253,12 @@ CHAINS = {  # two steps need more room than one: 48 tokens instead of 32
     "rollout.max_completion_length": 48,
     "eval.max_completion_length": 48,
 }
+PRODUCTS = {  # products: 48 tokens as well, and 80 of the 90 test-side texts
+    **{f"data.{split}.difficulty": 7 for split in ("train", "val.heldout", "test.heldout")},
+    "data.test.heldout.num_problems": 80,
+    "rollout.max_completion_length": 48,
+    "eval.max_completion_length": 48,
+}
 TWINS = [
     Twin("qwen3-4b/thinktwice.yaml", "qwen3-4b/grpo.yaml", GRPO),
     Twin("olmo3-7b/thinktwice.yaml", "olmo3-7b/grpo.yaml", GRPO),
@@ -263,8 +271,10 @@ TWINS = [
     # the CPU miniature: 32-token completions, so the overlong buffer keeps the paper's ratio L_max / 4
     Twin("smollm2/grpo.yaml", "smollm2/dapo.yaml", {**DAPO, "rollout.overlong_buffer": 8}, DAPO_HOLDS),
     Twin("smollm2-chains/thinktwice.yaml", "smollm2-chains/grpo.yaml", GRPO),
-    # the second CPU task: the same recipe on two-step sums
+    # the other CPU tasks: the same recipe on two-step sums and on products
     Twin("smollm2/thinktwice.yaml", "smollm2-chains/thinktwice.yaml", CHAINS),
+    Twin("smollm2-products/thinktwice.yaml", "smollm2-products/grpo.yaml", GRPO),
+    Twin("smollm2/thinktwice.yaml", "smollm2-products/thinktwice.yaml", PRODUCTS),
 ]
 BASELINE_NAMES = ("grpo.yaml", "drgrpo.yaml", "dapo.yaml", "thinktwice-dapo.yaml")
 PAPER_CONFIGS = [

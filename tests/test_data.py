@@ -504,6 +504,21 @@ def test_difficulty_six_is_two_steps_of_one_digit_sums_read_left_to_right():
     assert len({p.prompt_text for p in problems}) > 1000  # of the 1899 possible texts
 
 
+def test_difficulty_seven_is_products_of_a_small_and_a_larger_factor_in_either_order():
+    problems = load_problems(ProblemSource(num_problems=3000, difficulty=7))
+    large_first = set()  # of the problems with a factor above 12: whether it comes first
+    for p in problems:
+        a, b = (int(x) for x in re.fullmatch(r"What is (\d+) \* (\d+)\?", p.prompt_text).groups())
+        assert 2 <= min(a, b) <= 12 and 2 <= max(a, b) <= 25
+        assert int(p.answer) == a * b
+        if max(a, b) > 12:
+            large_first.add(a > 12)
+    assert large_first == {True, False}
+    assert len({p.prompt_text for p in problems}) > 380  # of the 407 possible texts
+    test_side = load_problems(ProblemSource(num_problems=80, difficulty=7, seed=1, text_split="test"))
+    assert len({p.prompt_text for p in test_side}) == 80  # configs/smollm2-products tests 80 of its 90 texts
+
+
 def test_text_split_makes_training_and_held_out_sets_disjoint_by_text():
     train = load_problems(ProblemSource(num_problems=3000, difficulty=5, text_split="train"))
     heldout = load_problems(ProblemSource(num_problems=200, difficulty=5, seed=1, text_split="heldout"))

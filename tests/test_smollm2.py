@@ -46,6 +46,20 @@ def test_converted_model_reloads_as_a_plain_hf_directory(smollm2_dir: Path, tmp_
         torch.testing.assert_close(load_causal_lm(str(tmp_path / "resaved"))(ids).logits, logits)
 
 
+def test_converted_model_stores_its_tensors_as_save_pretrained_does(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The tied head is stored as the embedding, which vLLM reads from disk (an lm_head-only file loads as noise)."""
+    from safetensors import safe_open
+
+    load_causal_lm(str(smollm2_dir)).save_pretrained(tmp_path / "resaved")
+    with (
+        safe_open(smollm2_dir / "model.safetensors", "pt") as ours,
+        safe_open(tmp_path / "resaved/model.safetensors", "pt") as ref,
+    ):
+        names = set(ours.keys())
+        assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+        assert names == set(ref.keys())
+
+
 def test_smollm2_template_renders_the_solve_prompt(smollm2_dir: Path) -> None:
     tok = load_tokenizer(str(smollm2_dir))
     text = render_chat(solve_messages("What is 2 + 3?"), tok)

@@ -171,13 +171,22 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, tie_word_embeddings: bo
 def _save_on_this_rank(model: Any, out: Path) -> None:
     """``save_pretrained``'s files, written by this process whatever its rank: under an initialised process group,
     transformers' ``save_pretrained`` writes the model only on rank 0, and a built-in model is built by whichever
-    rank needs it first (every rank's ``configure_model``)."""
-    from safetensors.torch import save_model
+    rank needs it first (every rank's ``configure_model``).
+
+    Tied weights are stored once, under the input embedding's name as ``save_pretrained`` stores them: loaders that
+    re-tie the head (vLLM) read ``model.embed_tokens.weight`` and ignore ``lm_head.weight``.
+    """
+    from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})  # tied weights stored once
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        head = model.get_output_embeddings()
+        state.pop(next(f"{name}.weight" for name, module in model.named_modules() if module is head))
+    tensors = {name: tensor.contiguous() for name, tensor in state.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def convert_smollm2(out_dir: str | Path) -> Path:
