@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -323,19 +324,33 @@ class _Stages:
             return False
         with contextlib.suppress(ValueError):  # a marker holding only the seconds: no arguments to compare
             earlier = json.loads(done.read_text())
-            if isinstance(earlier, dict) and earlier.get("args") != stage.args:
+            marked = self._marker_args(stage)
+            if isinstance(earlier, dict) and earlier.get("args") not in (marked, stage.args):
                 raise SystemExit(
                     f"{self.out} holds stage {stage.stage} run with other arguments ({earlier.get('args')}, now "
-                    f"{stage.args}): its results would be mixed with this command's; use another --out"
+                    f"{marked}): its results would be mixed with this command's; use another --out"
                 )
         return True
+
+    def _marker_args(self, stage: Stage) -> list[str]:
+        """`stage`'s arguments as its done marker keeps them: a config file as its name and a hash of its text (the
+        same file in another checkout matches, an edited one does not), a path inside --out relative to it."""
+        marked = []
+        for arg in stage.args:
+            path = Path(arg)
+            if path.suffix == ".yaml" and path.is_file():
+                arg = f"{path.name}@sha256:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+            elif path.is_absolute() and path.is_relative_to(self.out):
+                arg = f"<out>/{path.relative_to(self.out)}"
+            marked.append(arg)
+        return marked
 
     def _finish(self, stage: Stage, seconds: float) -> None:
         self.timings[stage.stage] = round(seconds, 1)
         (self.out / "timings.json").write_text(json.dumps(self.timings, indent=2))
         done = self.out / "done" / stage.stage
         done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps({"seconds": round(seconds, 1), "args": stage.args}) + "\n")
+        done.write_text(json.dumps({"seconds": round(seconds, 1), "args": self._marker_args(stage)}) + "\n")
         print(f"[{stage.stage}] {seconds / 60:.1f} min", flush=True)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -102,6 +103,15 @@ def test_smoke_run_writes_the_table_plots_and_raw_metrics(
     assert set(pd.read_csv(out / "records.csv")["checkpoint"]) == {"base", "best"}
     with pytest.raises(SystemExit, match=r"holds stage thinktwice-fit-seed0 run with other arguments"):
         script.main(["--smoke", "--out", str(out), "--", "--model.learning_rate", "1e-3"])
+    # the done markers know a config by its text: the same files elsewhere resume, an edited one is refused
+    copy = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs" / "smollm2", copy)
+    capsys.readouterr()
+    script.main(["--smoke", "--no-final", "--config-dir", str(copy), "--out", str(out)])
+    assert capsys.readouterr().out.count("finished earlier, skipped") == len(stages) - 2  # no final tests
+    (copy / "grpo.yaml").write_text((copy / "grpo.yaml").read_text().replace("max_steps: 48", "max_steps: 40"))
+    with pytest.raises(SystemExit, match=r"holds stage grpo-fit-seed0 run with other arguments"):
+        script.main(["--smoke", "--no-final", "--config-dir", str(copy), "--out", str(out)])
 
 
 def test_the_final_model_reuses_the_best_checkpoints_results_only_when_it_is_the_last_step(
