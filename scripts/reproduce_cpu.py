@@ -1,7 +1,7 @@
 """ThinkTwice vs GRPO on SmolLM2-135M-Instruct, on a CPU: base model, both trainings, their evaluations, one report.
 
     python scripts/reproduce_cpu.py --seeds 0 1 2 --out runs/sums          # sums up to 30 (configs/smollm2)
-    python scripts/reproduce_cpu.py --config-dir configs/smollm2-chains --seeds 0 1 2 --out runs/chains
+    python scripts/reproduce_cpu.py --config-dir configs/smollm2-products --seeds 0 1 2 --out runs/products
     python scripts/reproduce_cpu.py --out runs/lr2e-5 -- --model.learning_rate 2e-5   # arguments for every stage
     python scripts/reproduce_cpu.py --smoke --out /tmp/smoke      # the tiny model and minimal sizes: seconds
 

@@ -57,7 +57,8 @@ class ProblemSource:
     """Procedural only: how many problems to generate."""
     difficulty: int = 1
     """Procedural only: 0 bare one-digit sums, 1 one-digit add/sub stories, 2 two-digit, 3 adds mul/div, 4 two-step,
-    5 bare add/sub with operands up to 30 ("What is 27 - 9?"), 6 three one-digit operands ("What is 8 - 3 + 6?")."""
+    5 bare add/sub with operands up to 30 ("What is 27 - 9?"), 6 three one-digit operands ("What is 8 - 3 + 6?"),
+    7 products of a factor 2-12 and one 2-25 ("What is 16 * 9?")."""
     text_split: Literal["all", "train", "heldout", "val", "test"] = "all"
     """Procedural only: "train" or "heldout" keeps one of two halves of the problem texts (split by a hash of the
     text), so a training set and a held-out set never share a problem text, whatever their seeds; "val" and "test"
