@@ -515,8 +515,10 @@ def test_difficulty_seven_is_products_of_a_small_and_a_larger_factor_in_either_o
             large_first.add(a > 12)
     assert large_first == {True, False}
     assert len({p.prompt_text for p in problems}) > 380  # of the 407 possible texts
-    test_side = load_problems(ProblemSource(num_problems=80, difficulty=7, seed=1, text_split="test"))
-    assert len({p.prompt_text for p in test_side}) == 80  # configs/smollm2-products tests 80 of its 90 texts
+    test_side = load_problems(ProblemSource(num_problems=90, difficulty=7, seed=1, text_split="test"))
+    assert len({p.prompt_text for p in test_side}) == 90  # configs/smollm2-products tests 80 of these 90 texts
+    with pytest.raises(ValueError, match="which has only 90 distinct texts"):
+        load_problems(ProblemSource(num_problems=91, difficulty=7, seed=1, text_split="test"))
 
 
 def test_text_split_makes_training_and_held_out_sets_disjoint_by_text():

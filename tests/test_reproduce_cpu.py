@@ -103,15 +103,17 @@ def test_smoke_run_writes_the_table_plots_and_raw_metrics(
     assert set(pd.read_csv(out / "records.csv")["checkpoint"]) == {"base", "best"}
     with pytest.raises(SystemExit, match=r"holds stage thinktwice-fit-seed0 run with other arguments"):
         script.main(["--smoke", "--out", str(out), "--", "--model.learning_rate", "1e-3"])
-    # the done markers know a config by its text: the same files elsewhere resume, an edited one is refused
-    copy = tmp_path / "configs"
+    # the done markers know a config by its text and a run by its place in --out: the same files elsewhere and a
+    # moved --out resume, an edited config is refused
+    copy, moved = tmp_path / "configs", tmp_path / "moved"
     shutil.copytree(ROOT / "configs" / "smollm2", copy)
+    shutil.copytree(out, moved)
     capsys.readouterr()
-    script.main(["--smoke", "--no-final", "--config-dir", str(copy), "--out", str(out)])
+    script.main(["--smoke", "--no-final", "--config-dir", str(copy), "--out", str(moved)])
     assert capsys.readouterr().out.count("finished earlier, skipped") == len(stages) - 2  # no final tests
     (copy / "grpo.yaml").write_text((copy / "grpo.yaml").read_text().replace("max_steps: 48", "max_steps: 40"))
     with pytest.raises(SystemExit, match=r"holds stage grpo-fit-seed0 run with other arguments"):
-        script.main(["--smoke", "--no-final", "--config-dir", str(copy), "--out", str(out)])
+        script.main(["--smoke", "--no-final", "--config-dir", str(copy), "--out", str(moved)])
 
 
 def test_the_final_model_reuses_the_best_checkpoints_results_only_when_it_is_the_last_step(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -48,6 +49,8 @@ def resolve_model_path(name_or_path: str) -> str:
     target = models_home() / name
     if not (target / "config.json").exists():
         _build_atomically(target, _BUILDERS[name])
+    else:
+        _store_tied_head_as_embedding(target)
     return str(target)
 
 
@@ -182,11 +185,34 @@ def _save_on_this_rank(model: Any, out: Path) -> None:
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     state = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        head = model.get_output_embeddings()
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is embedding.weight:
         state.pop(next(f"{name}.weight" for name, module in model.named_modules() if module is head))
     tensors = {name: tensor.contiguous() for name, tensor in state.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _store_tied_head_as_embedding(model_dir: Path) -> None:
+    """Rewrite a built-in model's file that stores its tied head only as ``lm_head.weight`` (the name that
+    ``safetensors.torch.save_model`` may keep of the two) so it holds ``model.embed_tokens.weight``: vLLM reads that
+    name from disk and would otherwise start from an uninitialised embedding. Any other file is left alone."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    weights = model_dir / "model.safetensors"
+    if not config.get("tie_word_embeddings") or not weights.is_file():
+        return
+    with safe_open(weights, "pt") as f:
+        names = list(f.keys())
+        if "lm_head.weight" not in names or "model.embed_tokens.weight" in names:
+            return
+        tensors = {("model.embed_tokens.weight" if k == "lm_head.weight" else k): f.get_tensor(k) for k in names}
+        metadata = f.metadata()
+    log.info("storing the tied head of %s as model.embed_tokens.weight (once)", model_dir)
+    tmp = weights.with_name(f".{weights.name}.{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, weights)  # atomic: a process reading the file sees the old or the new one
 
 
 def convert_smollm2(out_dir: str | Path) -> Path:
