@@ -132,3 +132,13 @@ def test_several_seeds_interval_is_the_t_interval_of_seed_and_problem_variance()
     half = 4.303 * np.sqrt(per_seed.var(ddof=1) / 3 + se_problems**2)
     assert scores["hi"] - scores["value"] == pytest.approx(half, rel=0.05)
     assert scores["value"] - scores["lo"] == pytest.approx(half, rel=0.05)
+
+
+def test_several_seeds_intervals_stay_within_the_range_of_a_rate_and_of_a_difference() -> None:
+    rng = np.random.default_rng(5)
+    ours = [random_records(rng, 40, p) for p in (0.05, 0.9, 0.1)]  # seeds far apart: t * spread exceeds the range
+    theirs = [random_records(rng, 40, p) for p in (0.9, 0.05, 0.95)]
+    rate = bootstrap(ours, 4, np.random.default_rng(0))["solve/pass@1"]
+    difference = bootstrap(ours, 4, np.random.default_rng(0), minus=theirs)["solve/pass@1"]
+    assert rate["lo"] == 0.0 and rate["hi"] == 1.0
+    assert difference["lo"] == -1.0 and difference["hi"] == 1.0

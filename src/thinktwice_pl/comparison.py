@@ -9,7 +9,8 @@ seed s of one method against seed s of the other.
 Intervals (95 %). One seed: the percentile interval of a bootstrap over the test problems. Several seeds (S): the
 pooled value +- t(0.975, S - 1) * sqrt(s^2 / S + se_p^2), where s^2 is the variance of the per-seed values (what
 training and sampling randomness move) and se_p^2 the bootstrap variance over the test problems of the pooled value
-(what the choice of problems moves, shared by all seeds), cut to [0, 1] for a rate. The t factor (4.30 for 3 seeds)
+(what the choice of problems moves, shared by all seeds), cut to [0, 1] for a rate and to [-1, 1] for a difference of
+two rates. The t factor (4.30 for 3 seeds)
 makes it wide, on purpose: with three seeds the seed-to-seed spread is itself poorly known.
 """
 
@@ -74,8 +75,8 @@ def bootstrap(
             if len(seeds) > 1:
                 half = t_975(len(seeds) - 1) * np.sqrt(np.var(seeds, ddof=1) / len(seeds) + np.var(finite))
             lo, hi = value - half, value + half
-        if theirs is None:  # a rate: its interval stays within [0, 1]
-            lo, hi = max(lo, 0.0), min(hi, 1.0)
+        floor = 0.0 if theirs is None else -1.0  # a rate lies in [0, 1], a difference of two rates in [-1, 1]
+        lo, hi = max(lo, floor), min(hi, 1.0)
         out[metric] = {"value": float(value), "lo": float(lo), "hi": float(hi)}
     return out
 
