@@ -10,8 +10,8 @@ Intervals (95 %). One seed: the percentile interval of a bootstrap over the test
 pooled value +- t(0.975, S - 1) * sqrt(s^2 / S + se_p^2), where s^2 is the variance of the per-seed values (what
 training and sampling randomness move) and se_p^2 the bootstrap variance over the test problems of the pooled value
 (what the choice of problems moves, shared by all seeds), cut to [0, 1] for a rate and to [-1, 1] for a difference of
-two rates. The t factor (4.30 for 3 seeds)
-makes it wide, on purpose: with three seeds the seed-to-seed spread is itself poorly known.
+two rates. The t factor (4.30 for 3 seeds) makes it wide, on purpose: with three seeds the seed-to-seed spread is
+itself poorly known.
 """
 
 from __future__ import annotations
