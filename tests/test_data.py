@@ -179,7 +179,7 @@ def test_bad_sources_and_duplicate_ids(tmp_path):
     with pytest.raises(ValueError, match=r"hub dataset 'nobody-xyz/no-such-set'.*HF_DATASETS_OFFLINE.*local \.jsonl"):
         load_problems(ProblemSource("nobody-xyz/no-such-set"))  # conftest sets the hub offline: fails fast
     for bad in [
-        dict(difficulty=7),
+        dict(difficulty=8),
         dict(difficulty=-1),
         dict(num_problems=0),
         dict(limit=0),
