@@ -599,10 +599,9 @@ def notes(
     from thinktwice_pl.comparison import RESAMPLES
 
     wall = timings.get(WALL, sum(timings.values()))
-    total = sum(seconds for stage, seconds in timings.items() if not stage.startswith("wall"))
-    stages = ", ".join(
-        f"{stage} {seconds / 60:.1f}" for stage, seconds in timings.items() if not stage.startswith("wall")
-    )
+    per_stage = {stage: seconds for stage, seconds in timings.items() if not stage.startswith("wall")}
+    total = sum(per_stage.values())
+    stages = ", ".join(f"{stage} {seconds / 60:.1f}" for stage, seconds in per_stage.items())
     trained = "; ".join(
         f"{label}: " + " + ".join(f"{count} {phase}" for phase, count in counts.items()) + " phases"
         for label, counts in phases.items()
